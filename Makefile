@@ -1,0 +1,33 @@
+# fedsecmem: two commands for a new user: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/quickstart
+
+.PHONY: run test bench setup clean
+
+setup: $(STAMP)
+
+# Installs once; re-runs only when pyproject.toml changes (offline afterwards).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/local --set method=local
+	$(VENV)/bin/fedsecmem table $(RUN_DIR)/central $(RUN_DIR)/local
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Privacy accounting, signed ledgers, leakage attacks and privacy reports."""

@@ -1,0 +1,3 @@
+from fedsecmem.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Run configuration: YAML files validated by pydantic models.
+
+Every tunable number of a run lives here with its default, so nothing is
+buried in code. ``load_config`` turns any validation problem into a one-line
+``UserError`` that names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsecmem.errors import UserError
+
+TEXTURE_PRODUCTS = ("brick", "grass", "gravel", "retina", "immunohistochemistry", "cell")
+DEFECT_FAMILIES = ("perlin_blend", "cutpaste_scar", "scratch", "stain", "blur")
+FMNIST_NORMAL_CLASSES = (0, 1, 2, 5, 7, 8)
+FMNIST_ANOMALY_CLASSES = (3, 4, 6, 9)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Which benchmark and how much of it."""
+
+    benchmark: Literal["textures", "fmnist", "fmnist_ovr", "mvtec"] = "textures"
+    root: Path | None = Field(
+        None, description="fmnist: folder of the idx files; mvtec: dataset root (required)"
+    )
+    image_size: int = Field(160, ge=32, le=1024, description="model input side in pixels")
+    # textures
+    products: list[str] = Field(default_factory=lambda: list(TEXTURE_PRODUCTS))
+    train_per_product: int = Field(40, ge=1)
+    test_normal_per_product: int = Field(20, ge=1)
+    test_defect_per_product: int = Field(20, ge=1)
+    defects: list[str] = Field(default_factory=lambda: list(DEFECT_FAMILIES))
+    crop_size: int = Field(160, ge=32, description="textures: side of a crop in source pixels")
+    # fmnist
+    normal_classes: list[int] = Field(default_factory=lambda: list(FMNIST_NORMAL_CLASSES))
+    anomaly_classes: list[int] = Field(default_factory=lambda: list(FMNIST_ANOMALY_CLASSES))
+    normal_class: int = Field(0, ge=0, le=9, description="fmnist_ovr: the one normal class")
+    test_per_class: int = Field(100, ge=1, description="fmnist: test images per class")
+    # mvtec
+    categories: list[str] | None = Field(None, description="mvtec: categories (default: all)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        bad = [p for p in self.products if p not in TEXTURE_PRODUCTS]
+        if bad:
+            raise ValueError(f"products: unknown {bad}, expected some of {list(TEXTURE_PRODUCTS)}")
+        bad = [d for d in self.defects if d not in DEFECT_FAMILIES]
+        if bad:
+            raise ValueError(f"defects: unknown {bad}, expected some of {list(DEFECT_FAMILIES)}")
+        for name in ("normal_classes", "anomaly_classes"):
+            vals = getattr(self, name)
+            if any(not 0 <= c <= 9 for c in vals):
+                raise ValueError(f"{name}: expected classes in 0..9, got {vals}")
+        if set(self.normal_classes) & set(self.anomaly_classes):
+            raise ValueError("normal_classes and anomaly_classes overlap")
+        if self.benchmark == "mvtec" and self.root is None:
+            raise ValueError("root: required for benchmark 'mvtec' (path to the dataset)")
+        return self
+
+
+class ClientsConfig(Strict):
+    """How the training data is split over clients (products skewed by a Dirichlet)."""
+
+    n: int = Field(5, ge=1, le=1000)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small = strong skew")
+    min_train: int = Field(2, ge=1, description="every client gets at least this many train images")
+
+
+class BackboneConfig(Strict):
+    """Frozen pretrained feature extractor."""
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str = Field(
+        "builtin",
+        description="'builtin' (packaged EfficientNet-Lite0 weights), a path to a state dict, or 'hub'",
+    )
+    layers: list[int] = Field(default_factory=lambda: [2, 3], min_length=2, max_length=2)
+    image_layer: int | None = Field(
+        4, description="stage pooled into an image-level embedding (null = no image memory)"
+    )
+    pool_size: int = Field(3, ge=1, description="local average pooling window on patch features")
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    batch_size: int = Field(32, ge=1)
+    allow_network: bool = Field(False, description="allow 'hub' weights to be downloaded")
+
+
+class MemoryConfig(Strict):
+    """Local memory bank (greedy k-center coreset of patch embeddings)."""
+
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="share of patches kept in the bank")
+
+
+class ScoringConfig(Strict):
+    """Nearest-neighbour scoring of patches and images."""
+
+    primary: Literal["patch", "image"] = Field(
+        "patch", description="which score is reported as auroc.image"
+    )
+    image_k: int = Field(2, ge=1, description="k of the kNN image-level score (DN2 uses 2)")
+    smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian sigma of anomaly maps (pixels)")
+    pro: bool = Field(True, description="compute the per-region-overlap (PRO) score where masks exist")
+
+
+class OutputConfig(Strict):
+    map_examples_per_product: int = Field(2, ge=0, description="anomaly maps in the PNG grid")
+
+
+class RunConfig(Strict):
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    method: Literal["local", "central"] = "local"
+    data: DataConfig = Field(default_factory=DataConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = e.get("input")
+    if e["type"] not in ("missing",) and not isinstance(got, (dict, list)):
+        return f"{loc}: {msg} (got {got!r})"
+    return f"{loc}: {msg}"
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML (so 3, 0.5, true, [1,2] work)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise UserError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    tree = dict(tree or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"config error: {_format_error(err)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate. Raises ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path}:{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config {path}: expected a mapping at top level")
+    return config_from_dict(tree, overrides)

@@ -1,0 +1,89 @@
+"""Split a benchmark over clients with products skewed by a Dirichlet draw.
+
+For each product a share vector over clients is drawn from Dirichlet(alpha);
+that product's training images, and its test images, are dealt by the same
+shares, so each client is tested on the product mix it trained on (small
+alpha: a client holds few products; large alpha: every client holds all).
+Test images with no product (Fashion-MNIST anomaly classes, product -1) are
+dealt in proportion to each client's share of the normal test images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsecmem.data.types import Benchmark, ImageSet
+
+MAX_REDRAWS = 100
+
+
+@dataclass
+class ClientData:
+    client: int
+    train: ImageSet
+    test: ImageSet
+
+
+def split_counts(n: int, shares: np.ndarray) -> np.ndarray:
+    """Integer counts summing to ``n``, proportional to ``shares`` (largest remainders)."""
+    raw = shares / shares.sum() * n
+    counts = np.floor(raw).astype(int)
+    rest = n - counts.sum()
+    if rest:
+        counts[np.argsort(-(raw - counts), kind="stable")[:rest]] += 1
+    return counts
+
+
+def _deal(index: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    return np.split(index, np.cumsum(counts)[:-1])
+
+
+def dirichlet_shares(n_products: int, n_clients: int, alpha: float, train_products: np.ndarray,
+                     min_train: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_products, n_clients) shares; redrawn until every client gets ``min_train`` images."""
+    sizes = np.bincount(train_products, minlength=n_products)
+    if sizes.sum() < min_train * n_clients:
+        raise ValueError(f"{sizes.sum()} training images cannot give {n_clients} clients {min_train} each")
+    for _ in range(MAX_REDRAWS):
+        shares = rng.dirichlet(np.full(n_clients, alpha), size=n_products)
+        per_client = sum(split_counts(int(s), shares[p]) for p, s in enumerate(sizes))
+        if per_client.min() >= min_train:
+            return shares
+    # strong skew with few images: mix in a uniform share until everyone gets enough
+    for mix in np.linspace(0.05, 1.0, 20):
+        mixed = (1 - mix) * shares + mix / n_clients
+        per_client = sum(split_counts(int(s), mixed[p]) for p, s in enumerate(sizes))
+        if per_client.min() >= min_train:
+            return mixed
+    return np.full((n_products, n_clients), 1.0 / n_clients)
+
+
+def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_train: int = 1) -> list[ClientData]:
+    """Deal ``bench`` over ``n_clients``; deterministic from ``seed``."""
+    rng = np.random.default_rng([seed, 11])
+    n_products = len(bench.train.product_names)
+    shares = dirichlet_shares(n_products, n_clients, alpha, bench.train.products, min_train, rng)
+    train_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    test_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for p in range(n_products):
+        idx = rng.permutation(np.flatnonzero(bench.train.products == p))
+        for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
+            train_parts[c].append(part)
+        for label in (0, 1):
+            idx = rng.permutation(np.flatnonzero((bench.test.products == p) & (bench.test.labels == label)))
+            for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
+                test_parts[c].append(part)
+    orphan = rng.permutation(np.flatnonzero(bench.test.products < 0))
+    if orphan.size:
+        normal_counts = np.array([sum(a.size for a in parts) for parts in test_parts], float)
+        weights = normal_counts if normal_counts.sum() > 0 else np.ones(n_clients)
+        for c, part in enumerate(_deal(orphan, split_counts(orphan.size, weights))):
+            test_parts[c].append(part)
+    clients = []
+    for c in range(n_clients):
+        tr = np.sort(np.concatenate(train_parts[c])) if train_parts[c] else np.array([], int)
+        te = np.sort(np.concatenate(test_parts[c])) if test_parts[c] else np.array([], int)
+        clients.append(ClientData(c, bench.train.subset(tr), bench.test.subset(te)))
+    return clients

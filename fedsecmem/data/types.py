@@ -1,0 +1,59 @@
+"""Containers shared by every dataset loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageSet:
+    """Images with labels and optional pixel masks.
+
+    images: (N, H, W, 3) uint8; labels: (N,) 0 normal / 1 anomalous;
+    masks: (N, H, W) bool or None when the dataset has none;
+    products: (N,) index into ``product_names``; kinds: defect family or 'good'.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    products: np.ndarray
+    kinds: list[str]
+    product_names: list[str]
+    masks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if not (len(self.labels) == len(self.products) == len(self.kinds) == n):
+            raise ValueError("ImageSet: images, labels, products and kinds differ in length")
+        if self.masks is not None and len(self.masks) != n:
+            raise ValueError("ImageSet: masks and images differ in length")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        index = np.asarray(index, dtype=np.int64)
+        return ImageSet(
+            images=self.images[index],
+            labels=self.labels[index],
+            products=self.products[index],
+            kinds=[self.kinds[i] for i in index],
+            product_names=self.product_names,
+            masks=None if self.masks is None else self.masks[index],
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes)
+
+
+@dataclass
+class Benchmark:
+    """A train split of normal images and a test split of normal and anomalous ones."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    info: dict = field(default_factory=dict)

@@ -1,0 +1,7 @@
+"""User-facing errors: a one-line message and exit code 2, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad configuration or input; the CLI prints ``error: <message>`` and exits 2."""
+
+    exit_code = 2
