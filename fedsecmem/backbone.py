@@ -123,6 +123,9 @@ class Embeddings:
     def grid(self) -> tuple[int, int]:
         return self.patches.shape[1], self.patches.shape[2]
 
+    def subset(self, index: np.ndarray) -> "Embeddings":
+        return Embeddings(self.patches[index], None if self.images is None else self.images[index])
+
 
 class PatchEmbedder(torch.nn.Module):
     """Frozen backbone -> locally averaged, upsampled, concatenated patch embeddings.

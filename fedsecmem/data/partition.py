@@ -22,6 +22,8 @@ MAX_REDRAWS = 100
 @dataclass
 class ClientData:
     client: int
+    train_index: np.ndarray  # into the benchmark's train split
+    test_index: np.ndarray  # into the benchmark's test split
     train: ImageSet
     test: ImageSet
 
@@ -85,5 +87,5 @@ def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_tra
     for c in range(n_clients):
         tr = np.sort(np.concatenate(train_parts[c])) if train_parts[c] else np.array([], int)
         te = np.sort(np.concatenate(test_parts[c])) if test_parts[c] else np.array([], int)
-        clients.append(ClientData(c, bench.train.subset(tr), bench.test.subset(te)))
+        clients.append(ClientData(c, tr, te, bench.train.subset(tr), bench.test.subset(te)))
     return clients

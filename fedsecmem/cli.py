@@ -1,0 +1,113 @@
+"""Command line: ``fedsecmem run CONFIG [--out DIR] [--set key=value ...]`` and ``fedsecmem table DIR ...``.
+
+Bad input ends with a one-line ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedsecmem.errors import UserError
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _mb(v: float) -> str:
+    return f"{v / 1e6:.2f}"
+
+
+def print_run_summary(results: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from fedsecmem.progress import console
+
+    t = Table(title=f"{results['name']}: {results['method']} on {results['benchmark']} "
+                    f"({results['clients']} clients, seed {results['seed']})")
+    for col in ("client", "train imgs", "products", "test (anom)", "img AUROC (patch)",
+                "img AUROC (kNN)", "pixel AUROC", "PRO"):
+        t.add_column(col, justify="right" if col != "products" else "left")
+    for r in results["per_client"]:
+        top = sorted(r["products"].items(), key=lambda kv: -kv[1])
+        prods = " ".join(f"{k[:6]}:{v}" for k, v in top[:3]) + (f" +{len(top) - 3}" if len(top) > 3 else "")
+        t.add_row(str(r["client"]), str(r["n_train"]), prods, f"{r['n_test']} ({r['n_test_anomalous']})",
+                  _fmt(r["auroc_patch"]), _fmt(r["auroc_knn"]), _fmt(r["auroc_pixel"]), _fmt(r["pro"]))
+    a = results["auroc"]
+    t.add_row("mean", "", "", "", _fmt(a["image_patch_max"]), _fmt(a["image_knn"]), _fmt(a["pixel"]),
+              _fmt(a["pro"]), style="bold")
+    console.print(t)
+    eps = results["privacy"]["epsilon"]
+    console.print(f"auroc.image ({a['primary_score']} score) = {_fmt(a['image'])}   "
+                  f"epsilon = {'n/a (DP off)' if eps is None else f'{eps:.2f}'}   "
+                  f"wall = {results['wall_seconds']:.1f} s   results: {out / 'results.json'}")
+
+
+def print_comparison(dirs: list[Path]) -> None:
+    from rich.table import Table
+
+    from fedsecmem.progress import console
+
+    t = Table(title="comparison")
+    for col in ("run", "method", "protocol", "img AUROC", "img AUROC (patch)", "img AUROC (kNN)",
+                "pixel AUROC", "PRO", "MB up/client", "epsilon", "wall s"):
+        t.add_column(col, justify="left" if col in ("run", "method", "protocol") else "right")
+    for d in dirs:
+        path = d / "results.json" if d.is_dir() else d
+        if not path.is_file():
+            raise UserError(f"table: no results.json at {path}")
+        try:
+            r = json.loads(path.read_text())
+            a = r["auroc"]
+            up = r["comm"]["bytes_up"]
+            mean_up = sum(sum(x) for x in up) / max(1, len(up))
+            eps = r["privacy"]["epsilon"]
+            t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("image_patch_max")),
+                      _fmt(a.get("image_knn")), _fmt(a["pixel"]), _fmt(a.get("pro")), _mb(mean_up),
+                      "-" if eps is None else f"{eps:.2f}", f"{r['wall_seconds']:.0f}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"table: {path} is not a fedsecmem results file ({exc})") from None
+    console.print(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsecmem", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a configuration and write results.json")
+    r.add_argument("config", help="YAML configuration file")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set clients.n=3 (repeatable)")
+    tb = sub.add_parser("table", help="compare finished runs side by side")
+    tb.add_argument("runs", nargs="+", help="run folders (or results.json files)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from fedsecmem.config import load_config
+            from fedsecmem.runner import run
+
+            cfg = load_config(args.config, args.overrides)
+            out = Path(args.out) if args.out else Path("runs") / cfg.name
+            results = run(cfg, out)
+            print_run_summary(results, out)
+        elif args.command == "table":
+            print_comparison([Path(d) for d in args.runs])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

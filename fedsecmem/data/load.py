@@ -1,0 +1,25 @@
+"""Build the benchmark a ``DataConfig`` names."""
+
+from __future__ import annotations
+
+from fedsecmem.data.fmnist import make_fmnist, make_fmnist_ovr
+from fedsecmem.data.mvtec import make_mvtec
+from fedsecmem.data.textures import make_textures
+from fedsecmem.data.types import Benchmark
+
+
+def load_benchmark(cfg, seed: int) -> Benchmark:
+    """``cfg``: a ``DataConfig``. Fashion-MNIST reuses ``train_per_product`` per normal class."""
+    if cfg.benchmark == "textures":
+        return make_textures(cfg.products, cfg.train_per_product, cfg.test_normal_per_product,
+                             cfg.test_defect_per_product, cfg.defects, cfg.crop_size,
+                             cfg.image_size, seed)
+    if cfg.benchmark == "fmnist":
+        return make_fmnist(cfg.normal_classes, cfg.anomaly_classes, cfg.train_per_product,
+                           cfg.test_per_class, cfg.image_size, seed, cfg.root)
+    if cfg.benchmark == "fmnist_ovr":
+        return make_fmnist_ovr(cfg.normal_class, cfg.train_per_product, cfg.test_per_class,
+                               cfg.image_size, seed, cfg.root)
+    if cfg.benchmark == "mvtec":
+        return make_mvtec(cfg.root, cfg.image_size, cfg.categories, cfg.train_per_product)
+    raise ValueError(f"unknown benchmark {cfg.benchmark!r}")

@@ -1,0 +1,53 @@
+"""Detection metrics: image AUROC, pixel AUROC (scikit-learn) and PRO."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+PRO_MAX_FPR = 0.3  # PRO is integrated over FPR in [0, 0.3] (MVTec AD convention)
+PRO_THRESHOLDS = 200
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC, or None when only one class is present (undefined)."""
+    labels = np.asarray(labels).ravel()
+    if labels.min(initial=0) == labels.max(initial=0) or len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores).ravel()))
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
+    return auroc(masks.astype(np.uint8), maps)
+
+
+def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = PRO_MAX_FPR,
+              n_thresholds: int = PRO_THRESHOLDS) -> float | None:
+    """Area under the per-region-overlap curve up to ``max_fpr``, normalised to [0, 1].
+
+    Each connected defect region counts equally, whatever its size.
+    """
+    masks = masks.astype(bool)
+    if not masks.any() or masks.all():
+        return None
+    labels = np.zeros(masks.shape, np.int64)
+    n_regions = 0
+    for i, m in enumerate(masks):
+        lab, k = ndimage.label(m)
+        labels[i] = np.where(lab > 0, lab + n_regions, 0)
+        n_regions += k
+    region_size = np.bincount(labels.ravel(), minlength=n_regions + 1)[1:].astype(float)
+    normal = maps[~masks]
+    region_scores = maps[masks]
+    region_ids = labels[masks] - 1
+    thresholds = np.quantile(normal, np.linspace(1.0, 1.0 - max_fpr, n_thresholds))
+    fprs, pros = [], []
+    for t in thresholds:
+        fprs.append(float((normal > t).mean()))
+        hit = np.bincount(region_ids[region_scores > t], minlength=n_regions)
+        pros.append(float((hit / region_size).mean()))
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs <= max_fpr
+    fprs, pros = np.concatenate([[0.0], fprs[keep]]), np.concatenate([[0.0], pros[keep]])
+    return float(np.trapezoid(pros, fprs) / max_fpr)

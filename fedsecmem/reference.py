@@ -1,0 +1,73 @@
+"""Reference PatchCore modes without federation: ``local`` (each client alone) and
+``central`` (pooled training data: the upper reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsecmem.backbone import Embeddings
+from fedsecmem.coreset import coreset_size
+from fedsecmem.data.partition import ClientData
+from fedsecmem.memory import MemoryBank, coreset_bank
+from fedsecmem.progress import task
+from fedsecmem.scoring import Scores, score_embeddings
+
+
+@dataclass
+class MethodContext:
+    cfg: object  # RunConfig
+    clients: list[ClientData]
+    train_emb: Embeddings
+    test_emb: Embeddings
+    progress: object = None
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodOutput:
+    """Scores of each client's test set, and bytes each client sent/received per round."""
+
+    scores: list[Scores]
+    bytes_up: list[list[int]]
+    bytes_down: list[list[int]]
+    rounds: int
+    protocol: str
+    bank_sizes: list[int]
+
+
+def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> tuple[MemoryBank, MemoryBank | None]:
+    n_items = emb.patches.shape[0] * emb.patches.shape[1] * emb.patches.shape[2]
+    with task(progress, label, coreset_size(n_items, ratio)) as advance:
+        bank = coreset_bank(emb.patches, ratio, seed=seed, progress=advance)
+    image_bank = MemoryBank(emb.images) if emb.images is not None else None
+    return bank, image_bank
+
+
+def run_local(ctx: MethodContext) -> MethodOutput:
+    cfg = ctx.cfg
+    scores, sizes = [], []
+    for c in ctx.clients:
+        bank, ibank = fit_bank(ctx.train_emb.subset(c.train_index), cfg.memory.coreset_ratio,
+                               cfg.seed + c.client, ctx.progress, f"coreset client {c.client}")
+        scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k))
+        sizes.append(len(bank))
+    zeros = [[0] for _ in ctx.clients]
+    return MethodOutput(scores, zeros, [[0] for _ in ctx.clients], 1, "none", sizes)
+
+
+def run_central(ctx: MethodContext) -> MethodOutput:
+    """Pooled training images (what a consortium may not do): each client uploads its raw images."""
+    cfg = ctx.cfg
+    pooled = np.concatenate([c.train_index for c in ctx.clients])
+    bank, ibank = fit_bank(ctx.train_emb.subset(pooled), cfg.memory.coreset_ratio, cfg.seed,
+                           ctx.progress, "coreset (pooled)")
+    scores = [score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k)
+              for c in ctx.clients]
+    up = [[int(c.train.nbytes)] for c in ctx.clients]
+    return MethodOutput(scores, up, [[0] for _ in ctx.clients], 1, "pooled-raw-images",
+                        [len(bank)] * len(ctx.clients))
+
+
+METHODS = {"local": run_local, "central": run_central}

@@ -1,0 +1,150 @@
+"""One run end to end: data, client split, embeddings, method, evaluation, outputs.
+
+Writes ``OUT/results.json`` (the contract of DESIGN.md section 7), ``OUT/config.yaml``
+(the validated config) and ``OUT/anomaly_maps.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from fedsecmem import __version__
+from fedsecmem.backbone import build_embedder
+from fedsecmem.config import RunConfig
+from fedsecmem.data.load import load_benchmark
+from fedsecmem.data.partition import partition
+from fedsecmem.data.types import ImageSet
+from fedsecmem.errors import UserError
+from fedsecmem.evaluate import evaluate_client, mean_defined
+from fedsecmem.plots import anomaly_map_grid, pick_examples
+from fedsecmem.progress import console, make_progress, task
+from fedsecmem.reference import METHODS, MethodContext
+from fedsecmem.scoring import anomaly_maps
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _embed(embedder, images: np.ndarray, batch: int, progress, label: str):
+    with task(progress, label, len(images)) as advance:
+        return embedder.embed(images, batch, progress=advance)
+
+
+def _client_products(client, names: list[str]) -> dict[str, int]:
+    counts = np.bincount(client.train.products, minlength=len(names))
+    return {names[p]: int(n) for p, n in enumerate(counts) if n}
+
+
+def run(cfg: RunConfig, out: Path) -> dict:
+    """Run ``cfg``, write outputs under ``out``, return the results dict."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out: cannot create {out}: {exc.strerror}") from None
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    bench = load_benchmark(cfg.data, cfg.seed)
+    try:
+        clients = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)
+    except ValueError as exc:
+        raise UserError(f"clients.n: {exc}") from None
+    timings["data_s"] = time.perf_counter() - t
+
+    embedder = build_embedder(cfg.backbone)
+    with make_progress() as progress:
+        t = time.perf_counter()
+        train_emb = _embed(embedder, bench.train.images, cfg.backbone.batch_size, progress, "embed train images")
+        timings["embed_train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        test_emb = _embed(embedder, bench.test.images, cfg.backbone.batch_size, progress, "embed test images")
+        timings["embed_test_s"] = time.perf_counter() - t
+        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings)
+        t = time.perf_counter()
+        output = METHODS[cfg.method](ctx)
+        timings["method_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    per_client = []
+    for c, scores in zip(clients, output.scores):
+        row = {"client": c.client, "n_train": int(len(c.train)), "products": _client_products(c, bench.train.product_names),
+               "bank_size": output.bank_sizes[c.client]}
+        row.update(evaluate_client(c.test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro))
+        per_client.append(row)
+    timings["evaluate_s"] = time.perf_counter() - t
+
+    maps_png = _save_map_grid(cfg, clients, output, out)
+    n_images = len(bench.train) + len(bench.test)
+    embed_s = timings["embed_train_s"] + timings["embed_test_s"]
+    results = {
+        "name": cfg.name,
+        "method": cfg.method,
+        "benchmark": bench.name,
+        "seed": cfg.seed,
+        "protocol": output.protocol,
+        "rounds": output.rounds,
+        "clients": cfg.clients.n,
+        "auroc": {
+            "image": mean_defined(per_client, "auroc_image"),
+            "pixel": mean_defined(per_client, "auroc_pixel"),
+            "image_patch_max": mean_defined(per_client, "auroc_patch"),
+            "image_knn": mean_defined(per_client, "auroc_knn"),
+            "pro": mean_defined(per_client, "pro"),
+            "primary_score": cfg.scoring.primary,
+            "clients_scored": sum(r["auroc_image"] is not None for r in per_client),
+        },
+        "per_client": per_client,
+        "privacy": {"epsilon": None, "delta": None, "dp": False},
+        "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
+        "timing": {**{k: round(v, 3) for k, v in timings.items()},
+                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 else None},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "device": str(embedder.device),
+        "threads": torch.get_num_threads(),
+        "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "files": {"anomaly_maps": maps_png.name if maps_png else None},
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _save_map_grid(cfg: RunConfig, clients, output, out: Path) -> Path | None:
+    """Anomaly maps for a few defective test images per product, from the client that scored them."""
+    per = cfg.output.map_examples_per_product
+    if per <= 0:
+        return None
+    rows = []
+    for c, scores in zip(clients, output.scores):
+        for i in pick_examples(c.test, per):
+            rows.append((c, scores, i))
+    seen: dict[int, int] = {}
+    chosen = []
+    for c, scores, i in rows:  # keep `per` per product over all clients
+        prod = int(c.test.products[i])
+        if seen.get(prod, 0) < per:
+            seen[prod] = seen.get(prod, 0) + 1
+            chosen.append((c, scores, i))
+    if not chosen:
+        return None
+    images = np.stack([c.test.images[i] for c, _, i in chosen])
+    masks = np.stack([c.test.masks[i] for c, _, i in chosen]) if chosen[0][0].test.masks is not None else None
+    subset = ImageSet(images, np.ones(len(chosen), np.int64), np.array([c.test.products[i] for c, _, i in chosen]),
+                      [c.test.kinds[i] for c, _, i in chosen], chosen[0][0].test.product_names, masks)
+    patch = np.stack([s.patch[i] for _, s, i in chosen])
+    maps = anomaly_maps(patch, images.shape[1], cfg.scoring.smoothing_sigma)
+    image_scores = np.array([s.image(cfg.scoring.primary)[i] for _, s, i in chosen])
+    return anomaly_map_grid(subset, list(range(len(chosen))), maps, image_scores, out / "anomaly_maps.png")
