@@ -41,13 +41,17 @@ def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = PRO_MAX_FPR,
     normal = maps[~masks]
     region_scores = maps[masks]
     region_ids = labels[masks] - 1
-    thresholds = np.quantile(normal, np.linspace(1.0, 1.0 - max_fpr, n_thresholds))
-    fprs, pros = [], []
+    thresholds = np.unique(np.quantile(normal, np.linspace(1.0 - max_fpr, 1.0, n_thresholds)))[::-1]
+    fprs, pros = [0.0], [0.0]
     for t in thresholds:
         fprs.append(float((normal > t).mean()))
         hit = np.bincount(region_ids[region_scores > t], minlength=n_regions)
         pros.append(float((hit / region_size).mean()))
+    fprs.append(1.0)  # threshold below every score: everything flagged
+    pros.append(1.0)
     fprs, pros = np.array(fprs), np.array(pros)
-    keep = fprs <= max_fpr
-    fprs, pros = np.concatenate([[0.0], fprs[keep]]), np.concatenate([[0.0], pros[keep]])
-    return float(np.trapezoid(pros, fprs) / max_fpr)
+    end = float(np.interp(max_fpr, fprs, pros))
+    keep = fprs < max_fpr
+    curve_x = np.append(fprs[keep], max_fpr)
+    curve_y = np.append(pros[keep], end)
+    return float(np.trapezoid(curve_y, curve_x) / max_fpr)

@@ -1,0 +1,107 @@
+"""Coreset selection, memory search and scoring against brute-force references."""
+
+import numpy as np
+import pytest
+
+from fedsecmem.coreset import coreset_size, greedy_coreset, pca_rotate
+from fedsecmem.memory import MemoryBank, coreset_bank
+from fedsecmem.scoring import anomaly_maps
+
+
+def naive_greedy(x: np.ndarray, k: int, start: int) -> np.ndarray:
+    """Textbook farthest-point sampling in float64."""
+    x = x.astype(np.float64)
+    chosen = [start]
+    mind = ((x - x[start]) ** 2).sum(1)
+    for _ in range(k - 1):
+        i = int(np.argmax(mind))
+        chosen.append(i)
+        mind = np.minimum(mind, ((x - x[i]) ** 2).sum(1))
+    return np.array(chosen)
+
+
+def clustered(n=3000, d=24, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d)) * 5
+    return (centres[rng.integers(20, size=n)] + rng.normal(size=(n, d)) * np.linspace(2, 0.1, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bound_dim", [1, 4, 24, 64])
+def test_pruned_greedy_equals_textbook_greedy(bound_dim):
+    x = clustered()
+    ours = greedy_coreset(x, 150, start=7, bound_dim=bound_dim)
+    ref = naive_greedy(x, 150, start=7)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_structureless_data_takes_the_dense_path_and_stays_exact():
+    x = np.random.default_rng(3).random((2000, 40)).astype(np.float32)
+    np.testing.assert_array_equal(greedy_coreset(x, 60, start=0), naive_greedy(x, 60, 0))
+
+
+def test_covering_radius_is_within_twice_the_optimum_bound():
+    x = clustered(n=1500, d=8, seed=2)
+    k = 30
+    sel = greedy_coreset(x, k, seed=1)
+    assert len(set(sel.tolist())) == k
+    d = np.sqrt(((x[:, None] - x[sel][None]) ** 2).sum(-1)).min(1)
+    radius = d.max()
+    # greedy k-center is a 2-approximation: radius <= 2 * OPT, and OPT >= half the
+    # smallest pairwise distance among the k+1 greedy points (they are pairwise >= radius apart)
+    nxt = int(np.argmax(d))
+    pts = x[np.append(sel, nxt)]
+    pair = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    pair[np.diag_indices_from(pair)] = np.inf
+    assert pair.min() >= radius - 1e-4
+
+
+def test_pca_rotation_keeps_distances():
+    import torch
+    x = torch.from_numpy(clustered(n=200))
+    r = pca_rotate(x)
+    def dists(a):
+        a = a.double().numpy()
+        return np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(dists(x), dists(r), rtol=1e-4, atol=1e-3)
+
+
+def test_coreset_size_and_trivial_cases():
+    assert coreset_size(1000, 0.01) == 10
+    assert coreset_size(10, 0.001) == 1
+    assert coreset_size(10, 1.0) == 10
+    x = np.zeros((5, 3), np.float32)
+    np.testing.assert_array_equal(greedy_coreset(x, 9), np.arange(5))
+    with pytest.raises(ValueError):
+        greedy_coreset(x, 0)
+
+
+def test_memory_bank_matches_brute_force():
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(300, 16)).astype(np.float32)
+    q = rng.normal(size=(50, 16)).astype(np.float32)
+    bank = MemoryBank(items)
+    d, idx = bank.search(q, 3)
+    full = np.sqrt(((q[:, None] - items[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(idx[:, 0], full.argmin(1))
+    np.testing.assert_allclose(d, np.sort(full, 1)[:, :3], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bank.nearest_distance(items[:5]), 0, atol=1e-3)
+    with pytest.raises(ValueError, match="non-empty"):
+        MemoryBank(np.zeros((0, 4), np.float32))
+
+
+def test_coreset_bank_keeps_ratio_and_original_vectors():
+    patches = clustered(n=400, d=8).reshape(4, 10, 10, 8)
+    bank = coreset_bank(patches, 0.1)
+    assert len(bank) == 40
+    flat = patches.reshape(-1, 8)
+    assert all(((flat - item) ** 2).sum(1).min() == 0 for item in bank.items)
+
+
+def test_anomaly_maps_upsample_and_peak_where_patch_is_high():
+    s = np.zeros((1, 8, 8), np.float32)
+    s[0, 2, 5] = 10
+    m = anomaly_maps(s, 64, sigma=2)
+    assert m.shape == (1, 64, 64)
+    y, x = np.unravel_index(m[0].argmax(), (64, 64))
+    assert 16 <= y < 24 and 40 <= x < 48
+    assert m[0].max() < 10  # smoothed
