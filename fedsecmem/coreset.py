@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 BOUND_DIM = 32  # PCA dims used for the lower bound (speed only; the result is exact)
-DENSE_FRACTION = 0.3  # above this share of candidates, a dense pass is cheaper than a gather
+DENSE_FRACTION = 0.15  # above this share of candidates, a dense pass is cheaper than a gather
 
 
 def pca_rotate(x: torch.Tensor) -> torch.Tensor:

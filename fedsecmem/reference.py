@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +25,14 @@ class MethodContext:
     test_emb: Embeddings
     progress: object = None
     timings: dict = field(default_factory=dict)
+
+
+@contextmanager
+def timed(timings: dict, key: str):
+    """Add the wall time of the block to ``timings[key]``."""
+    t = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
 
 @dataclass
@@ -49,9 +59,11 @@ def run_local(ctx: MethodContext) -> MethodOutput:
     cfg = ctx.cfg
     scores, sizes = [], []
     for c in ctx.clients:
-        bank, ibank = fit_bank(ctx.train_emb.subset(c.train_index), cfg.memory.coreset_ratio,
-                               cfg.seed + c.client, ctx.progress, f"coreset client {c.client}")
-        scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k))
+        with timed(ctx.timings, "coreset_s"):
+            bank, ibank = fit_bank(ctx.train_emb.subset(c.train_index), cfg.memory.coreset_ratio,
+                                   cfg.seed + c.client, ctx.progress, f"coreset client {c.client}")
+        with timed(ctx.timings, "score_s"):
+            scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k))
         sizes.append(len(bank))
     zeros = [[0] for _ in ctx.clients]
     return MethodOutput(scores, zeros, [[0] for _ in ctx.clients], 1, "none", sizes)
@@ -61,10 +73,12 @@ def run_central(ctx: MethodContext) -> MethodOutput:
     """Pooled training images (what a consortium may not do): each client uploads its raw images."""
     cfg = ctx.cfg
     pooled = np.concatenate([c.train_index for c in ctx.clients])
-    bank, ibank = fit_bank(ctx.train_emb.subset(pooled), cfg.memory.coreset_ratio, cfg.seed,
-                           ctx.progress, "coreset (pooled)")
-    scores = [score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k)
-              for c in ctx.clients]
+    with timed(ctx.timings, "coreset_s"):
+        bank, ibank = fit_bank(ctx.train_emb.subset(pooled), cfg.memory.coreset_ratio, cfg.seed,
+                               ctx.progress, "coreset (pooled)")
+    with timed(ctx.timings, "score_s"):
+        scores = [score_embeddings(ctx.test_emb.subset(c.test_index), bank, ibank, cfg.scoring.image_k)
+                  for c in ctx.clients]
     up = [[int(c.train.nbytes)] for c in ctx.clients]
     return MethodOutput(scores, up, [[0] for _ in ctx.clients], 1, "pooled-raw-images",
                         [len(bank)] * len(ctx.clients))

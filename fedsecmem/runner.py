@@ -77,7 +77,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         timings["method_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    per_client = []
+    per_client: list[dict] = []
     for c, scores in zip(clients, output.scores):
         row = {"client": c.client, "n_train": int(len(c.train)), "products": _client_products(c, bench.train.product_names),
                "bank_size": output.bank_sizes[c.client]}
@@ -109,7 +109,9 @@ def run(cfg: RunConfig, out: Path) -> dict:
         "privacy": {"epsilon": None, "delta": None, "dp": False},
         "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
         "timing": {**{k: round(v, 3) for k, v in timings.items()},
-                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 else None},
+                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 else None,
+                   "score_images_per_s": round(len(bench.test) / timings["score_s"], 2)
+                   if timings.get("score_s") else None},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "device": str(embedder.device),

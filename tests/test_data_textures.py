@@ -101,9 +101,6 @@ def test_defect_mask_marks_changed_pixels(kind):
         assert (change[~mask] <= MIN_CHANGE).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: defect functions leave sub-MIN_CHANGE edits in the image outside the mask "
-    "(perlin_blend, blur, and occasionally scratch/stain/cutpaste_scar); see report"))
 def test_defect_outside_mask_is_bit_identical():
     leaks = []
     for kind in FAMILIES:
@@ -116,11 +113,7 @@ def test_defect_outside_mask_is_bit_identical():
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=(
-        "library bug: cutpaste_scar rotates with cval=-1 and order=1, so the pasted rim "
-        "mixes in -1 and the output goes below 0; see report")))
-    if k == "cutpaste_scar" else k
-    for k in FAMILIES
+    k for k in FAMILIES
 ])
 def test_defect_output_stays_in_unit_range(kind):
     for seed in range(8):
@@ -328,9 +321,6 @@ def test_crop_too_large_for_the_product_raises():
         make_textures(["retina"], 1, 1, 1, ["stain"], 300, 32, seed=0)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug: foreign textures may be drawn from a source (retina, 422 px) too small for "
-    "a crop that fits every requested product; see report"))
 def test_crop_that_fits_the_products_never_fails_on_foreign_source():
     for seed in range(4):
         make_textures(["brick"], 1, 0, 2, ["stain"], 240, 32, seed)

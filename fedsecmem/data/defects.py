@@ -47,8 +47,8 @@ def cutpaste_scar(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray
     strip = img[y0 : y0 + sl, x0 : x0 + sw].copy()
     strip = np.clip(strip * rng.uniform(0.7, 1.3, size=3) + rng.uniform(-0.15, 0.15), 0, 1)
     angle = rng.uniform(-45, 45)
-    rot = transform.rotate(strip, angle, resize=True, order=1, mode="constant", cval=-1.0)
-    valid = rot[..., 0] >= 0
+    rot = transform.rotate(strip, angle, resize=True, order=1, mode="edge")
+    valid = transform.rotate(np.ones(strip.shape[:2]), angle, resize=True, order=0, cval=0.0) > 0.5
     rh, rw = valid.shape
     py, px = int(rng.integers(0, h - rh + 1)), int(rng.integers(0, w - rw + 1))
     out = img.copy()
@@ -123,5 +123,6 @@ def make_defect(kind: str, img: np.ndarray, rng: np.random.Generator,
     for _ in range(MAX_TRIES):
         out, mask = fn(img, rng, foreign)
         if mask.sum() >= MIN_AREA:
-            return out, mask
+            # pixels changed by less than MIN_CHANGE are restored, so the mask is exact
+            return np.where(mask[..., None], out, img), mask
     raise RuntimeError(f"defect {kind!r}: could not change {MIN_AREA} pixels in {MAX_TRIES} tries")

@@ -32,8 +32,11 @@ def _load_rgb(path: Path, size: int) -> np.ndarray:
 
 
 def _load_mask(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+    except OSError as exc:
+        raise UserError(f"data.root: cannot read mask {path}: {exc}") from None
 
 
 def find_categories(root: Path) -> list[str]:

@@ -54,12 +54,19 @@ def dirichlet_shares(n_products: int, n_clients: int, alpha: float, train_produc
         if per_client.min() >= min_train:
             return shares
     # strong skew with few images: mix in a uniform share until everyone gets enough
-    for mix in np.linspace(0.05, 1.0, 20):
+    for mix in np.linspace(0.05, 0.95, 19):
         mixed = (1 - mix) * shares + mix / n_clients
         per_client = sum(split_counts(int(s), mixed[p]) for p, s in enumerate(sizes))
         if per_client.min() >= min_train:
             return mixed
-    return np.full((n_products, n_clients), 1.0 / n_clients)
+    # last resort: a round-robin deal (ties broken towards the client next in turn), so
+    # every client gets at least floor(total / n_clients) >= min_train images
+    out = np.empty((n_products, n_clients))
+    turn = 0
+    for p, size in enumerate(sizes):
+        out[p] = 1.0 / n_clients - 1e-9 * ((np.arange(n_clients) - turn) % n_clients)
+        turn = (turn + int(size)) % n_clients
+    return out
 
 
 def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_train: int = 1) -> list[ClientData]:
@@ -79,7 +86,8 @@ def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_tra
                 test_parts[c].append(part)
     orphan = rng.permutation(np.flatnonzero(bench.test.products < 0))
     if orphan.size:
-        normal_counts = np.array([sum(a.size for a in parts) for parts in test_parts], float)
+        normal = bench.test.labels == 0
+        normal_counts = np.array([sum(int(normal[a].sum()) for a in parts) for parts in test_parts], float)
         weights = normal_counts if normal_counts.sum() > 0 else np.ones(n_clients)
         for c, part in enumerate(_deal(orphan, split_counts(orphan.size, weights))):
             test_parts[c].append(part)

@@ -51,6 +51,10 @@ def load_source(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
+def _fits(h: int, crop: int) -> bool:
+    return h - max(crop, int(TEST_FRACTION * h)) >= crop
+
+
 def _regions(h: int, crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     split = h - max(crop, int(TEST_FRACTION * h))
     if split < crop:
@@ -106,7 +110,9 @@ def make_textures(products: list[str], train_per_product: int, test_normal_per_p
             te_masks.append(np.zeros((image_size, image_size), bool))
             te_prod.append(pi)
             te_kinds.append("good")
-        others = [p for p in SOURCES if p != name]
+        others = [p for p in SOURCES if p != name and _fits(load_source(p).shape[0], crop_size)]
+        if not others:
+            raise ValueError(f"crop size {crop_size} too large for every foreign texture source")
         for j in range(test_defect_per_product):
             kind = defects[j % len(defects)]
             base = _crop(src, test_rows, crop_size, rng)

@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmark scripts: run a config in-process, collect results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedsecmem.config import load_config
+from fedsecmem.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "bench"
+
+
+def run_config(config: str, out: str, overrides: list[str]) -> dict:
+    """Run configs/<config>.yaml with overrides into runs/bench/<out> (reuses a finished run)."""
+    path = OUT / out
+    done = path / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", overrides)
+    return run(cfg, path)
+
+
+def mean_std(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
