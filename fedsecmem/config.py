@@ -110,6 +110,28 @@ class ScoringConfig(Strict):
     pro: bool = Field(True, description="compute the per-region-overlap (PRO) score where masks exist")
 
 
+class FedDyMemConfig(Strict):
+    """Federated dynamic memory (method feddymem) and the generator shared by the baselines."""
+
+    rounds: int = Field(3, ge=1)
+    use_generator: bool = Field(True, description="false = memory sharing only (ablation)")
+    memory_dim: int | None = Field(None, ge=2, description="memory space dimension (null = backbone's)")
+    hidden: int = Field(256, ge=1, description="hidden width of the generator MLP")
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1024, ge=2)
+    max_steps_per_epoch: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    var_weight: float = Field(2.0, ge=0, description="weight of the anti-collapse spread term (>= 2 stops any shrinking: see metric_loss)")
+    reduce_ratio: int = Field(16, ge=1, description="patches pooled into one prototype (1 = no reduce)")
+    reduce_iters: int = Field(3, ge=0, description="Lloyd iterations of the within-image reduce")
+    global_k: int = Field(512, ge=1, description="global patch memory items (server k-means k)")
+    global_k_images: int = Field(64, ge=1, description="global image-level memory items")
+    kmeans_iters: int = Field(20, ge=1)
+    share_images: bool = Field(True, description="share image-level embeddings for the global image memory")
+    score_with: Literal["local+global", "local", "global"] = "local+global"
+    prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient (method fedprox)")
+
+
 class OutputConfig(Strict):
     map_examples_per_product: int = Field(2, ge=0, description="anomaly maps in the PNG grid")
 
@@ -119,12 +141,13 @@ class RunConfig(Strict):
 
     name: str = "run"
     seed: int = 0
-    method: Literal["local", "central"] = "local"
+    method: Literal["local", "central", "feddymem", "fedavg", "fedprox"] = "local"
     data: DataConfig = Field(default_factory=DataConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    feddymem: FedDyMemConfig = Field(default_factory=FedDyMemConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 

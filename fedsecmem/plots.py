@@ -51,3 +51,22 @@ def anomaly_map_grid(test: ImageSet, picks: list[int], maps: np.ndarray, scores:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def round_curve(per_round: list[dict], path: Path) -> Path:
+    """Mean image AUROC (both scores) after each round."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    rounds = [r["round"] for r in per_round]
+    for key, label in (("image_patch_max", "image AUROC (patch max)"), ("image_knn", "image AUROC (image kNN)")):
+        vals = [r.get(key) for r in per_round]
+        if any(v is not None for v in vals):
+            ax.plot(rounds, [np.nan if v is None else v for v in vals], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean over clients")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -45,6 +45,7 @@ class MethodOutput:
     rounds: int
     protocol: str
     bank_sizes: list[int]
+    per_round: list[dict] = field(default_factory=list)  # mean metrics after each round
 
 
 def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> tuple[MemoryBank, MemoryBank | None]:
@@ -84,4 +85,4 @@ def run_central(ctx: MethodContext) -> MethodOutput:
                         [len(bank)] * len(ctx.clients))
 
 
-METHODS = {"local": run_local, "central": run_central}
+REFERENCE_METHODS = {"local": run_local, "central": run_central}

@@ -24,10 +24,15 @@ from fedsecmem.data.partition import partition
 from fedsecmem.data.types import ImageSet
 from fedsecmem.errors import UserError
 from fedsecmem.evaluate import evaluate_client, mean_defined
-from fedsecmem.plots import anomaly_map_grid, pick_examples
+from fedsecmem.metrics import auroc
+from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import console, make_progress, task
-from fedsecmem.reference import METHODS, MethodContext
+from fedsecmem.federated import FEDERATED_METHODS
+from fedsecmem.reference import REFERENCE_METHODS, MethodContext
 from fedsecmem.scoring import anomaly_maps
+
+
+METHODS = {**REFERENCE_METHODS, **FEDERATED_METHODS}
 
 
 def _peak_rss_mb() -> float:
@@ -85,7 +90,9 @@ def run(cfg: RunConfig, out: Path) -> dict:
         per_client.append(row)
     timings["evaluate_s"] = time.perf_counter() - t
 
+    pooled = _pooled_auroc(clients, output) if cfg.method == "central" else {}
     maps_png = _save_map_grid(cfg, clients, output, out)
+    curve_png = round_curve(output.per_round, out / "auroc_per_round.png") if len(output.per_round) > 1 else None
     n_images = len(bench.train) + len(bench.test)
     embed_s = timings["embed_train_s"] + timings["embed_test_s"]
     results = {
@@ -104,8 +111,12 @@ def run(cfg: RunConfig, out: Path) -> dict:
             "pro": mean_defined(per_client, "pro"),
             "primary_score": cfg.scoring.primary,
             "clients_scored": sum(r["auroc_image"] is not None for r in per_client),
+            # one model for everyone (central): AUROC over all clients' test images together
+            "pooled_image_patch_max": pooled.get("patch"),
+            "pooled_image_knn": pooled.get("knn"),
         },
         "per_client": per_client,
+        "per_round": output.per_round,
         "privacy": {"epsilon": None, "delta": None, "dp": False},
         "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
         "timing": {**{k: round(v, 3) for k, v in timings.items()},
@@ -117,11 +128,20 @@ def run(cfg: RunConfig, out: Path) -> dict:
         "device": str(embedder.device),
         "threads": torch.get_num_threads(),
         "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "files": {"anomaly_maps": maps_png.name if maps_png else None},
+        "files": {"anomaly_maps": maps_png.name if maps_png else None,
+                  "auroc_per_round": curve_png.name if curve_png else None},
     }
     (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _pooled_auroc(clients, output) -> dict:
+    labels = np.concatenate([c.test.labels for c in clients])
+    out = {"patch": auroc(labels, np.concatenate([s.image_patch for s in output.scores]))}
+    if all(s.image_knn is not None for s in output.scores):
+        out["knn"] = auroc(labels, np.concatenate([s.image_knn for s in output.scores]))
+    return out
 
 
 def _save_map_grid(cfg: RunConfig, clients, output, out: Path) -> Path | None:

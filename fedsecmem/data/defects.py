@@ -77,14 +77,20 @@ def scratch(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray | Non
     return out, _changed(img, out, region)
 
 
-def stain(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A tinted elliptical blot."""
-    h, w = img.shape[:2]
-    ry, rx = rng.uniform(0.04, 0.14, size=2) * np.array([h, w])
+def _ellipse(shape: tuple[int, int], rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """A randomly placed, rotated ellipse with radii between ``lo`` and ``hi`` of the image side."""
+    h, w = shape
+    ry, rx = rng.uniform(lo, hi, size=2) * np.array([h, w])
     cy, cx = rng.uniform([ry, rx], [h - ry, w - rx])
     rr, cc = draw.ellipse(cy, cx, ry, rx, shape=(h, w), rotation=rng.uniform(0, np.pi))
     region = np.zeros((h, w), bool)
     region[rr, cc] = True
+    return region
+
+
+def stain(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A tinted elliptical blot."""
+    region = _ellipse(img.shape[:2], rng, 0.04, 0.14)
     colour = rng.uniform(0, 1, size=3)
     alpha = rng.uniform(0.4, 0.7)
     out = img.copy()
@@ -94,12 +100,7 @@ def stain(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray | None 
 
 def blur(img: np.ndarray, rng: np.random.Generator, foreign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An elliptical region out of focus (strong local Gaussian blur)."""
-    h, w = img.shape[:2]
-    ry, rx = rng.uniform(0.08, 0.2, size=2) * np.array([h, w])
-    cy, cx = rng.uniform([ry, rx], [h - ry, w - rx])
-    rr, cc = draw.ellipse(cy, cx, ry, rx, shape=(h, w), rotation=rng.uniform(0, np.pi))
-    region = np.zeros((h, w), bool)
-    region[rr, cc] = True
+    region = _ellipse(img.shape[:2], rng, 0.08, 0.2)
     sigma = rng.uniform(2.5, 5.0)
     blurred = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
     out = img.copy()

@@ -1,0 +1,9 @@
+"""`make bench`: run every benchmark; each writes its own section of docs/benchmarks.md."""
+
+import runpy
+from pathlib import Path
+
+HERE = Path(__file__).parent
+for script in ("bench_coreset.py", "bench_reference.py"):
+    print(f"== {script}", flush=True)
+    runpy.run_path(str(HERE / script), run_name="__main__")

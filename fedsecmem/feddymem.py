@@ -1,0 +1,163 @@
+"""FedDyMem: federated dynamic memory (client and server logic, free of I/O).
+
+A round:
+1. every client maps its frozen patch embeddings through its memory
+   generator, rebuilds its local bank (coreset: the dynamic memory bank),
+   reduces each image to a few weighted prototypes (memory-reduce) and hands
+   them, with its image embeddings, to the aggregation;
+2. the aggregation (a function of the contributions: weighted k-means in
+   `plain` mode; the secure protocols replace it) returns the global memory,
+   which every client receives;
+3. clients are evaluated with their local bank and the global memory;
+4. clients train their generator with the metric loss towards the global
+   memory (not after the last round, whose banks would go stale).
+
+Nothing but prototypes, their weights and image-level embeddings leaves a
+client; the generator never does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedsecmem.backbone import Embeddings
+from fedsecmem.coreset import coreset_size, greedy_coreset
+from fedsecmem.generator import MemoryGenerator
+from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.memory import MemoryBank
+from fedsecmem.metric_loss import anti_collapse_target, metric_loss
+from fedsecmem.reduce import reduce_images
+from fedsecmem.scoring import Scores
+
+FLOAT_BYTES = 4
+TARGET_SAMPLE = 50_000  # patches used to measure the spread the generator must keep
+
+
+@dataclass
+class Contribution:
+    """What one client shares in a round."""
+
+    prototypes: np.ndarray  # (P, M) reduced patch prototypes in memory space
+    weights: np.ndarray  # (P,) each image's prototypes sum to 1
+    images: np.ndarray | None  # (N, E) image-level embeddings (weight 1 each), or None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.prototypes.size + self.weights.size + (0 if self.images is None else self.images.size)
+        return int(n * FLOAT_BYTES)
+
+
+@dataclass
+class GlobalMemory:
+    patches: np.ndarray  # (K, M)
+    images: np.ndarray | None  # (K_img, E)
+
+    @property
+    def nbytes(self) -> int:
+        return int((self.patches.size + (0 if self.images is None else self.images.size)) * FLOAT_BYTES)
+
+
+Aggregator = Callable[[list[Contribution]], GlobalMemory]
+
+
+def kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Aggregator:
+    """`plain` aggregation: weighted k-means over every client's prototypes (and image embeddings)."""
+
+    def aggregate(contribs: list[Contribution]) -> GlobalMemory:
+        pts = np.concatenate([c.prototypes for c in contribs])
+        w = np.concatenate([c.weights for c in contribs])
+        patches, _, _ = weighted_kmeans(pts, w, k, iters, seed)
+        images = None
+        if all(c.images is not None for c in contribs):
+            imgs = np.concatenate([c.images for c in contribs])
+            images, _, _ = weighted_kmeans(imgs, np.ones(len(imgs)), k_images, iters, seed + 1)
+        return GlobalMemory(patches, images)
+
+    return aggregate
+
+
+class FedDyMemClient:
+    """One client's state: its embeddings, generator, dynamic local bank and the global memory."""
+
+    def __init__(self, cid: int, train: Embeddings, cfg, seed: int, coreset_ratio: float,
+                 use_generator: bool = True):
+        self.cid = cid
+        self.coreset_ratio = coreset_ratio
+        self.train = train
+        self.cfg = cfg  # FedDyMemConfig
+        self.seed = seed
+        d = train.patches.shape[-1]
+        self.generator = MemoryGenerator(d, cfg.memory_dim or d, cfg.hidden, seed) if use_generator else None
+        flat = train.patches.reshape(-1, d)
+        sample = flat[np.random.default_rng(seed).permutation(len(flat))[:TARGET_SAMPLE]]
+        self.target_std = anti_collapse_target(torch.from_numpy(self.memory_space(sample)))
+        self.bank: MemoryBank | None = None
+        self.global_memory: GlobalMemory | None = None
+        self.losses: list[float] = []
+
+    def memory_space(self, patches: np.ndarray) -> np.ndarray:
+        return self.generator.transform(patches) if self.generator is not None else patches
+
+    def rebuild(self) -> Contribution:
+        """Dynamic memory bank: re-embed with the current generator, coreset, reduce."""
+        z = self.memory_space(self.train.patches)
+        flat = z.reshape(-1, z.shape[-1])
+        keep = greedy_coreset(flat, coreset_size(len(flat), self.coreset_ratio), seed=self.seed)
+        self.bank = MemoryBank(flat[keep])
+        protos, weights = reduce_images(z, self.cfg.reduce_ratio, self.cfg.reduce_iters)
+        return Contribution(protos.reshape(-1, protos.shape[-1]), weights.reshape(-1),
+                            self.train.images if self.cfg.share_images else None)
+
+    def receive(self, memory: GlobalMemory) -> None:
+        self.global_memory = memory
+
+    def train_generator(self) -> float:
+        """Local epochs of the metric loss towards the global memory; returns the last mean loss."""
+        if self.generator is None or self.global_memory is None:
+            return 0.0
+        cfg = self.cfg
+        x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1]))
+        memory = torch.from_numpy(self.global_memory.patches)
+        opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(self.seed + len(self.losses))
+        self.generator.train()
+        total, steps = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for s in range(0, min(len(x), cfg.max_steps_per_epoch * cfg.batch_size), cfg.batch_size):
+                batch = x[order[s : s + cfg.batch_size]]
+                if len(batch) < 2:
+                    continue
+                loss = metric_loss(self.generator(batch), memory, self.target_std, cfg.var_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+        self.generator.eval()
+        mean = total / max(1, steps)
+        self.losses.append(mean)
+        return mean
+
+    def score(self, test: Embeddings, score_with: str, image_bank: MemoryBank | None, image_k: int) -> Scores:
+        """Patch score = distance to the nearest item of the local bank and/or the global memory."""
+        z = self.memory_space(test.patches)
+        n, h, w, m = z.shape
+        flat = z.reshape(-1, m)
+        dists = []
+        if score_with in ("local", "local+global"):
+            dists.append(self.bank.nearest_distance(flat))
+        if score_with in ("global", "local+global") and self.global_memory is not None:
+            dists.append(MemoryBank(self.global_memory.patches).nearest_distance(flat))
+        patch = np.minimum.reduce(dists).reshape(n, h, w)
+        knn = None
+        if test.images is not None and image_bank is not None:
+            items = image_bank.items
+            if self.global_memory is not None and self.global_memory.images is not None and score_with != "local":
+                items = np.concatenate([items, self.global_memory.images])
+            knn = MemoryBank(items).search(test.images, image_k)[0].mean(axis=1)
+        return Scores(patch, patch.reshape(n, -1).max(axis=1), knn)

@@ -1,0 +1,156 @@
+"""Federated methods in the in-process simulation: FedDyMem (memory sharing) and the
+parameter-sharing baselines FedAvg and FedProx of the memory generator.
+
+The simulation drives client and server objects that hold no I/O; bytes are
+counted from what would cross the network.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from fedsecmem.feddymem import FedDyMemClient, kmeans_aggregator
+from fedsecmem.memory import MemoryBank
+from fedsecmem.metric_loss import metric_loss
+from fedsecmem.metrics import auroc
+from fedsecmem.progress import task
+from fedsecmem.reference import MethodContext, MethodOutput, timed
+
+
+def _round_metrics(ctx: MethodContext, scores) -> dict:
+    rows = [(auroc(c.test.labels, s.image_patch),
+             auroc(c.test.labels, s.image_knn) if s.image_knn is not None else None)
+            for c, s in zip(ctx.clients, scores)]
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {"image_patch_max": mean([r[0] for r in rows]), "image_knn": mean([r[1] for r in rows])}
+
+
+def _image_banks(ctx: MethodContext) -> list[MemoryBank | None]:
+    if ctx.train_emb.images is None:
+        return [None] * len(ctx.clients)
+    return [MemoryBank(ctx.train_emb.images[c.train_index]) for c in ctx.clients]
+
+
+def run_feddymem(ctx: MethodContext) -> MethodOutput:
+    cfg, fc = ctx.cfg, ctx.cfg.feddymem
+    clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
+                              cfg.memory.coreset_ratio, fc.use_generator) for c in ctx.clients]
+    aggregate = kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
+    image_banks = _image_banks(ctx)
+    up = [[] for _ in clients]
+    down = [[] for _ in clients]
+    per_round, scores = [], []
+    with task(ctx.progress, "feddymem rounds", fc.rounds) as advance:
+        for r in range(fc.rounds):
+            with timed(ctx.timings, "memory_rebuild_s"):
+                contribs = [cl.rebuild() for cl in clients]
+            for i, c in enumerate(contribs):
+                up[i].append(c.nbytes)
+            with timed(ctx.timings, "aggregation_s"):
+                memory = aggregate(contribs)
+            for i, cl in enumerate(clients):
+                cl.receive(memory)
+                down[i].append(memory.nbytes)
+            with timed(ctx.timings, "score_s"):
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, ib, cfg.scoring.image_k)
+                          for cl, c, ib in zip(clients, ctx.clients, image_banks)]
+            metrics = _round_metrics(ctx, scores)
+            if r < fc.rounds - 1:
+                with timed(ctx.timings, "generator_train_s"):
+                    metrics["loss"] = float(np.mean([cl.train_generator() for cl in clients]))
+            per_round.append({"round": r + 1, **metrics})
+            advance(1)
+    return MethodOutput(scores, up, down, fc.rounds, "plain", [len(cl.bank) for cl in clients], per_round)
+
+
+def _average_state(states: list[dict], weights: list[float]) -> dict:
+    w = np.asarray(weights, float) / float(np.sum(weights))
+    return {k: sum(float(wi) * s[k] for wi, s in zip(w, states)) for k in states[0]}
+
+
+def _train_param_client(client: FedDyMemClient, global_state: dict, mu: float) -> None:
+    """Metric loss towards the client's own bank (it has no global memory), plus FedProx's proximal term."""
+    fc = client.cfg
+    gen = client.generator
+    gen.load_state_dict(global_state)
+    anchor = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+    x = torch.from_numpy(client.train.patches.reshape(-1, client.train.patches.shape[-1]))
+    bank = torch.from_numpy(client.bank.items)
+    opt = torch.optim.Adam(gen.parameters(), lr=fc.lr)
+    g = torch.Generator().manual_seed(client.seed + len(client.losses))
+    gen.train()
+    total, steps = 0.0, 0
+    for _ in range(fc.local_epochs):
+        order = torch.randperm(len(x), generator=g)
+        for s in range(0, min(len(x), fc.max_steps_per_epoch * fc.batch_size), fc.batch_size):
+            batch = x[order[s : s + fc.batch_size]]
+            if len(batch) < 2:
+                continue
+            loss = metric_loss(gen(batch), bank, client.target_std, fc.var_weight)
+            if mu > 0:
+                loss = loss + 0.5 * mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    gen.eval()
+    client.losses.append(total / max(1, steps))
+
+
+def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
+    """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
+    cfg, fc = ctx.cfg, ctx.cfg.feddymem
+    clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
+                              cfg.memory.coreset_ratio, True) for c in ctx.clients]
+    global_state = copy.deepcopy(clients[0].generator.state_dict())
+    image_banks = _image_banks(ctx)
+    n_bytes = clients[0].generator.n_bytes()
+    up = [[] for _ in clients]
+    down = [[] for _ in clients]
+    per_round, scores = [], []
+    with task(ctx.progress, f"{name} rounds", fc.rounds) as advance:
+        for r in range(fc.rounds):
+            for i, cl in enumerate(clients):
+                cl.generator.load_state_dict(global_state)
+                down[i].append(n_bytes)
+            with timed(ctx.timings, "memory_rebuild_s"):
+                for cl in clients:
+                    cl.rebuild()
+            with timed(ctx.timings, "generator_train_s"):
+                for i, cl in enumerate(clients):
+                    _train_param_client(cl, global_state, mu)
+                    up[i].append(n_bytes)
+            with timed(ctx.timings, "aggregation_s"):
+                global_state = _average_state([cl.generator.state_dict() for cl in clients],
+                                              [len(c.train_index) for c in ctx.clients])
+            for cl in clients:
+                cl.generator.load_state_dict(global_state)
+            with timed(ctx.timings, "memory_rebuild_s"):
+                for cl in clients:
+                    cl.rebuild()
+            with timed(ctx.timings, "score_s"):
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", ib, cfg.scoring.image_k)
+                          for cl, c, ib in zip(clients, ctx.clients, image_banks)]
+            per_round.append({"round": r + 1, **_round_metrics(ctx, scores),
+                              "loss": float(np.mean([cl.losses[-1] for cl in clients]))})
+            advance(1)
+    return MethodOutput(scores, up, down, fc.rounds, f"plain-{name}", [len(cl.bank) for cl in clients], per_round)
+
+
+def run_fedavg(ctx: MethodContext) -> MethodOutput:
+    return run_param_sharing(ctx, 0.0, "fedavg")
+
+
+def run_fedprox(ctx: MethodContext) -> MethodOutput:
+    return run_param_sharing(ctx, ctx.cfg.feddymem.prox_mu, "fedprox")
+
+
+FEDERATED_METHODS = {"feddymem": run_feddymem, "fedavg": run_fedavg, "fedprox": run_fedprox}

@@ -1,0 +1,40 @@
+"""Metric loss of the memory generator: pull towards the nearest memory item, without collapse.
+
+``pull``: mean squared distance of each normal patch embedding to its
+nearest memory item (consistency of normal features across clients).
+A pull alone collapses (everything moves onto a few memory items, or the
+generator shrinks the space); the ``spread`` term (VICReg-style hinge on the
+per-dimension standard deviation) keeps every dimension's spread at least at
+its value in the backbone space, so the loss cannot win by collapsing.
+Both terms are scale-free: pull is divided by the target variance. Shrinking
+any dimension d by a factor s saves var_d (1 - s^2) / V in pull and costs
+var_d (1 - s) / V in the hinge (V = total target variance), so with ``var_weight`` >= 2 no shrinking pays (the default); the
+generator can only reshape the space towards the memory items.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-4
+
+
+def anti_collapse_target(features: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standard deviation of the features the generator starts from."""
+    return features.float().std(0).clamp(min=EPS)
+
+
+def spread(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension standard deviation (the collapse diagnostic)."""
+    return z.std(0).mean()
+
+
+def metric_loss(z: torch.Tensor, memory: torch.Tensor, target_std: torch.Tensor,
+                var_weight: float) -> torch.Tensor:
+    """pull / total target variance + var_weight * variance-weighted hinge(target_std - std(z))."""
+    d2 = torch.cdist(z, memory).pow(2).min(1).values
+    pull = d2.mean() / (target_std.pow(2).sum())
+    std = torch.sqrt(z.var(0) + EPS)
+    # relative deficit per dimension, weighted by the dimension's share of the variance (as the pull is)
+    hinge = (target_std * torch.relu(target_std - std)).sum() / target_std.pow(2).sum()
+    return pull + var_weight * hinge

@@ -1,0 +1,117 @@
+"""FedDyMem pieces: generator, metric loss (no collapse), memory-reduce, weighted k-means, simulation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsecmem.config import FedDyMemConfig
+from fedsecmem.generator import MemoryGenerator
+from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.metric_loss import anti_collapse_target, metric_loss, spread
+from fedsecmem.reduce import reduce_images
+
+
+def test_generator_starts_as_identity_or_orthonormal_projection():
+    x = torch.randn(50, 16)
+    g = MemoryGenerator(16, 16, 32)
+    torch.testing.assert_close(g(x), x)
+    p = MemoryGenerator(16, 8, 32)
+    w = p.skip.weight
+    torch.testing.assert_close(w @ w.T, torch.eye(8), atol=1e-5, rtol=0)
+    assert p.transform(np.zeros((2, 3, 3, 16), np.float32)).shape == (2, 3, 3, 8)
+
+
+def _train(var_weight: float, steps: int = 300) -> tuple[float, float]:
+    torch.manual_seed(0)
+    x = torch.randn(2048, 12) * torch.linspace(0.5, 2.0, 12)
+    g = MemoryGenerator(12, 12, 32, seed=0)
+    target = anti_collapse_target(x)
+    memory = torch.zeros(1, 12)  # a single memory item: the pull alone collapses onto it
+    opt = torch.optim.Adam(g.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = metric_loss(g(x), memory, target, var_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(spread(g(x))), float(spread(x))
+
+
+def test_spread_term_prevents_collapse_and_its_absence_collapses():
+    kept, start = _train(var_weight=2.0)
+    collapsed, _ = _train(var_weight=0.0)
+    assert kept > 0.8 * start
+    assert collapsed < 0.2 * start
+
+
+def test_reduce_weights_sum_to_one_per_image_and_shrink():
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(3, 8, 8, 5)).astype(np.float32)
+    protos, w = reduce_images(patches, ratio=16)
+    assert protos.shape == (3, 4, 5) and w.shape == (3, 4)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+    # a prototype is a weighted average of its image's patches: inside their bounding box
+    for i in range(3):
+        lo, hi = patches[i].reshape(-1, 5).min(0), patches[i].reshape(-1, 5).max(0)
+        live = w[i] > 0
+        assert (protos[i][live] >= lo - 1e-5).all() and (protos[i][live] <= hi + 1e-5).all()
+    same, w1 = reduce_images(patches, ratio=1)
+    np.testing.assert_array_equal(same.reshape(patches.shape), patches)
+    np.testing.assert_allclose(w1.sum(1), 1.0, atol=1e-6)
+
+
+def test_reduce_of_one_image_ignores_the_others():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    b = a.copy()
+    b[1:] = rng.normal(size=(3, 6, 6, 3))
+    pa, wa = reduce_images(a, 9)
+    pb, wb = reduce_images(b, 9)
+    np.testing.assert_allclose(pa[0], pb[0], atol=1e-6)
+    np.testing.assert_allclose(wa[0], wb[0])
+
+
+def test_weighted_kmeans_known_answer_and_weight_equals_duplication():
+    pts = np.array([[0, 0], [0, 1], [10, 10], [10, 11], [20, 0]], float)
+    w = np.array([1, 3, 1, 1, 2], float)
+    centres, tot, obj = weighted_kmeans(pts, w, 3, seed=0)
+    order = np.argsort(centres[:, 0])
+    np.testing.assert_allclose(centres[order], [[0, 0.75], [10, 10.5], [20, 0]], atol=1e-6)
+    np.testing.assert_allclose(tot[order], [4, 2, 2])
+    assert obj == pytest.approx(3 * 0.25**2 + 0.75**2 + 2 * 0.5**2)
+    dup = np.repeat(pts, w.astype(int), axis=0)
+    c2, _, obj2 = weighted_kmeans(dup, np.ones(len(dup)), 3, seed=0)
+    assert obj2 == pytest.approx(obj)
+    with pytest.raises(ValueError):
+        weighted_kmeans(pts, w[:2], 2)
+
+
+def _tiny(method, tmp_path, extra=()):
+    from pathlib import Path
+
+    from fedsecmem.config import load_config
+    from fedsecmem.runner import run
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/quickstart.yaml", [
+        f"method={method}", "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
+        "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
+        "data.crop_size=64", "clients.n=2", "feddymem.rounds=2", "feddymem.global_k=32", *extra])
+    return run(cfg, tmp_path / method)
+
+
+def test_feddymem_run_shares_reduced_memory_and_reports_rounds(tmp_path):
+    r = _tiny("feddymem", tmp_path)
+    assert r["rounds"] == 2 and len(r["per_round"]) == 2
+    assert all(len(b) == 2 for b in r["comm"]["bytes_up"])
+    full = _tiny("feddymem", tmp_path / "noreduce", ["feddymem.reduce_ratio=1"])
+    # memory-reduce with ratio 16 shares about 16x fewer patch floats
+    assert full["comm"]["bytes_up"][0][0] > 5 * r["comm"]["bytes_up"][0][0]
+    assert (tmp_path / "feddymem" / "auroc_per_round.png").exists()
+
+
+def test_fedprox_with_mu_zero_is_fedavg(tmp_path):
+    a = _tiny("fedavg", tmp_path)
+    b = _tiny("fedprox", tmp_path, ["feddymem.prox_mu=0"])
+    assert a["auroc"]["image"] == b["auroc"]["image"]
+    assert a["comm"]["bytes_up"] == b["comm"]["bytes_up"]
+    assert a["comm"]["bytes_up"][0][0] == MemoryGenerator(152, 152, FedDyMemConfig().hidden).n_bytes()
