@@ -134,6 +134,9 @@ class FedDyMemConfig(Strict):
 
 class OutputConfig(Strict):
     map_examples_per_product: int = Field(2, ge=0, description="anomaly maps in the PNG grid")
+    embedding_cache: Path | None = Field(
+        None, description="folder to keep backbone embeddings across runs of the same data (null = off)"
+    )
 
 
 class RunConfig(Strict):
@@ -159,6 +162,9 @@ def _format_error(err: ValidationError) -> str:
         return f"{loc}: unknown key"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    head = msg.split(":", 1)[0]
+    if ":" in msg and head.replace("_", "").isalnum():  # a validator naming its own field
+        return f"{loc}.{msg}" if loc != "config" else msg
     got = e.get("input")
     if e["type"] not in ("missing",) and not isinstance(got, (dict, list)):
         return f"{loc}: {msg} (got {got!r})"

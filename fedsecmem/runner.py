@@ -20,6 +20,7 @@ from fedsecmem import __version__
 from fedsecmem.backbone import build_embedder
 from fedsecmem.config import RunConfig
 from fedsecmem.data.load import load_benchmark
+from fedsecmem.embedding_cache import load_cached, store_cached
 from fedsecmem.data.partition import partition
 from fedsecmem.data.types import ImageSet
 from fedsecmem.errors import UserError
@@ -70,12 +71,18 @@ def run(cfg: RunConfig, out: Path) -> dict:
 
     embedder = build_embedder(cfg.backbone)
     with make_progress() as progress:
-        t = time.perf_counter()
-        train_emb = _embed(embedder, bench.train.images, cfg.backbone.batch_size, progress, "embed train images")
-        timings["embed_train_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        test_emb = _embed(embedder, bench.test.images, cfg.backbone.batch_size, progress, "embed test images")
-        timings["embed_test_s"] = time.perf_counter() - t
+        cached = load_cached(cfg)
+        if cached is None:
+            t = time.perf_counter()
+            train_emb = _embed(embedder, bench.train.images, cfg.backbone.batch_size, progress, "embed train images")
+            timings["embed_train_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            test_emb = _embed(embedder, bench.test.images, cfg.backbone.batch_size, progress, "embed test images")
+            timings["embed_test_s"] = time.perf_counter() - t
+            store_cached(cfg, train_emb, test_emb, timings)
+        else:
+            train_emb, test_emb, cached_timings = cached
+            timings.update(cached_timings)
         ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings)
         t = time.perf_counter()
         output = METHODS[cfg.method](ctx)
