@@ -116,29 +116,37 @@ class FedDyMemClient:
         self.global_memory = memory
 
     def train_generator(self) -> float:
-        """Local epochs of the metric loss towards the global memory; returns the last mean loss."""
+        """FedDyMem's local training: the metric loss towards the global memory."""
         if self.generator is None or self.global_memory is None:
             return 0.0
+        return self.train_towards(torch.from_numpy(self.global_memory.patches))
+
+    def train_towards(self, targets: torch.Tensor, prox_mu: float = 0.0) -> float:
+        """Local epochs of the metric loss towards ``targets`` (memory items), plus FedProx's
+        proximal term ``prox_mu / 2 * ||w - w_start||^2`` when ``prox_mu > 0``. Returns the mean loss."""
         cfg = self.cfg
+        gen = self.generator
+        anchor = {n: p.detach().clone() for n, p in gen.named_parameters()} if prox_mu > 0 else None
         x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1]))
-        memory = torch.from_numpy(self.global_memory.patches)
-        opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr)
-        gen = torch.Generator().manual_seed(self.seed + len(self.losses))
-        self.generator.train()
+        opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
+        rng = torch.Generator().manual_seed(self.seed + len(self.losses))
+        gen.train()
         total, steps = 0.0, 0
         for _ in range(cfg.local_epochs):
-            order = torch.randperm(len(x), generator=gen)
+            order = torch.randperm(len(x), generator=rng)
             for s in range(0, min(len(x), cfg.max_steps_per_epoch * cfg.batch_size), cfg.batch_size):
                 batch = x[order[s : s + cfg.batch_size]]
                 if len(batch) < 2:
                     continue
-                loss = metric_loss(self.generator(batch), memory, self.target_std, cfg.var_weight)
+                loss = metric_loss(gen(batch), targets, self.target_std, cfg.var_weight)
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
-        self.generator.eval()
+        gen.eval()
         mean = total / max(1, steps)
         self.losses.append(mean)
         return mean

@@ -14,7 +14,6 @@ import torch
 
 from fedsecmem.feddymem import FedDyMemClient, kmeans_aggregator
 from fedsecmem.memory import MemoryBank
-from fedsecmem.metric_loss import metric_loss
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import task
 from fedsecmem.reference import MethodContext, MethodOutput, timed
@@ -75,36 +74,6 @@ def _average_state(states: list[dict], weights: list[float]) -> dict:
     return {k: sum(float(wi) * s[k] for wi, s in zip(w, states)) for k in states[0]}
 
 
-def _train_param_client(client: FedDyMemClient, global_state: dict, mu: float) -> None:
-    """Metric loss towards the client's own bank (it has no global memory), plus FedProx's proximal term."""
-    fc = client.cfg
-    gen = client.generator
-    gen.load_state_dict(global_state)
-    anchor = {k: v.detach().clone() for k, v in gen.state_dict().items()}
-    x = torch.from_numpy(client.train.patches.reshape(-1, client.train.patches.shape[-1]))
-    bank = torch.from_numpy(client.bank.items)
-    opt = torch.optim.Adam(gen.parameters(), lr=fc.lr)
-    g = torch.Generator().manual_seed(client.seed + len(client.losses))
-    gen.train()
-    total, steps = 0.0, 0
-    for _ in range(fc.local_epochs):
-        order = torch.randperm(len(x), generator=g)
-        for s in range(0, min(len(x), fc.max_steps_per_epoch * fc.batch_size), fc.batch_size):
-            batch = x[order[s : s + fc.batch_size]]
-            if len(batch) < 2:
-                continue
-            loss = metric_loss(gen(batch), bank, client.target_std, fc.var_weight)
-            if mu > 0:
-                loss = loss + 0.5 * mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    gen.eval()
-    client.losses.append(total / max(1, steps))
-
-
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
@@ -126,7 +95,8 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
                     cl.rebuild()
             with timed(ctx.timings, "generator_train_s"):
                 for i, cl in enumerate(clients):
-                    _train_param_client(cl, global_state, mu)
+                    # no global memory in parameter sharing: the loss pulls towards the client's own bank
+                    cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu)
                     up[i].append(n_bytes)
             with timed(ctx.timings, "aggregation_s"):
                 global_state = _average_state([cl.generator.state_dict() for cl in clients],

@@ -27,7 +27,7 @@ from fedsecmem.errors import UserError
 from fedsecmem.evaluate import evaluate_client, mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
-from fedsecmem.progress import console, make_progress, task
+from fedsecmem.progress import make_progress, task
 from fedsecmem.federated import FEDERATED_METHODS
 from fedsecmem.reference import REFERENCE_METHODS, MethodContext
 from fedsecmem.scoring import anomaly_maps
