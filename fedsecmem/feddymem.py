@@ -18,6 +18,7 @@ client; the generator never does.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,19 +99,29 @@ class FedDyMemClient:
         self.bank: MemoryBank | None = None
         self.global_memory: GlobalMemory | None = None
         self.losses: list[float] = []
+        self.timings: dict[str, float] = {}  # seconds spent per stage (for the round-time split)
 
     def memory_space(self, patches: np.ndarray) -> np.ndarray:
         return self.generator.transform(patches) if self.generator is not None else patches
 
     def rebuild(self) -> Contribution:
         """Dynamic memory bank: re-embed with the current generator, coreset, reduce."""
+        t = time.perf_counter()
         z = self.memory_space(self.train.patches)
+        t = self._tick("generator_embed_s", t)
         flat = z.reshape(-1, z.shape[-1])
         keep = greedy_coreset(flat, coreset_size(len(flat), self.coreset_ratio), seed=self.seed)
         self.bank = MemoryBank(flat[keep])
+        t = self._tick("coreset_s", t)
         protos, weights = reduce_images(z, self.cfg.reduce_ratio, self.cfg.reduce_iters)
+        self._tick("reduce_s", t)
         return Contribution(protos.reshape(-1, protos.shape[-1]), weights.reshape(-1),
                             self.train.images if self.cfg.share_images else None)
+
+    def _tick(self, key: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + now - since
+        return now
 
     def receive(self, memory: GlobalMemory) -> None:
         self.global_memory = memory

@@ -31,6 +31,13 @@ def _round_metrics(ctx: MethodContext, scores) -> dict:
     return {"image_patch_max": mean([r[0] for r in rows]), "image_knn": mean([r[1] for r in rows])}
 
 
+def _collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
+    """Add the clients' per-stage seconds (generator embedding, coreset, reduce) to the run's timings."""
+    for cl in clients:
+        for k, v in cl.timings.items():
+            ctx.timings[k] = ctx.timings.get(k, 0.0) + v
+
+
 def _image_banks(ctx: MethodContext) -> list[MemoryBank | None]:
     if ctx.train_emb.images is None:
         return [None] * len(ctx.clients)
@@ -66,6 +73,7 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
                     metrics["loss"] = float(np.mean([cl.train_generator() for cl in clients]))
             per_round.append({"round": r + 1, **metrics})
             advance(1)
+    _collect_timings(ctx, clients)
     return MethodOutput(scores, up, down, fc.rounds, "plain", [len(cl.bank) for cl in clients], per_round)
 
 
@@ -112,6 +120,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
             per_round.append({"round": r + 1, **_round_metrics(ctx, scores),
                               "loss": float(np.mean([cl.losses[-1] for cl in clients]))})
             advance(1)
+    _collect_timings(ctx, clients)
     return MethodOutput(scores, up, down, fc.rounds, f"plain-{name}", [len(cl.bank) for cl in clients], per_round)
 
 

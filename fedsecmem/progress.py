@@ -12,7 +12,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 import sys
 
 # wide enough for result tables when output goes to a file or CI log
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def make_progress() -> Progress:

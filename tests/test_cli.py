@@ -97,7 +97,8 @@ def test_console_script_entry_point_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:")
 
 
-@pytest.mark.parametrize("name", ["quickstart", "textures", "fmnist", "fmnist_ovr", "mvtec"])
+@pytest.mark.parametrize("name", ["quickstart", "textures", "fmnist", "fmnist_ovr", "mvtec",
+                                  "feddymem_textures", "feddymem_fmnist"])
 def test_shipped_configs_validate(name):
     overrides = ["data.root=/tmp"] if name == "mvtec" else []
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
