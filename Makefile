@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job: FedDyMem on the embedded textures benchmark, beside the two references.
 run: $(STAMP)
-	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/local --set method=local
-	$(VENV)/bin/fedsecmem table $(RUN_DIR)/central $(RUN_DIR)/local
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
+	$(VENV)/bin/fedsecmem table $(RUN_DIR)/feddymem $(RUN_DIR)/local $(RUN_DIR)/central
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
     "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
-    "data.crop_size=64", "clients.n=2", "clients.alpha=1.0",
+    "data.crop_size=64", "clients.n=2", "clients.alpha=1.0", "output.embedding_cache=null",
 ]
 
 
@@ -49,7 +49,7 @@ def test_run_writes_the_results_contract(tmp_path, capsys, method):
 
 def test_table_compares_runs(tmp_path, capsys):
     out = tmp_path / "a"
-    assert run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out),
+    assert run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(out), "--set", "method=local",
                     *sum((["--set", s] for s in TINY), [])], capsys)[0] == 0
     code, stdout, _ = run_cli(["table", str(out)], capsys)
     assert code == 0 and "local" in stdout
