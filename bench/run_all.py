@@ -4,6 +4,6 @@ import runpy
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for script in ("bench_coreset.py", "bench_reference.py"):
+for script in ("bench_coreset.py", "bench_reference.py", "bench_feddymem.py"):
     print(f"== {script}", flush=True)
     runpy.run_path(str(HERE / script), run_name="__main__")
