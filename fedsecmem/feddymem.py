@@ -85,14 +85,16 @@ class FedDyMemClient:
     """One client's state: its embeddings, generator, dynamic local bank and the global memory."""
 
     def __init__(self, cid: int, train: Embeddings, cfg, seed: int, coreset_ratio: float,
-                 use_generator: bool = True):
+                 use_generator: bool = True, device: torch.device | str = "cpu"):
         self.cid = cid
+        self.device = torch.device(device)
         self.coreset_ratio = coreset_ratio
         self.train = train
         self.cfg = cfg  # FedDyMemConfig
         self.seed = seed
         d = train.patches.shape[-1]
-        self.generator = MemoryGenerator(d, cfg.memory_dim or d, cfg.hidden, seed) if use_generator else None
+        self.generator = (MemoryGenerator(d, cfg.memory_dim or d, cfg.hidden, seed).to(self.device)
+                          if use_generator else None)
         flat = train.patches.reshape(-1, d)
         sample = flat[np.random.default_rng(seed).permutation(len(flat))[:TARGET_SAMPLE]]
         self.target_std = anti_collapse_target(torch.from_numpy(self.memory_space(sample)))
@@ -138,7 +140,9 @@ class FedDyMemClient:
         cfg = self.cfg
         gen = self.generator
         anchor = {n: p.detach().clone() for n, p in gen.named_parameters()} if prox_mu > 0 else None
-        x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1]))
+        x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1])).to(self.device)
+        targets = targets.to(self.device)
+        target_std = self.target_std.to(self.device)
         opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
         rng = torch.Generator().manual_seed(self.seed + len(self.losses))
         gen.train()
@@ -146,10 +150,10 @@ class FedDyMemClient:
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(x), generator=rng)
             for s in range(0, min(len(x), cfg.max_steps_per_epoch * cfg.batch_size), cfg.batch_size):
-                batch = x[order[s : s + cfg.batch_size]]
+                batch = x[order[s : s + cfg.batch_size].to(self.device)]
                 if len(batch) < 2:
                     continue
-                loss = metric_loss(gen(batch), targets, self.target_std, cfg.var_weight)
+                loss = metric_loss(gen(batch), targets, target_std, cfg.var_weight)
                 if anchor is not None:
                     loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
                 opt.zero_grad()

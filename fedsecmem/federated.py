@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import torch
 
+from fedsecmem.backbone import resolve_device
 from fedsecmem.feddymem import FedDyMemClient, kmeans_aggregator
 from fedsecmem.memory import MemoryBank
 from fedsecmem.metrics import auroc
@@ -46,8 +47,9 @@ def _image_banks(ctx: MethodContext) -> list[MemoryBank | None]:
 
 def run_feddymem(ctx: MethodContext) -> MethodOutput:
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
+    device = resolve_device(cfg.backbone.device)
     clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
-                              cfg.memory.coreset_ratio, fc.use_generator) for c in ctx.clients]
+                              cfg.memory.coreset_ratio, fc.use_generator, device) for c in ctx.clients]
     aggregate = kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
     image_banks = _image_banks(ctx)
     up = [[] for _ in clients]
@@ -85,8 +87,9 @@ def _average_state(states: list[dict], weights: list[float]) -> dict:
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
+    device = resolve_device(cfg.backbone.device)
     clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
-                              cfg.memory.coreset_ratio, True) for c in ctx.clients]
+                              cfg.memory.coreset_ratio, True, device) for c in ctx.clients]
     global_state = copy.deepcopy(clients[0].generator.state_dict())
     image_banks = _image_banks(ctx)
     n_bytes = clients[0].generator.n_bytes()

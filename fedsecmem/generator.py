@@ -47,9 +47,11 @@ class MemoryGenerator(nn.Module):
         """Map (..., in_dim) float32 numpy features into the memory space."""
         flat = patches.reshape(-1, self.in_dim)
         out = np.empty((len(flat), self.out_dim), np.float32)
+        device = self.skip.weight.device
         self.eval()
         for s in range(0, len(flat), batch):
-            out[s : s + batch] = self(torch.from_numpy(np.ascontiguousarray(flat[s : s + batch]))).numpy()
+            chunk = torch.from_numpy(np.ascontiguousarray(flat[s : s + batch])).to(device)
+            out[s : s + batch] = self(chunk).cpu().numpy()
         return out.reshape(*patches.shape[:-1], self.out_dim)
 
     def n_bytes(self) -> int:
