@@ -29,17 +29,22 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
 
 
 def lloyd_step(x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Lloyd iteration: (per-cluster weighted sums (k, D), per-cluster weights (k,), assignment)."""
-    assign = torch.cdist(x, centres).argmin(1)
+    """One Lloyd pass: per-cluster weighted sums (k, D), per-cluster weights (k,), and each point's
+    squared distance to its nearest centre (N,)."""
+    nearest, assign = torch.cdist(x, centres).min(1)
     k = len(centres)
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, assign, x * w[:, None])
     weights = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)
-    return sums, weights, assign
+    return sums, weights, nearest**2
 
 
 def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, iters: int = 20,
                     seed: int = 0, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centres (k, D), their total weights (k,), and the weighted objective sum w * ||x - c||^2."""
+    """Centres (k, D), their total weights (k,), and the weighted objective sum w * ||x - c||^2.
+
+    At most ``iters`` centre updates; stops early once an update improves the objective by at
+    most ``tol`` (relative). Each pass both scores the current centres and prepares the update.
+    """
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float64))
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64))
     if len(x) != len(w) or len(x) == 0:
@@ -48,17 +53,13 @@ def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, iters: int 
     gen = torch.Generator().manual_seed(seed)
     centres = kmeans_pp_init(x, w, k, gen)
     prev = np.inf
-    for _ in range(iters):
-        sums, tot, _ = lloyd_step(x, w, centres)
-        centres = torch.where(tot[:, None] > 0, sums / tot.clamp(min=1e-12)[:, None], centres)
-        obj = objective(x, w, centres)
-        if prev - obj <= tol * max(prev, 1e-12):
+    for update in range(iters + 1):
+        sums, tot, d2 = lloyd_step(x, w, centres)
+        obj = float((w * d2).sum())
+        # the first update is always taken; later ones stop when they no longer pay
+        if update == iters or (update >= 2 and prev - obj <= tol * max(prev, 1e-12)):
             break
-        prev = obj
-    _, tot, _ = lloyd_step(x, w, centres)
-    return centres.float().numpy(), tot.float().numpy(), objective(x, w, centres)
-
-
-def objective(x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor) -> float:
-    d2 = torch.cdist(x, centres).min(1).values ** 2
-    return float((w * d2).sum())
+        if update >= 1:
+            prev = obj
+        centres = torch.where(tot[:, None] > 0, sums / tot.clamp(min=1e-12)[:, None], centres)
+    return centres.float().numpy(), tot.float().numpy(), obj

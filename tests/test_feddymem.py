@@ -116,3 +116,19 @@ def test_fedprox_with_mu_zero_is_fedavg(tmp_path):
     assert a["auroc"]["image"] == b["auroc"]["image"]
     assert a["comm"]["bytes_up"] == b["comm"]["bytes_up"]
     assert a["comm"]["bytes_up"][0][0] == MemoryGenerator(152, 152, FedDyMemConfig().hidden).n_bytes()
+
+
+def test_weighted_kmeans_runs_lloyd_to_convergence():
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(800, 6)), rng.random(800)
+    one = weighted_kmeans(x, w, 12, iters=1, seed=0)[2]
+    two = weighted_kmeans(x, w, 12, iters=2, seed=0)[2]
+    centres, _, full = weighted_kmeans(x, w, 12, iters=200, seed=0)
+    assert full < two < one  # each further Lloyd update lowers the objective
+    # at the returned centres another Lloyd update gains (almost) nothing: converged
+    from fedsecmem.kmeans import lloyd_step
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    sums, tot, _ = lloyd_step(xt, wt, torch.from_numpy(centres.astype(np.float64)))
+    moved = sums / tot[:, None]
+    _, _, d2 = lloyd_step(xt, wt, moved)
+    assert float((wt * d2).sum()) >= full * (1 - 1e-4)
