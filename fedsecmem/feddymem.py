@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from fedsecmem.backbone import Embeddings
-from fedsecmem.coreset import coreset_size, greedy_coreset
 from fedsecmem.generator import MemoryGenerator
 from fedsecmem.kmeans import weighted_kmeans
-from fedsecmem.memory import MemoryBank
+from fedsecmem.memory import MemoryBank, coreset_bank
 from fedsecmem.metric_loss import anti_collapse_target, metric_loss
 from fedsecmem.reduce import reduce_images
-from fedsecmem.scoring import Scores
+from fedsecmem.scoring import Scores, score_embeddings
 
 FLOAT_BYTES = 4
 TARGET_SAMPLE = 50_000  # patches used to measure the spread the generator must keep
@@ -99,22 +98,30 @@ class FedDyMemClient:
         sample = flat[np.random.default_rng(seed).permutation(len(flat))[:TARGET_SAMPLE]]
         self.target_std = anti_collapse_target(torch.from_numpy(self.memory_space(sample)))
         self.bank: MemoryBank | None = None
+        self.image_bank = MemoryBank(train.images) if train.images is not None else None
         self.global_memory: GlobalMemory | None = None
+        self.global_bank: MemoryBank | None = None
+        self.joint_image_bank: MemoryBank | None = None  # own image embeddings + global image memory
         self.losses: list[float] = []
         self.timings: dict[str, float] = {}  # seconds spent per stage (for the round-time split)
 
     def memory_space(self, patches: np.ndarray) -> np.ndarray:
         return self.generator.transform(patches) if self.generator is not None else patches
 
-    def rebuild(self) -> Contribution:
-        """Dynamic memory bank: re-embed with the current generator, coreset, reduce."""
+    def rebuild_bank(self) -> np.ndarray:
+        """Dynamic memory bank: re-embed with the current generator and rebuild the coreset.
+        Returns the training patches in memory space."""
         t = time.perf_counter()
         z = self.memory_space(self.train.patches)
         t = self._tick("generator_embed_s", t)
-        flat = z.reshape(-1, z.shape[-1])
-        keep = greedy_coreset(flat, coreset_size(len(flat), self.coreset_ratio), seed=self.seed)
-        self.bank = MemoryBank(flat[keep])
-        t = self._tick("coreset_s", t)
+        self.bank = coreset_bank(z, self.coreset_ratio, seed=self.seed)
+        self._tick("coreset_s", t)
+        return z
+
+    def rebuild(self) -> Contribution:
+        """Rebuild the bank, then reduce each image to weighted prototypes: what the client shares."""
+        z = self.rebuild_bank()
+        t = time.perf_counter()
         protos, weights = reduce_images(z, self.cfg.reduce_ratio, self.cfg.reduce_iters)
         self._tick("reduce_s", t)
         return Contribution(protos.reshape(-1, protos.shape[-1]), weights.reshape(-1),
@@ -126,7 +133,11 @@ class FedDyMemClient:
         return now
 
     def receive(self, memory: GlobalMemory) -> None:
+        """Keep the global memory and index it once for the round's scoring."""
         self.global_memory = memory
+        self.global_bank = MemoryBank(memory.patches)
+        if self.image_bank is not None and memory.images is not None:
+            self.joint_image_bank = MemoryBank(np.concatenate([self.image_bank.items, memory.images]))
 
     def train_generator(self) -> float:
         """FedDyMem's local training: the metric loss towards the global memory."""
@@ -166,21 +177,15 @@ class FedDyMemClient:
         self.losses.append(mean)
         return mean
 
-    def score(self, test: Embeddings, score_with: str, image_bank: MemoryBank | None, image_k: int) -> Scores:
-        """Patch score = distance to the nearest item of the local bank and/or the global memory."""
-        z = self.memory_space(test.patches)
-        n, h, w, m = z.shape
-        flat = z.reshape(-1, m)
-        dists = []
-        if score_with in ("local", "local+global"):
-            dists.append(self.bank.nearest_distance(flat))
-        if score_with in ("global", "local+global") and self.global_memory is not None:
-            dists.append(MemoryBank(self.global_memory.patches).nearest_distance(flat))
-        patch = np.minimum.reduce(dists).reshape(n, h, w)
-        knn = None
-        if test.images is not None and image_bank is not None:
-            items = image_bank.items
-            if self.global_memory is not None and self.global_memory.images is not None and score_with != "local":
-                items = np.concatenate([items, self.global_memory.images])
-            knn = MemoryBank(items).search(test.images, image_k)[0].mean(axis=1)
-        return Scores(patch, patch.reshape(n, -1).max(axis=1), knn)
+    def score(self, test: Embeddings, score_with: str, image_k: int) -> Scores:
+        """Patch score = distance to the nearest item of the local bank and/or the global memory;
+        image kNN over the own image embeddings (plus the global image memory unless ``local``)."""
+        banks = []
+        if score_with in ("local", "local+global") or self.global_bank is None:
+            banks.append(self.bank)
+        if score_with in ("global", "local+global") and self.global_bank is not None:
+            banks.append(self.global_bank)
+        image_bank = self.image_bank
+        if score_with != "local" and self.joint_image_bank is not None:
+            image_bank = self.joint_image_bank
+        return score_embeddings(Embeddings(self.memory_space(test.patches), test.images), banks, image_bank, image_k)

@@ -14,22 +14,24 @@ import torch
 
 from fedsecmem.backbone import resolve_device
 from fedsecmem.feddymem import FedDyMemClient, kmeans_aggregator
-from fedsecmem.memory import MemoryBank
+from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import task
 from fedsecmem.reference import MethodContext, MethodOutput, timed
 
 
 def _round_metrics(ctx: MethodContext, scores) -> dict:
-    rows = [(auroc(c.test.labels, s.image_patch),
-             auroc(c.test.labels, s.image_knn) if s.image_knn is not None else None)
+    rows = [{"image_patch_max": auroc(c.test.labels, s.image_patch),
+             "image_knn": auroc(c.test.labels, s.image_knn) if s.image_knn is not None else None}
             for c, s in zip(ctx.clients, scores)]
+    return {key: mean_defined(rows, key) for key in ("image_patch_max", "image_knn")}
 
-    def mean(vals):
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else None
 
-    return {"image_patch_max": mean([r[0] for r in rows]), "image_knn": mean([r[1] for r in rows])}
+def _make_clients(ctx: MethodContext, use_generator: bool) -> list[FedDyMemClient]:
+    cfg = ctx.cfg
+    device = resolve_device(cfg.backbone.device)
+    return [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), cfg.feddymem, cfg.seed + c.client,
+                           cfg.memory.coreset_ratio, use_generator, device) for c in ctx.clients]
 
 
 def _collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
@@ -39,19 +41,10 @@ def _collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
             ctx.timings[k] = ctx.timings.get(k, 0.0) + v
 
 
-def _image_banks(ctx: MethodContext) -> list[MemoryBank | None]:
-    if ctx.train_emb.images is None:
-        return [None] * len(ctx.clients)
-    return [MemoryBank(ctx.train_emb.images[c.train_index]) for c in ctx.clients]
-
-
 def run_feddymem(ctx: MethodContext) -> MethodOutput:
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
-    device = resolve_device(cfg.backbone.device)
-    clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
-                              cfg.memory.coreset_ratio, fc.use_generator, device) for c in ctx.clients]
+    clients = _make_clients(ctx, fc.use_generator)
     aggregate = kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
-    image_banks = _image_banks(ctx)
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
@@ -67,8 +60,8 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
                 cl.receive(memory)
                 down[i].append(memory.nbytes)
             with timed(ctx.timings, "score_s"):
-                scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, ib, cfg.scoring.image_k)
-                          for cl, c, ib in zip(clients, ctx.clients, image_banks)]
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k)
+                          for cl, c in zip(clients, ctx.clients)]
             metrics = _round_metrics(ctx, scores)
             if r < fc.rounds - 1:
                 with timed(ctx.timings, "generator_train_s"):
@@ -87,39 +80,34 @@ def _average_state(states: list[dict], weights: list[float]) -> dict:
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
-    device = resolve_device(cfg.backbone.device)
-    clients = [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), fc, cfg.seed + c.client,
-                              cfg.memory.coreset_ratio, True, device) for c in ctx.clients]
+    clients = _make_clients(ctx, True)
     global_state = copy.deepcopy(clients[0].generator.state_dict())
-    image_banks = _image_banks(ctx)
     n_bytes = clients[0].generator.n_bytes()
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
+    with timed(ctx.timings, "memory_rebuild_s"):
+        for cl in clients:  # every client starts from the same generator
+            cl.generator.load_state_dict(global_state)
+            cl.rebuild_bank()
     with task(ctx.progress, f"{name} rounds", fc.rounds) as advance:
         for r in range(fc.rounds):
-            for i, cl in enumerate(clients):
-                cl.generator.load_state_dict(global_state)
-                down[i].append(n_bytes)
-            with timed(ctx.timings, "memory_rebuild_s"):
-                for cl in clients:
-                    cl.rebuild()
             with timed(ctx.timings, "generator_train_s"):
                 for i, cl in enumerate(clients):
+                    down[i].append(n_bytes)  # the global generator this round starts from
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank
                     cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu)
                     up[i].append(n_bytes)
             with timed(ctx.timings, "aggregation_s"):
                 global_state = _average_state([cl.generator.state_dict() for cl in clients],
                                               [len(c.train_index) for c in ctx.clients])
-            for cl in clients:
-                cl.generator.load_state_dict(global_state)
             with timed(ctx.timings, "memory_rebuild_s"):
-                for cl in clients:
-                    cl.rebuild()
+                for cl in clients:  # the bank in the new global space serves scoring and the next round
+                    cl.generator.load_state_dict(global_state)
+                    cl.rebuild_bank()
             with timed(ctx.timings, "score_s"):
-                scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", ib, cfg.scoring.image_k)
-                          for cl, c, ib in zip(clients, ctx.clients, image_banks)]
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", cfg.scoring.image_k)
+                          for cl, c in zip(clients, ctx.clients)]
             per_round.append({"round": r + 1, **_round_metrics(ctx, scores),
                               "loss": float(np.mean([cl.losses[-1] for cl in clients]))})
             advance(1)

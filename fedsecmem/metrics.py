@@ -13,7 +13,7 @@ PRO_THRESHOLDS = 200
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     """ROC AUC, or None when only one class is present (undefined)."""
     labels = np.asarray(labels).ravel()
-    if labels.min(initial=0) == labels.max(initial=0) or len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2:
         return None
     return float(roc_auc_score(labels, np.asarray(scores).ravel()))
 

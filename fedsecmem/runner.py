@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from fedsecmem import __version__
-from fedsecmem.backbone import build_embedder
+from fedsecmem.backbone import build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.embedding_cache import load_cached, store_cached
@@ -69,10 +69,11 @@ def run(cfg: RunConfig, out: Path) -> dict:
         raise UserError(f"clients.n: {exc}") from None
     timings["data_s"] = time.perf_counter() - t
 
-    embedder = build_embedder(cfg.backbone)
+    device = resolve_device(cfg.backbone.device)
     with make_progress() as progress:
         cached = load_cached(cfg)
-        if cached is None:
+        if cached is None:  # the backbone is loaded only when something needs embedding
+            embedder = build_embedder(cfg.backbone)
             t = time.perf_counter()
             train_emb = _embed(embedder, bench.train.images, cfg.backbone.batch_size, progress, "embed train images")
             timings["embed_train_s"] = time.perf_counter() - t
@@ -132,7 +133,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
                    if timings.get("score_s") else None},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "device": str(embedder.device),
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "files": {"anomaly_maps": maps_png.name if maps_png else None,

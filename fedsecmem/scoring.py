@@ -30,10 +30,13 @@ class Scores:
         return self.image_patch
 
 
-def score_embeddings(emb: Embeddings, patch_bank: MemoryBank, image_bank: MemoryBank | None,
+def score_embeddings(emb: Embeddings, patch_banks: list[MemoryBank], image_bank: MemoryBank | None,
                      image_k: int = 2) -> Scores:
+    """Patch score = distance to the nearest item over all ``patch_banks``; image scores from it
+    (max) and from the k nearest items of ``image_bank`` (mean)."""
     n, h, w, d = emb.patches.shape
-    patch = patch_bank.nearest_distance(emb.patches.reshape(-1, d)).reshape(n, h, w)
+    flat = emb.patches.reshape(-1, d)
+    patch = np.minimum.reduce([bank.nearest_distance(flat) for bank in patch_banks]).reshape(n, h, w)
     knn = None
     if image_bank is not None and emb.images is not None:
         knn = image_bank.search(emb.images, image_k)[0].mean(axis=1)

@@ -91,10 +91,12 @@ def test_user_weights_file_for_another_backbone(tmp_path):
     assert out.images.shape == (1, 256)
 
 
-def test_cuda_asked_without_cuda_is_a_clear_error():
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
+def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
     from fedsecmem.backbone import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cpu").type == "cpu"

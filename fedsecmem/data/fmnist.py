@@ -109,6 +109,5 @@ def make_fmnist_ovr(normal_class: int, train_per_class: int, test_per_class: int
                     image_size: int, seed: int, root: Path | None = None) -> Benchmark:
     """One-vs-rest: one normal class, the nine others are anomalies."""
     others = [c for c in range(10) if c != normal_class]
-    b = make_fmnist([normal_class], others, train_per_class, test_per_class, image_size, seed,
-                    root, name=f"fmnist_ovr_{normal_class}")
-    return b
+    return make_fmnist([normal_class], others, train_per_class, test_per_class, image_size, seed,
+                       root, name=f"fmnist_ovr_{normal_class}")
