@@ -1,0 +1,90 @@
+"""Shamir secret sharing of 32-byte secrets over the prime field GF(2^521 - 1).
+
+A secret s < 2^256 is the constant term of a random polynomial of degree
+t - 1 whose other coefficients are drawn with ``secrets``; share i is
+(x_i, f(x_i)) with distinct non-zero x_i. Any t shares give s by Lagrange
+interpolation at 0; any t - 1 shares are jointly uniform, so they say nothing
+about s. A share corrupted at random makes the reconstruction a random field
+element, >= 2^256 but with probability 2^-265, which is reported instead of
+returning a wrong secret; integrity against deliberate forgery is the job of
+the authenticated channel that carries shares (AES-GCM), not of this module.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+from fedsecmem.crypto.errors import CryptoError
+
+PRIME = (1 << 521) - 1  # a Mersenne prime: field elements fit 66 bytes
+SECRET_BYTES = 32
+ELEMENT_BYTES = 66
+
+
+@dataclass(frozen=True)
+class Share:
+    x: int
+    y: int
+
+    def to_bytes(self) -> bytes:
+        return self.x.to_bytes(4, "big") + self.y.to_bytes(ELEMENT_BYTES, "big")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Share":
+        if len(data) != 4 + ELEMENT_BYTES:
+            raise CryptoError(f"a share is {4 + ELEMENT_BYTES} bytes, got {len(data)}")
+        share = cls(int.from_bytes(data[:4], "big"), int.from_bytes(data[4:], "big"))
+        if not 0 < share.x < PRIME or not 0 <= share.y < PRIME:
+            raise CryptoError("share out of field range")
+        return share
+
+
+SHARE_BYTES = 4 + ELEMENT_BYTES
+
+
+def _evaluate(coefficients: Sequence[int], x: int) -> int:
+    y = 0
+    for c in reversed(coefficients):  # Horner
+        y = (y * x + c) % PRIME
+    return y
+
+
+def split(secret: bytes, xs: Sequence[int], threshold: int,
+          coefficients: Sequence[int] | None = None) -> list[Share]:
+    """Shares of ``secret`` at the points ``xs`` (distinct, >= 1) with reconstruction threshold
+    ``threshold``. ``coefficients`` (degree 1..t-1) are for known-answer tests only."""
+    if len(secret) != SECRET_BYTES:
+        raise CryptoError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise CryptoError(f"threshold {threshold} must be between 1 and the {len(xs)} share holders")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise CryptoError("share points must be distinct and non-zero")
+    if coefficients is None:
+        coefficients = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    elif len(coefficients) != threshold - 1:
+        raise CryptoError("need exactly threshold - 1 coefficients")
+    poly = [int.from_bytes(secret, "big"), *coefficients]
+    return [Share(x, _evaluate(poly, x)) for x in xs]
+
+
+def combine(shares: Sequence[Share], threshold: int) -> bytes:
+    """The secret from at least ``threshold`` shares (the first ``threshold`` are used)."""
+    if len(shares) < threshold:
+        raise CryptoError(f"{len(shares)} shares given, {threshold} needed")
+    use = list(shares)[:threshold]
+    xs = [s.x for s in use]
+    if len(set(xs)) != len(xs):
+        raise CryptoError("duplicate share points")
+    secret = 0
+    for i, si in enumerate(use):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % PRIME
+                den = den * (xj - si.x) % PRIME
+        secret = (secret + si.y * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * SECRET_BYTES):
+        raise CryptoError("shares are inconsistent (reconstruction is not a 32-byte secret)")
+    return secret.to_bytes(SECRET_BYTES, "big")
