@@ -1,0 +1,354 @@
+"""SecAgg+ (Bell et al. 2020; Bonawitz et al. 2017) as sans-IO client and server state machines.
+
+Threat model. Honest-but-curious server; clients may drop out at any stage.
+The server relays every client-to-client message, so shares travel encrypted
+with AES-GCM under X25519 keys and are bound to sender, receiver, session
+and stage. Each client's input is hidden by a self mask (PRG of a fresh seed
+b_u) and by pairwise masks with its k neighbours (PRG of an X25519 secret,
+cancelling in the sum). Both b_u and the mask private key are Shamir-shared
+among the client and its neighbours with threshold t. For each client an
+honest client reveals the share of *either* b_u (client alive) *or* the mask
+key (client dropped after sharing), never both, so the server can strip the
+masks of the sum but never of one input. With the complete graph (k = n - 1)
+the server, even together with up to t - 1 clients, learns nothing about the
+honest clients' inputs beyond their sum; with a sparse random graph this holds
+with high probability over the graph (Bell et al.). Clients refuse to reveal
+anything if fewer than t masked inputs arrived (a sum of too few is not
+protected). Up to n - t clients may drop after key sharing; if any survivor's
+or dropped client's secret has fewer than t shares returned, the instance
+aborts with ``ProtocolAbort`` rather than reveal partial masks.
+Not covered: an actively malicious server that lies about dropouts to
+different clients (that needs the consistency-check round and signatures of
+the full protocol), and inputs that are themselves wrong (no input validation).
+
+Stages: setup -> advertise keys -> share keys -> masked input -> unmask.
+Every message is checked (session, stage, sender, shapes); a refused message
+raises ``ProtocolError`` and leaves the state unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsecmem.crypto import aead, shamir
+from fedsecmem.crypto.agreement import KeyPair, agree, generate_keypair, hkdf, keypair_from_private
+from fedsecmem.crypto.errors import CryptoError
+from fedsecmem.crypto.prg import SEED_BYTES, add_masks, ring_dtype
+from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.graph import harary_graph
+from fedsecmem.protocols.secagg_messages import (
+    AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, SESSION_BYTES, Setup, SharesForYou,
+    UnmaskRequest, UnmaskShares,
+)
+
+STAGES = ("advertise", "share", "mask", "unmask", "done")
+_SHARE_INFO = b"fedsecmem/secagg/share-encryption"
+_PAIR_INFO = b"fedsecmem/secagg/pairwise-mask"
+_SELF_INFO = b"fedsecmem/secagg/self-mask"
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    session: bytes
+    neighbours: dict[int, tuple[int, ...]]
+    threshold: int
+    length: int
+    bits: int
+
+    @property
+    def clients(self) -> tuple[int, ...]:
+        return tuple(sorted(self.neighbours))
+
+    def holders(self, cid: int) -> tuple[int, ...]:
+        """Who holds shares of ``cid``'s secrets: the client and its neighbours."""
+        return tuple(sorted((cid, *self.neighbours[cid])))
+
+
+def default_threshold(k: int) -> int:
+    """Smallest majority of a neighbourhood of k + 1 (client and neighbours)."""
+    return (k + 1) // 2 + 1
+
+
+def make_params(clients: list[int], length: int, bits: int = 64, neighbours: int | None = None,
+                threshold: int | None = None) -> SecAggParams:
+    """A fresh instance: random session id, k-regular graph (complete when ``neighbours`` is None),
+    threshold t (default: majority of each neighbourhood)."""
+    n = len(clients)
+    if n < 2:
+        raise ValueError("secure aggregation needs at least 2 clients")
+    k = n - 1 if neighbours is None else neighbours
+    t = default_threshold(k) if threshold is None else threshold
+    if not (k + 1) / 2 < t <= k + 1:
+        raise ValueError(f"threshold t={t} must be a majority of the {k + 1} share holders "
+                         f"(between {(k + 1) // 2 + 1} and {k + 1})")
+    ring_dtype(bits)
+    return SecAggParams(os.urandom(SESSION_BYTES), harary_graph(clients, k), t, int(length), bits)
+
+
+def _pair_seed(mine: KeyPair, peer_public: bytes, session: bytes, u: int, v: int) -> bytes:
+    lo, hi = min(u, v), max(u, v)
+    return agree(mine, peer_public, _PAIR_INFO + session + struct.pack(">QQ", lo, hi))
+
+
+def _self_seed(b: bytes, session: bytes) -> bytes:
+    return hkdf(b, _SELF_INFO + session)
+
+
+def _sign(u: int, v: int) -> int:
+    """u adds +PRG(s_uv) when u < v and -PRG(s_uv) otherwise, so each pair cancels."""
+    return 1 if u < v else -1
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ProtocolError(msg)
+
+
+class SecAggClient:
+    """One client of one SecAgg+ instance (one vector summed)."""
+
+    def __init__(self, cid: int, setup: Setup):
+        _check(setup.receiver == cid, f"client {cid}: setup addressed to client {setup.receiver}")
+        self.cid = cid
+        self.setup = setup
+        self.stage = "advertise"
+        self.c_keys = generate_keypair()
+        self.s_keys = generate_keypair()
+        self.self_seed_b = os.urandom(SEED_BYTES)
+        self.peer_keys: dict[int, tuple[bytes, bytes]] = {}
+        self.held: dict[int, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (b share, key share)
+        self.masked_with: set[int] = set()
+
+    def _enter(self, stage: str, session: bytes, receiver: int | None = None) -> None:
+        _check(session == self.setup.session, f"client {self.cid}: message from another session (replay?)")
+        _check(receiver is None or receiver == self.cid, f"client {self.cid}: message for client {receiver}")
+        _check(self.stage == stage, f"client {self.cid}: got a {stage} message in stage {self.stage}")
+
+    def advertise(self) -> AdvertiseKeys:
+        self._enter("advertise", self.setup.session)
+        self.stage = "share"
+        return AdvertiseKeys(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public)
+
+    def share_keys(self, msg: NeighbourKeys) -> EncryptedShares:
+        self._enter("share", msg.session, msg.receiver)
+        t = self.setup.threshold
+        unknown = set(msg.keys) - set(self.setup.neighbours)
+        _check(not unknown, f"client {self.cid}: keys of non-neighbours {sorted(unknown)}")
+        if len(msg.keys) + 1 < t:
+            raise ProtocolAbort(f"client {self.cid}: only {len(msg.keys)} neighbours advertised keys, "
+                                f"threshold {t} cannot be met")
+        self.peer_keys = dict(msg.keys)
+        holders = sorted([self.cid, *msg.keys])
+        xs = [h + 1 for h in holders]
+        b_shares = shamir.split(self.self_seed_b, xs, t)
+        s_shares = shamir.split(self.s_keys.private_bytes(), xs, t)
+        out = {}
+        for h, bs, ss in zip(holders, b_shares, s_shares):
+            if h == self.cid:
+                self.held[self.cid] = (bs, ss)
+                continue
+            key = agree(self.c_keys, msg.keys[h][0], _SHARE_INFO + self.setup.session)
+            plain = struct.pack(">QQ", self.cid, h) + bs.to_bytes() + ss.to_bytes()
+            out[h] = aead.seal(key, plain, aead.associated_data(self.cid, h, self.setup.session, "share"))
+        self.stage = "mask"
+        return EncryptedShares(self.setup.session, self.cid, out)
+
+    def mask(self, msg: SharesForYou, x: np.ndarray) -> MaskedInput:
+        """Mask ``x`` (ring elements of the instance's width) against the neighbours that shared."""
+        self._enter("mask", msg.session, msg.receiver)
+        dtype = ring_dtype(self.setup.bits)
+        x = np.asarray(x)
+        _check(x.dtype == dtype and x.shape == (self.setup.length,),
+               f"client {self.cid}: input must be {self.setup.length} {dtype} values")
+        _check(set(msg.ciphertexts) <= set(self.peer_keys),
+               f"client {self.cid}: shares from clients that advertised no keys")
+        if len(msg.ciphertexts) + 1 < self.setup.threshold:
+            raise ProtocolAbort(f"client {self.cid}: only {len(msg.ciphertexts)} neighbours shared keys, "
+                                f"threshold {self.setup.threshold} cannot be met")
+        held = {}
+        for v, blob in msg.ciphertexts.items():
+            key = agree(self.c_keys, self.peer_keys[v][0], _SHARE_INFO + self.setup.session)
+            try:
+                plain = aead.open_sealed(key, blob, aead.associated_data(v, self.cid, self.setup.session, "share"))
+            except CryptoError as exc:
+                raise ProtocolError(f"client {self.cid}: share from client {v}: {exc}") from None
+            n = shamir.SHARE_BYTES
+            _check(len(plain) == 16 + 2 * n and struct.unpack(">QQ", plain[:16]) == (v, self.cid),
+                   f"client {self.cid}: malformed share from client {v}")
+            held[v] = (shamir.Share.from_bytes(plain[16 : 16 + n]), shamir.Share.from_bytes(plain[16 + n :]))
+        self.held.update(held)
+        self.masked_with = set(msg.ciphertexts)
+        seeds = [_self_seed(self.self_seed_b, self.setup.session)]
+        signs = [1]
+        for v in sorted(self.masked_with):
+            seeds.append(_pair_seed(self.s_keys, self.peer_keys[v][1], self.setup.session, self.cid, v))
+            signs.append(_sign(self.cid, v))
+        y = add_masks(x.copy(), seeds, signs)
+        self.stage = "unmask"
+        return MaskedInput(self.setup.session, self.cid, y)
+
+    def unmask(self, msg: UnmaskRequest) -> UnmaskShares:
+        """Reveal, per neighbour, the self-mask share if it survived or the key share if it dropped."""
+        self._enter("unmask", msg.session, msg.receiver)
+        alive, dropped = set(msg.survivors), set(msg.dropped)
+        _check(not alive & dropped, f"client {self.cid}: a client is listed both alive and dropped; refusing")
+        _check(self.cid in alive, f"client {self.cid}: listed as not alive; refusing")
+        _check(dropped <= self.masked_with, f"client {self.cid}: dropped clients that never shared with me")
+        if len(alive) < self.setup.threshold:
+            raise ProtocolAbort(f"client {self.cid}: only {len(alive)} masked inputs, threshold "
+                                f"{self.setup.threshold}; refusing to unmask")
+        b = {v: self.held[v][0].to_bytes() for v in sorted(alive) if v in self.held}
+        s = {v: self.held[v][1].to_bytes() for v in sorted(dropped) if v in self.held}
+        self.stage = "done"
+        return UnmaskShares(self.setup.session, self.cid, b, s)
+
+
+class SecAggServer:
+    """The aggregator of one SecAgg+ instance: routes messages and recovers only the sum.
+
+    Feed each stage's messages to ``receive`` as they arrive, then call ``close_stage``
+    (when all expected arrived or the stage's deadline passed): it returns what to send next.
+    """
+
+    def __init__(self, params: SecAggParams):
+        self.params = params
+        self.stage = "advertise"
+        self.inbox: dict[int, object] = {}
+        self.keys: dict[int, AdvertiseKeys] = {}
+        self.shares: dict[int, EncryptedShares] = {}
+        self.masked: dict[int, MaskedInput] = {}
+        self.rejected = 0
+
+    def setups(self) -> dict[int, Setup]:
+        p = self.params
+        return {c: Setup(p.session, c, p.neighbours[c], p.threshold, p.length, p.bits) for c in p.clients}
+
+    @property
+    def expected(self) -> set[int]:
+        """Who may still send in the current stage."""
+        prev = {"advertise": set(self.params.clients), "share": set(self.keys), "mask": set(self.shares),
+                "unmask": set(self.masked)}.get(self.stage, set())
+        return prev
+
+    _TYPES = {"advertise": AdvertiseKeys, "share": EncryptedShares, "mask": MaskedInput, "unmask": UnmaskShares}
+
+    def receive(self, msg) -> None:
+        """Validate and keep one message; raises ``ProtocolError`` (state unchanged) if refused."""
+        try:
+            self._validate(msg)
+        except ProtocolError:
+            self.rejected += 1
+            raise
+        self.inbox[msg.sender] = msg
+
+    def _validate(self, msg) -> None:
+        p = self.params
+        want = self._TYPES.get(self.stage)
+        _check(want is not None and isinstance(msg, want),
+               f"server: {type(msg).__name__} refused in stage {self.stage}")
+        _check(msg.session == p.session, f"server: message from client {msg.sender} for another session (replay?)")
+        _check(msg.sender in self.expected, f"server: client {msg.sender} is not expected in stage {self.stage}")
+        _check(msg.sender not in self.inbox, f"server: duplicate {self.stage} message from client {msg.sender}")
+        if isinstance(msg, AdvertiseKeys):
+            _check(len(msg.c_public) == 32 and len(msg.s_public) == 32, "server: public keys must be 32 bytes")
+            _check(msg.c_public != msg.s_public, "server: the two public keys must differ")
+        elif isinstance(msg, EncryptedShares):
+            bad = set(msg.ciphertexts) - (set(p.neighbours[msg.sender]) & set(self.keys))
+            _check(not bad, f"server: client {msg.sender} addressed shares to {sorted(bad)}")
+            _check(all(len(c) < 4096 for c in msg.ciphertexts.values()), "server: share ciphertext too large")
+        elif isinstance(msg, MaskedInput):
+            v = msg.vector
+            _check(isinstance(v, np.ndarray) and v.dtype == ring_dtype(p.bits) and v.shape == (p.length,),
+                   f"server: masked input of client {msg.sender} must be {p.length} {ring_dtype(p.bits)} values")
+        elif isinstance(msg, UnmaskShares):
+            holders_of = set(msg.self_mask_shares) | set(msg.key_shares)
+            _check(holders_of <= set(self.shares), f"server: client {msg.sender} sent shares of unknown clients")
+            _check(not set(msg.self_mask_shares) & set(msg.key_shares),
+                   f"server: client {msg.sender} sent both shares for one client")
+            _check(all(len(s) == shamir.SHARE_BYTES for s in [*msg.self_mask_shares.values(), *msg.key_shares.values()]),
+                   f"server: malformed share from client {msg.sender}")
+
+    def _need(self, have: int, what: str) -> None:
+        if have < self.params.threshold:
+            self.stage = "aborted"
+            raise ProtocolAbort(f"secagg: only {have} clients {what}, threshold {self.params.threshold}; "
+                                "round aborted, nothing revealed")
+
+    def close_stage(self):
+        """Finish the current stage with the messages received; return the next stage's messages
+        (dict receiver -> message), or the unmasked sum (ring vector) after the last stage."""
+        inbox, self.inbox = self.inbox, {}
+        stage = self.stage
+        if stage == "advertise":
+            self.keys = inbox
+            self._need(len(self.keys), "advertised keys")
+            self.stage = "share"
+            return {u: NeighbourKeys(self.params.session, u,
+                                     {v: (self.keys[v].c_public, self.keys[v].s_public)
+                                      for v in self.params.neighbours[u] if v in self.keys})
+                    for u in self.keys}
+        if stage == "share":
+            self.shares = inbox
+            self._need(len(self.shares), "shared keys")
+            self.stage = "mask"
+            return {v: SharesForYou(self.params.session, v,
+                                    {u: m.ciphertexts[v] for u, m in self.shares.items() if v in m.ciphertexts})
+                    for v in self.shares}
+        if stage == "mask":
+            self.masked = inbox
+            self._need(len(self.masked), "sent masked inputs")
+            self.stage = "unmask"
+            alive = tuple(sorted(self.masked))
+            dropped = tuple(sorted(set(self.shares) - set(self.masked)))
+            return {u: UnmaskRequest(self.params.session, u,
+                                     tuple(v for v in alive if v in self.params.holders(u)),
+                                     tuple(v for v in dropped if v in self.params.neighbours[u]))
+                    for u in alive}
+        if stage == "unmask":
+            self._need(len(inbox), "returned shares")
+            total = self._unmask(inbox)
+            self.stage = "done"
+            return total
+        raise ProtocolError(f"server: nothing to close in stage {stage}")
+
+    def _reconstruct(self, owner: int, replies: dict[int, UnmaskShares], kind: str) -> bytes:
+        t = self.params.threshold
+        shares = []
+        for r in replies.values():
+            blob = (r.self_mask_shares if kind == "self" else r.key_shares).get(owner)
+            if blob is not None:
+                shares.append(shamir.Share.from_bytes(blob))
+        if len(shares) < t:
+            self.stage = "aborted"
+            what = "self-mask seed" if kind == "self" else "mask key"
+            raise ProtocolAbort(f"secagg: client {owner}'s {what} has {len(shares)} shares back, "
+                                f"threshold {t}; round aborted, nothing revealed")
+        try:
+            return shamir.combine(shares, t)
+        except CryptoError as exc:
+            self.stage = "aborted"
+            raise ProtocolAbort(f"secagg: client {owner}: {exc}") from None
+
+    def _unmask(self, replies: dict[int, UnmaskShares]) -> np.ndarray:
+        p = self.params
+        total = np.zeros(p.length, dtype=ring_dtype(p.bits))
+        for m in self.masked.values():
+            total += m.vector
+        seeds, signs = [], []
+        for v in sorted(self.masked):
+            seeds.append(_self_seed(self._reconstruct(v, replies, "self"), p.session))
+            signs.append(-1)
+        for v in sorted(set(self.shares) - set(self.masked)):
+            s_key = keypair_from_private(self._reconstruct(v, replies, "key"))
+            if s_key.public != self.keys[v].s_public:
+                self.stage = "aborted"
+                raise ProtocolAbort(f"secagg: reconstructed mask key of client {v} does not match its public key")
+            for u in p.neighbours[v]:
+                if u in self.masked:  # u masked with v because v shared keys
+                    seeds.append(_pair_seed(s_key, self.keys[u].s_public, p.session, u, v))
+                    signs.append(-_sign(u, v))
+        return add_masks(total, seeds, signs)

@@ -1,0 +1,123 @@
+"""SecAgg+ messages. Each names its session and sender, so a receiver can refuse one that is
+replayed from another instance or spoofed; ``nbytes`` is its payload size on the wire."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ID_BYTES = 8
+SESSION_BYTES = 16
+PUBLIC_KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Server -> client: the instance's parameters and this client's neighbours."""
+
+    session: bytes
+    receiver: int
+    neighbours: tuple[int, ...]
+    threshold: int
+    length: int
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES * (2 + len(self.neighbours)) + 4 + 8 + 1
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Client -> server: public keys for share encryption (c) and pairwise masks (s)."""
+
+    session: bytes
+    sender: int
+    c_public: bytes
+    s_public: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES
+
+
+@dataclass(frozen=True)
+class NeighbourKeys:
+    """Server -> client: the advertised keys of its neighbours who are still there."""
+
+    session: bytes
+    receiver: int
+    keys: dict[int, tuple[bytes, bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES + len(self.keys) * (ID_BYTES + 2 * PUBLIC_KEY_BYTES)
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    """Client -> server: for each neighbour, AES-GCM(shares of my self-mask seed and mask key)."""
+
+    session: bytes
+    sender: int
+    ciphertexts: dict[int, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES + sum(ID_BYTES + len(c) for c in self.ciphertexts.values())
+
+
+@dataclass(frozen=True)
+class SharesForYou:
+    """Server -> client: the ciphertexts its neighbours addressed to it."""
+
+    session: bytes
+    receiver: int
+    ciphertexts: dict[int, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES + sum(ID_BYTES + len(c) for c in self.ciphertexts.values())
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Client -> server: the input plus self mask plus pairwise masks, in Z_(2^bits)."""
+
+    session: bytes
+    sender: int
+    vector: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES + int(self.vector.nbytes)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server -> client: which neighbours sent a masked input and which dropped after sharing."""
+
+    session: bytes
+    receiver: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return SESSION_BYTES + ID_BYTES * (1 + len(self.survivors) + len(self.dropped))
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """Client -> server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
+
+    session: bytes
+    sender: int
+    self_mask_shares: dict[int, bytes]
+    key_shares: dict[int, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        items = list(self.self_mask_shares.values()) + list(self.key_shares.values())
+        return SESSION_BYTES + ID_BYTES + sum(ID_BYTES + len(s) for s in items)

@@ -1,0 +1,229 @@
+"""One interface for every protocol: the sum of the clients' vectors, computed in-process by
+driving the sans-IO state machines (the simulator; the network transport drives the same ones).
+
+Backends: ``plain`` (vectors in the clear), ``secagg`` (SecAgg+ masking of fixed-point
+encodings), ``ckks`` (TenSEAL CKKS). ``drop`` simulates clients vanishing before they send
+at a given stage (``advertise``, ``share``, ``mask``, ``unmask`` for secagg; ``mask`` means
+"before sending the input" for every backend).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from fedsecmem.crypto import ckks
+from fedsecmem.crypto.fixed_point import FixedPoint
+from fedsecmem.protocols.ckks_sum import CkksClient, CkksServer
+from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
+from fedsecmem.protocols.secagg_messages import SESSION_BYTES
+
+PLAIN_VALUE_BYTES = 8  # plain sums travel as float64
+DROP_STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@dataclass
+class SumOutcome:
+    total: np.ndarray  # float64 sum over ``included``
+    included: tuple[int, ...]  # clients whose input is in the sum
+    bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
+    client_seconds: float = 0.0  # all clients together
+    server_seconds: float = 0.0
+    visible_to: str = "server"  # who learns the sum: "server" or "clients"
+
+
+@dataclass
+class _Meter:
+    up: dict[int, int] = field(default_factory=dict)
+    down: dict[int, int] = field(default_factory=dict)
+    client_s: float = 0.0
+    server_s: float = 0.0
+
+    def send_up(self, cid: int, msg) -> None:
+        self.up[cid] = self.up.get(cid, 0) + msg.nbytes
+
+    def send_down(self, cid: int, msg) -> None:
+        self.down[cid] = self.down.get(cid, 0) + msg.nbytes
+
+
+def _check_inputs(inputs: Mapping[int, np.ndarray]) -> int:
+    if not inputs:
+        raise ValueError("secure sum: no inputs")
+    lengths = {np.asarray(v).size for v in inputs.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"secure sum: clients' vectors differ in length {sorted(lengths)}")
+    return lengths.pop()
+
+
+def _drops(drop: Mapping[str, Iterable[int]] | None) -> dict[str, set[int]]:
+    drop = {k: set(v) for k, v in (drop or {}).items()}
+    bad = set(drop) - set(DROP_STAGES)
+    if bad:
+        raise ValueError(f"secure sum: unknown dropout stages {sorted(bad)}, expected {DROP_STAGES}")
+    return drop
+
+
+class SecureSum:
+    name = "abstract"
+
+    def sum(self, inputs: Mapping[int, np.ndarray], drop: Mapping[str, Iterable[int]] | None = None) -> SumOutcome:
+        raise NotImplementedError
+
+
+class PlainSum(SecureSum):
+    """Reference: the server sees every vector."""
+
+    name = "plain"
+
+    def sum(self, inputs, drop=None) -> SumOutcome:
+        _check_inputs(inputs)
+        d = _drops(drop)
+        gone = d.get("advertise", set()) | d.get("share", set()) | d.get("mask", set())
+        t = time.perf_counter()
+        included = tuple(sorted(c for c in inputs if c not in gone))
+        total = np.sum([np.asarray(inputs[c], np.float64).ravel() for c in included], axis=0)
+        up = {c: np.asarray(inputs[c]).size * PLAIN_VALUE_BYTES for c in included}
+        return SumOutcome(total, included, up, {c: 0 for c in included},
+                          server_seconds=time.perf_counter() - t)
+
+
+class SecAggSum(SecureSum):
+    """SecAgg+ over fixed-point encodings in Z_(2^bits)."""
+
+    name = "secagg"
+
+    def __init__(self, bits: int = 64, frac_bits: int = 24, neighbours: int | None = None,
+                 threshold: int | None = None, rounding: str = "nearest"):
+        self.bits, self.frac_bits = bits, frac_bits
+        self.neighbours, self.threshold, self.rounding = neighbours, threshold, rounding
+
+    def fixed_point(self, parties: int) -> FixedPoint:
+        return FixedPoint(self.bits, self.frac_bits, parties)
+
+    def sum(self, inputs, drop=None) -> SumOutcome:
+        length = _check_inputs(inputs)
+        drop = _drops(drop)
+        meter = _Meter()
+        clients = sorted(inputs)
+        fp = self.fixed_point(len(clients))
+        t = time.perf_counter()
+        encoded = {c: fp.encode(inputs[c], self.rounding) for c in clients}  # refuses overflow up front
+        meter.client_s += time.perf_counter() - t
+        k = self.neighbours if self.neighbours is None else min(self.neighbours, len(clients) - 1)
+        params = make_params(clients, length, self.bits, k, self.threshold)
+        t = time.perf_counter()
+        server = SecAggServer(params)
+        setups = server.setups()
+        meter.server_s += time.perf_counter() - t
+        machines = {}
+        for c in clients:
+            meter.send_down(c, setups[c])
+            t = time.perf_counter()
+            machines[c] = SecAggClient(c, setups[c])
+            meter.client_s += time.perf_counter() - t
+        outgoing = {c: None for c in clients}
+        for stage in DROP_STAGES:
+            for c, incoming in outgoing.items():
+                if c in drop.get(stage, ()):
+                    continue
+                cl = machines[c]
+                t = time.perf_counter()
+                if stage == "advertise":
+                    msg = cl.advertise()
+                elif stage == "share":
+                    msg = cl.share_keys(incoming)
+                elif stage == "mask":
+                    msg = cl.mask(incoming, encoded[c])
+                else:
+                    msg = cl.unmask(incoming)
+                meter.client_s += time.perf_counter() - t
+                meter.send_up(c, msg)
+                t = time.perf_counter()
+                server.receive(msg)
+                meter.server_s += time.perf_counter() - t
+            t = time.perf_counter()
+            result = server.close_stage()
+            meter.server_s += time.perf_counter() - t
+            if stage != "unmask":
+                outgoing = result
+                for c, msg in outgoing.items():
+                    meter.send_down(c, msg)
+        total = fp.decode(result)
+        return SumOutcome(total, tuple(sorted(server.masked)), meter.up, meter.down,
+                          meter.client_s, meter.server_s)
+
+
+class CkksSum(SecureSum):
+    """CKKS: one key set for the whole run; the server adds, the clients decrypt."""
+
+    name = "ckks"
+
+    def __init__(self, params: ckks.CkksParams = ckks.CkksParams()):
+        self.params = params
+        self.authority = ckks.KeyAuthority(params)
+        self.public = self.authority.public_context()
+        self._secret = self.authority.secret_context()
+        self._clients: dict[int, CkksClient] = {}
+
+    def client(self, cid: int) -> CkksClient:
+        if cid not in self._clients:
+            self._clients[cid] = CkksClient(cid, self._secret, self.public, self.params)
+        return self._clients[cid]
+
+    @property
+    def context_bytes(self) -> int:
+        """Size of the public context the server receives once per run."""
+        return len(self.public)
+
+    def sum(self, inputs, drop=None) -> SumOutcome:
+        length = _check_inputs(inputs)
+        drop = _drops(drop)
+        meter = _Meter()
+        clients = sorted(inputs)
+        session = os.urandom(SESSION_BYTES)
+        t = time.perf_counter()
+        server = CkksServer(self.public, session, set(clients), length, self.params.slots)
+        meter.server_s += time.perf_counter() - t
+        gone = drop.get("advertise", set()) | drop.get("share", set()) | drop.get("mask", set())
+        for c in clients:
+            if c in gone:
+                continue
+            t = time.perf_counter()
+            msg = self.client(c).encrypt(session, inputs[c], len(clients))
+            meter.client_s += time.perf_counter() - t
+            meter.send_up(c, msg)
+            t = time.perf_counter()
+            server.receive(msg)
+            meter.server_s += time.perf_counter() - t
+        if not server.inbox:
+            raise ProtocolAbort("ckks: no client sent an input")
+        t = time.perf_counter()
+        result = server.close_stage()
+        meter.server_s += time.perf_counter() - t
+        total = None
+        for c in result.contributors:
+            if c in drop.get("unmask", set()):
+                continue
+            meter.send_down(c, result)
+            t = time.perf_counter()
+            total = self.client(c).decrypt(result, length)
+            meter.client_s += time.perf_counter() - t
+        if total is None:
+            raise ProtocolAbort("ckks: no client is left to decrypt the sum")
+        return SumOutcome(total, result.contributors, meter.up, meter.down, meter.client_s, meter.server_s,
+                          visible_to="clients")
+
+
+def make_secure_sum(protocol: str, **options) -> SecureSum:
+    """``plain`` | ``secagg`` (options: bits, frac_bits, neighbours, threshold, rounding) |
+    ``ckks`` (option: params)."""
+    backends = {"plain": PlainSum, "secagg": SecAggSum, "ckks": CkksSum}
+    if protocol not in backends:
+        raise ValueError(f"protocol must be one of {sorted(backends)}, got {protocol!r}")
+    return backends[protocol](**options)

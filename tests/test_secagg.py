@@ -1,0 +1,224 @@
+"""SecAgg+ state machines: exact sums with dropouts at every stage, aborts below the threshold,
+refused messages, and what the server's view reveals."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedsecmem.crypto import prg, shamir
+from fedsecmem.crypto.errors import CryptoError
+from fedsecmem.protocols import secagg
+from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.graph import harary_graph
+from fedsecmem.protocols.secure_sum import SecAggSum
+
+
+def _run(inputs, bits=32, k=None, t=None, drop=None):
+    """Drive one instance by hand; returns (sum or exception, server, clients, transcript)."""
+    drop = drop or {}
+    clients = sorted(inputs)
+    params = secagg.make_params(clients, len(next(iter(inputs.values()))), bits, k, t)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    transcript = []
+    out = {c: None for c in clients}
+    for stage in ("advertise", "share", "mask", "unmask"):
+        for c, msg_in in out.items():
+            if c in drop.get(stage, ()):
+                continue
+            cl = machines[c]
+            msg = {"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(msg_in),
+                   "mask": lambda: cl.mask(msg_in, inputs[c]), "unmask": lambda: cl.unmask(msg_in)}[stage]()
+            transcript.append(msg)
+            server.receive(msg)
+        out = server.close_stage()
+    return out, server, machines, transcript
+
+
+def _ints(n_clients, length, bits, seed=0):
+    rng = np.random.default_rng(seed)
+    dtype = prg.ring_dtype(bits)
+    return {c: rng.integers(0, np.iinfo(dtype).max, length, dtype=dtype, endpoint=True) for c in range(n_clients)}
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_integer_sum_is_exact_modulo_ring(bits):
+    xs = _ints(5, 1000, bits)
+    total, *_ = _run(xs, bits)
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=prg.ring_dtype(bits)))
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "mask", "unmask"])
+@pytest.mark.parametrize("k", [None, 4])
+def test_dropouts_at_each_stage(stage, k):
+    xs = _ints(10, 300, 32, seed=1)
+    gone = {3, 7}
+    total, server, *_ = _run(xs, 32, k=k, drop={stage: gone})
+    in_sum = [c for c in xs if stage == "unmask" or c not in gone]
+    assert sorted(server.masked) == in_sum
+    assert np.array_equal(total, np.sum([xs[c] for c in in_sum], axis=0, dtype=np.uint32))
+
+
+def test_dropouts_spread_over_stages_up_to_n_minus_t():
+    xs = _ints(7, 200, 64, seed=2)  # complete graph, t = 5: two may drop
+    total, server, *_ = _run(xs, 64, drop={"share": {1}, "mask": {4}})
+    assert sorted(server.masked) == [0, 2, 3, 5, 6]
+    assert np.array_equal(total, np.sum([xs[c] for c in (0, 2, 3, 5, 6)], axis=0, dtype=np.uint64))
+
+
+def test_abort_below_threshold_at_masking_and_unmasking():
+    xs = _ints(5, 50, 32)  # t = 3
+    with pytest.raises(ProtocolAbort, match="only 2 clients sent masked inputs, threshold 3"):
+        _run(xs, drop={"mask": {0, 1, 2}})
+    # three masked inputs, but two of them vanish before returning shares: 1 reply < t
+    with pytest.raises(ProtocolAbort, match="only 1 clients returned shares"):
+        _run(xs, drop={"mask": {0, 1}, "unmask": {2, 3}})
+
+
+def test_abort_when_a_neighbourhood_loses_its_shares():
+    xs = _ints(10, 50, 32)
+    params = secagg.make_params(list(xs), 50, 32, neighbours=2, threshold=2)
+    # a dropped client whose two neighbours both vanish before unmasking: only 0 or 1 share of its key
+    v = 0
+    a, b = params.neighbours[v]
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    out = {c: None for c in xs}
+    drop = {"mask": {v}, "unmask": {a, b}}
+    with pytest.raises(ProtocolAbort, match="shares back, threshold 2; round aborted"):
+        for stage in ("advertise", "share", "mask", "unmask"):
+            for c, m in out.items():
+                if c in drop.get(stage, ()):
+                    continue
+                cl = machines[c]
+                server.receive({"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(m),
+                                "mask": lambda: cl.mask(m, xs[c]), "unmask": lambda: cl.unmask(m)}[stage]())
+            out = server.close_stage()
+
+
+def test_float_sum_within_quantization_bound_with_dropouts():
+    rng = np.random.default_rng(3)
+    xs = {c: rng.normal(0, 50, 2000) for c in range(6)}
+    ss = SecAggSum(bits=64, frac_bits=24)
+    out = ss.sum(xs, drop={"mask": {5}})
+    want = np.sum([xs[c] for c in range(5)], axis=0)
+    assert out.included == (0, 1, 2, 3, 4)
+    assert np.abs(out.total - want).max() <= ss.fixed_point(6).sum_error()
+    stoch = SecAggSum(bits=32, frac_bits=12, rounding="stochastic").sum(xs)
+    assert np.abs(stoch.total - sum(xs.values())).max() <= SecAggSum(32, 12).fixed_point(6).sum_error("stochastic")
+
+
+def test_masked_vector_is_uniform_whatever_the_input():
+    n = 1 << 16
+    inputs = {0: np.zeros(n, np.uint32), 1: np.full(n, 7, np.uint32), 2: np.arange(n, dtype=np.uint32)}
+    _, _, _, transcript = _run(inputs, 32)
+    masked = {m.sender: m.vector for m in transcript if isinstance(m, secagg.MaskedInput)}
+    for c, y in masked.items():
+        counts = np.bincount(y >> 24, minlength=256)  # top byte: 256 bins of 256 expected each
+        assert stats.chisquare(counts).pvalue > 1e-4, c
+        assert stats.kstest(y / 2.0**32, "uniform").pvalue > 1e-4, c
+        assert np.mean(y == inputs[c]) < 1e-3
+    # the all-zero input's masked vector tells nothing apart from the structured one's
+    assert stats.ks_2samp(masked[0] / 2.0**32, masked[2] / 2.0**32).pvalue > 1e-4
+
+
+def test_server_view_does_not_unmask_a_single_client():
+    xs = _ints(5, 4096, 32, seed=4)
+    total, server, machines, transcript = _run(xs, 32)
+    replies = [m for m in transcript if isinstance(m, secagg.UnmaskShares)]
+    # survivors reveal self-mask shares only: the server can strip client 0's self mask ...
+    b0 = shamir.combine([shamir.Share.from_bytes(r.self_mask_shares[0]) for r in replies], server.params.threshold)
+    y0 = server.masked[0].vector
+    stripped = prg.add_masks(y0.copy(), [secagg._self_seed(b0, server.params.session)], [-1])
+    # ... but the pairwise masks stay: what is left is still uniform, not client 0's input
+    assert np.mean(stripped == xs[0]) < 1e-2
+    assert stats.kstest(stripped / 2.0**32, "uniform").pvalue > 1e-4
+    assert not any(r.key_shares for r in replies)  # nobody dropped: no mask key share was revealed
+    # t - 1 shares of a secret do not reconstruct it
+    fewer = [shamir.Share.from_bytes(r.self_mask_shares[0]) for r in replies][: server.params.threshold - 1]
+    with pytest.raises(CryptoError, match="needed"):
+        shamir.combine(fewer, server.params.threshold)
+
+
+def test_refused_messages_leave_the_server_able_to_finish():
+    xs = _ints(4, 64, 32, seed=5)
+    params = secagg.make_params(list(xs), 64, 32)
+    other = secagg.make_params(list(xs), 64, 32)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    stranger = secagg.SecAggClient(0, secagg.SecAggServer(other).setups()[0])
+    ads = {c: m.advertise() for c, m in machines.items()}
+    with pytest.raises(ProtocolError, match="another session"):
+        server.receive(stranger.advertise())
+    server.receive(ads[0])
+    with pytest.raises(ProtocolError, match="duplicate"):
+        server.receive(ads[0])
+    with pytest.raises(ProtocolError, match="refused in stage advertise"):
+        server.receive(secagg.MaskedInput(params.session, 1, xs[1]))
+    with pytest.raises(ProtocolError, match="not expected"):
+        server.receive(secagg.AdvertiseKeys(params.session, 99, b"a" * 32, b"b" * 32))
+    for c in (1, 2, 3):
+        server.receive(ads[c])
+    keys = server.close_stage()
+    shares = {c: machines[c].share_keys(keys[c]) for c in xs}
+    for m in shares.values():
+        server.receive(m)
+    routed = server.close_stage()
+    # a tampered share ciphertext is caught by its receiver
+    victim = routed[1]
+    sender = next(iter(victim.ciphertexts))
+    bad = bytearray(victim.ciphertexts[sender])
+    bad[-1] ^= 1
+    forged = {**victim.ciphertexts, sender: bytes(bad)}
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        machines[1].mask(secagg.SharesForYou(params.session, 1, forged), xs[1])  # refused, state kept
+    masked = {c: machines[c].mask(routed[c], xs[c]) for c in xs}
+    with pytest.raises(ProtocolError, match="must be 64 uint32"):
+        server.receive(secagg.MaskedInput(params.session, 0, xs[0][:10]))
+    for m in masked.values():
+        server.receive(m)
+    requests = server.close_stage()
+    for c in xs:
+        server.receive(machines[c].unmask(requests[c]))
+    total = server.close_stage()
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=np.uint32))
+    assert server.rejected == 5
+
+
+def test_client_refuses_unsafe_unmask_requests():
+    xs = _ints(5, 16, 32)
+    params = secagg.make_params(list(xs), 16, 32)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    for m in machines.values():
+        server.receive(m.advertise())
+    keys = server.close_stage()
+    for c, m in machines.items():
+        server.receive(m.share_keys(keys[c]))
+    routed = server.close_stage()
+    for c, m in machines.items():
+        m.mask(routed[c], xs[c])
+    with pytest.raises(ProtocolError, match="both alive and dropped"):
+        machines[0].unmask(secagg.UnmaskRequest(params.session, 0, (0, 1, 2), (1,)))
+    with pytest.raises(ProtocolAbort, match="only 2 masked inputs"):
+        machines[0].unmask(secagg.UnmaskRequest(params.session, 0, (0, 1), (2, 3, 4)))
+    with pytest.raises(ProtocolError, match="another session"):
+        machines[0].unmask(secagg.UnmaskRequest(b"x" * 16, 0, (0, 1, 2), ()))
+    with pytest.raises(ProtocolError, match="in stage unmask"):
+        machines[0].advertise()
+
+
+def test_parameters_are_validated():
+    with pytest.raises(ValueError, match="majority"):
+        secagg.make_params(list(range(5)), 10, 32, threshold=2)
+    with pytest.raises(ValueError, match="at least 2"):
+        secagg.make_params([0], 10)
+    with pytest.raises(ValueError, match="k \\* n must be even"):
+        harary_graph(list(range(5)), 3)
+
+
+@pytest.mark.parametrize("n,k", [(10, 4), (11, 6), (10, 5), (6, 5), (100, 10)])
+def test_harary_graph_is_k_regular_and_symmetric(n, k):
+    g = harary_graph(list(range(100, 100 + n)), k)
+    assert all(len(v) == k and c not in v for c, v in g.items())
+    assert all(c in g[v] for c, vs in g.items() for v in vs)
