@@ -129,7 +129,36 @@ class FedDyMemConfig(Strict):
     kmeans_iters: int = Field(20, ge=1)
     share_images: bool = Field(True, description="share image-level embeddings for the global image memory")
     score_with: Literal["local+global", "local", "global"] = "local+global"
+    kmeans_init: Literal["auto", "kmeans++", "pca-partition"] = Field(
+        "auto", description="global k-means seeding: kmeans++ needs the server to see the prototypes "
+        "(plain only); pca-partition releases only sums (auto: kmeans++ for plain, else pca-partition)")
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient (method fedprox)")
+
+
+class SecAggConfig(Strict):
+    """SecAgg+ masking (protocol secagg)."""
+
+    bits: Literal[32, 64] = Field(64, description="ring Z_(2^bits) of the masked sums")
+    frac_bits: int = Field(24, ge=0, le=40, description="fixed-point fractional bits")
+    neighbours: int | None = Field(None, ge=1, description="k of the k-regular graph (null = complete graph)")
+    threshold: int | None = Field(None, ge=2, description="Shamir threshold t (null = majority of k + 1)")
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+
+
+class CkksConfig(Strict):
+    """TenSEAL CKKS (protocol ckks); SEAL refuses parameters below 128-bit security."""
+
+    poly_modulus_degree: int = Field(8192, description="ring degree N; N/2 values per ciphertext")
+    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [60, 60])
+    scale_bits: int = Field(40, ge=10, le=60)
+
+
+class SecureConfig(Strict):
+    """Options of the secure protocols and of secure k-means."""
+
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    ckks: CkksConfig = Field(default_factory=CkksConfig)
+    pca_dims: int = Field(16, ge=1, description="subspace of the PCA-partition k-means initialization")
 
 
 class OutputConfig(Strict):
@@ -151,7 +180,24 @@ class RunConfig(Strict):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     feddymem: FedDyMemConfig = Field(default_factory=FedDyMemConfig)
+    protocol: Literal["plain", "secagg", "ckks"] = Field(
+        "plain", description="how federated methods aggregate (local and central do not aggregate)")
+    secure: SecureConfig = Field(default_factory=SecureConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_protocol(self) -> "RunConfig":
+        if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
+            raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
+                             f"protocol {self.protocol} needs pca-partition (or auto)")
+        return self
+
+    @property
+    def kmeans_init(self) -> str:
+        """The global k-means seeding this run uses."""
+        if self.feddymem.kmeans_init != "auto":
+            return self.feddymem.kmeans_init
+        return "kmeans++" if self.protocol == "plain" else "pca-partition"
 
 
 def _format_error(err: ValidationError) -> str:

@@ -5,9 +5,9 @@ A round:
    generator, rebuilds its local bank (coreset: the dynamic memory bank),
    reduces each image to a few weighted prototypes (memory-reduce) and hands
    them, with its image embeddings, to the aggregation;
-2. the aggregation (a function of the contributions: weighted k-means in
-   `plain` mode; the secure protocols replace it) returns the global memory,
-   which every client receives;
+2. the aggregation (``fedsecmem.aggregation``: weighted k-means on the
+   uploads in faithful `plain` mode, federated k-means over a secure sum
+   otherwise) returns the global memory, which every client receives;
 3. clients are evaluated with their local bank and the global memory;
 4. clients train their generator with the metric loss towards the global
    memory (not after the last round, whose banks would go stale).
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from fedsecmem.backbone import Embeddings
 from fedsecmem.generator import MemoryGenerator
-from fedsecmem.kmeans import weighted_kmeans
 from fedsecmem.memory import MemoryBank, coreset_bank
 from fedsecmem.metric_loss import anti_collapse_target, metric_loss
 from fedsecmem.reduce import reduce_images
@@ -59,25 +57,6 @@ class GlobalMemory:
     @property
     def nbytes(self) -> int:
         return int((self.patches.size + (0 if self.images is None else self.images.size)) * FLOAT_BYTES)
-
-
-Aggregator = Callable[[list[Contribution]], GlobalMemory]
-
-
-def kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Aggregator:
-    """`plain` aggregation: weighted k-means over every client's prototypes (and image embeddings)."""
-
-    def aggregate(contribs: list[Contribution]) -> GlobalMemory:
-        pts = np.concatenate([c.prototypes for c in contribs])
-        w = np.concatenate([c.weights for c in contribs])
-        patches, _, _ = weighted_kmeans(pts, w, k, iters, seed)
-        images = None
-        if all(c.images is not None for c in contribs):
-            imgs = np.concatenate([c.images for c in contribs])
-            images, _, _ = weighted_kmeans(imgs, np.ones(len(imgs)), k_images, iters, seed + 1)
-        return GlobalMemory(patches, images)
-
-    return aggregate
 
 
 class FedDyMemClient:

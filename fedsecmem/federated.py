@@ -12,8 +12,9 @@ import copy
 import numpy as np
 import torch
 
+from fedsecmem.aggregation import Aggregated, average_states, make_aggregator, secure_sum_for
 from fedsecmem.backbone import resolve_device
-from fedsecmem.feddymem import FedDyMemClient, kmeans_aggregator
+from fedsecmem.feddymem import FedDyMemClient
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import task
@@ -41,48 +42,64 @@ def _collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
             ctx.timings[k] = ctx.timings.get(k, 0.0) + v
 
 
+def _record(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> dict:
+    """Bytes of the aggregation per client, its client/server seconds; returns the round's summary."""
+    for i in range(len(up)):
+        up[i].append(agg.bytes_up[i])
+        down[i].append(agg.bytes_down[i])
+    for side in ("client_s", "server_s"):
+        if side in agg.info:
+            key = f"aggregation_{side}"
+            ctx.timings[key] = ctx.timings.get(key, 0.0) + agg.info[side]
+    return {k: v for k, v in agg.info.items() if k in ("secure_sums", "kmeans_objective", "kmeans_updates")}
+
+
+def _aggregation_summary(ctx: MethodContext, init: str | None) -> dict:
+    cfg = ctx.cfg
+    out = {"protocol": cfg.protocol, "kmeans_init": init}
+    if cfg.protocol == "secagg":
+        out["secagg"] = cfg.secure.secagg.model_dump()
+    elif cfg.protocol == "ckks":
+        out["ckks"] = cfg.secure.ckks.model_dump()
+    return out
+
+
 def run_feddymem(ctx: MethodContext) -> MethodOutput:
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
     clients = _make_clients(ctx, fc.use_generator)
-    aggregate = kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
+    aggregate = make_aggregator(cfg, secure_sum_for(cfg))
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
-    with task(ctx.progress, "feddymem rounds", fc.rounds) as advance:
+    with task(ctx.progress, f"feddymem rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
             with timed(ctx.timings, "memory_rebuild_s"):
                 contribs = [cl.rebuild() for cl in clients]
-            for i, c in enumerate(contribs):
-                up[i].append(c.nbytes)
             with timed(ctx.timings, "aggregation_s"):
-                memory = aggregate(contribs)
-            for i, cl in enumerate(clients):
-                cl.receive(memory)
-                down[i].append(memory.nbytes)
+                agg = aggregate(contribs)
+            summary = _record(ctx, agg, up, down)
+            for cl in clients:
+                cl.receive(agg.memory)
             with timed(ctx.timings, "score_s"):
                 scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k)
                           for cl, c in zip(clients, ctx.clients)]
-            metrics = _round_metrics(ctx, scores)
+            metrics = {**_round_metrics(ctx, scores), **summary}
             if r < fc.rounds - 1:
                 with timed(ctx.timings, "generator_train_s"):
                     metrics["loss"] = float(np.mean([cl.train_generator() for cl in clients]))
             per_round.append({"round": r + 1, **metrics})
             advance(1)
     _collect_timings(ctx, clients)
-    return MethodOutput(scores, up, down, fc.rounds, "plain", [len(cl.bank) for cl in clients], per_round)
-
-
-def _average_state(states: list[dict], weights: list[float]) -> dict:
-    w = np.asarray(weights, float) / float(np.sum(weights))
-    return {k: sum(float(wi) * s[k] for wi, s in zip(w, states)) for k in states[0]}
+    return MethodOutput(scores, up, down, fc.rounds, cfg.protocol, [len(cl.bank) for cl in clients], per_round,
+                        _aggregation_summary(ctx, cfg.kmeans_init))
 
 
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
     clients = _make_clients(ctx, True)
+    ss = secure_sum_for(cfg, plain_wire="float32")
     global_state = copy.deepcopy(clients[0].generator.state_dict())
-    n_bytes = clients[0].generator.n_bytes()
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
@@ -90,17 +107,16 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
         for cl in clients:  # every client starts from the same generator
             cl.generator.load_state_dict(global_state)
             cl.rebuild_bank()
-    with task(ctx.progress, f"{name} rounds", fc.rounds) as advance:
+    with task(ctx.progress, f"{name} rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
             with timed(ctx.timings, "generator_train_s"):
-                for i, cl in enumerate(clients):
-                    down[i].append(n_bytes)  # the global generator this round starts from
+                for cl in clients:
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank
                     cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu)
-                    up[i].append(n_bytes)
             with timed(ctx.timings, "aggregation_s"):
-                global_state = _average_state([cl.generator.state_dict() for cl in clients],
-                                              [len(c.train_index) for c in ctx.clients])
+                global_state, agg = average_states([cl.generator.state_dict() for cl in clients],
+                                                   [len(c.train_index) for c in ctx.clients], ss)
+            summary = _record(ctx, agg, up, down)
             with timed(ctx.timings, "memory_rebuild_s"):
                 for cl in clients:  # the bank in the new global space serves scoring and the next round
                     cl.generator.load_state_dict(global_state)
@@ -108,11 +124,12 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
             with timed(ctx.timings, "score_s"):
                 scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", cfg.scoring.image_k)
                           for cl, c in zip(clients, ctx.clients)]
-            per_round.append({"round": r + 1, **_round_metrics(ctx, scores),
+            per_round.append({"round": r + 1, **_round_metrics(ctx, scores), **summary,
                               "loss": float(np.mean([cl.losses[-1] for cl in clients]))})
             advance(1)
     _collect_timings(ctx, clients)
-    return MethodOutput(scores, up, down, fc.rounds, f"plain-{name}", [len(cl.bank) for cl in clients], per_round)
+    return MethodOutput(scores, up, down, fc.rounds, cfg.protocol, [len(cl.bank) for cl in clients], per_round,
+                        _aggregation_summary(ctx, None))
 
 
 def run_fedavg(ctx: MethodContext) -> MethodOutput:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedsecmem.protocols.secure_kmeans import lloyd_step
+
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding with probabilities proportional to weight x squared distance."""
@@ -26,16 +28,6 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
         centres.append(x[idx])
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
     return torch.stack(centres)
-
-
-def lloyd_step(x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Lloyd pass: per-cluster weighted sums (k, D), per-cluster weights (k,), and each point's
-    squared distance to its nearest centre (N,)."""
-    nearest, assign = torch.cdist(x, centres).min(1)
-    k = len(centres)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, assign, x * w[:, None])
-    weights = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)
-    return sums, weights, nearest**2
 
 
 def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, iters: int = 20,

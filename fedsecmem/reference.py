@@ -46,6 +46,7 @@ class MethodOutput:
     protocol: str
     bank_sizes: list[int]
     per_round: list[dict] = field(default_factory=list)  # mean metrics after each round
+    aggregation: dict | None = None  # protocol and its settings (federated methods)
 
 
 def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> tuple[MemoryBank, MemoryBank | None]:

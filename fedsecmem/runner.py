@@ -109,6 +109,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         "benchmark": bench.name,
         "seed": cfg.seed,
         "protocol": output.protocol,
+        "aggregation": output.aggregation,
         "rounds": output.rounds,
         "clients": cfg.clients.n,
         "auroc": {

@@ -23,7 +23,6 @@ from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
 from fedsecmem.protocols.secagg_messages import SESSION_BYTES
 
-PLAIN_VALUE_BYTES = 8  # plain sums travel as float64
 DROP_STAGES = ("advertise", "share", "mask", "unmask")
 
 
@@ -77,9 +76,15 @@ class SecureSum:
 
 
 class PlainSum(SecureSum):
-    """Reference: the server sees every vector."""
+    """Reference: the server sees every vector, sent as ``wire`` floats (float32 by default, as a
+    model update would travel; float64 for an exact reference)."""
 
     name = "plain"
+
+    def __init__(self, wire: str = "float32"):
+        if wire not in ("float32", "float64"):
+            raise ValueError(f"plain: wire must be float32 or float64, got {wire!r}")
+        self.wire = np.dtype(wire)
 
     def sum(self, inputs, drop=None) -> SumOutcome:
         _check_inputs(inputs)
@@ -87,8 +92,9 @@ class PlainSum(SecureSum):
         gone = d.get("advertise", set()) | d.get("share", set()) | d.get("mask", set())
         t = time.perf_counter()
         included = tuple(sorted(c for c in inputs if c not in gone))
-        total = np.sum([np.asarray(inputs[c], np.float64).ravel() for c in included], axis=0)
-        up = {c: np.asarray(inputs[c]).size * PLAIN_VALUE_BYTES for c in included}
+        # the sum is taken in float64 over what travels
+        total = np.sum([np.asarray(inputs[c], self.wire).ravel().astype(np.float64) for c in included], axis=0)
+        up = {c: np.asarray(inputs[c]).size * self.wire.itemsize for c in included}
         return SumOutcome(total, included, up, {c: 0 for c in included},
                           server_seconds=time.perf_counter() - t)
 
@@ -221,7 +227,7 @@ class CkksSum(SecureSum):
 
 
 def make_secure_sum(protocol: str, **options) -> SecureSum:
-    """``plain`` | ``secagg`` (options: bits, frac_bits, neighbours, threshold, rounding) |
+    """``plain`` (option: wire) | ``secagg`` (options: bits, frac_bits, neighbours, threshold, rounding) |
     ``ckks`` (option: params)."""
     backends = {"plain": PlainSum, "secagg": SecAggSum, "ckks": CkksSum}
     if protocol not in backends:

@@ -115,7 +115,8 @@ def test_fedprox_with_mu_zero_is_fedavg(tmp_path):
     b = _tiny("fedprox", tmp_path, ["feddymem.prox_mu=0"])
     assert a["auroc"]["image"] == b["auroc"]["image"]
     assert a["comm"]["bytes_up"] == b["comm"]["bytes_up"]
-    assert a["comm"]["bytes_up"][0][0] == MemoryGenerator(152, 152, FedDyMemConfig().hidden).n_bytes()
+    # the generator's parameters and the client's weight, as float32
+    assert a["comm"]["bytes_up"][0][0] == MemoryGenerator(152, 152, FedDyMemConfig().hidden).n_bytes() + 4
 
 
 def test_weighted_kmeans_runs_lloyd_to_convergence():
@@ -132,3 +133,45 @@ def test_weighted_kmeans_runs_lloyd_to_convergence():
     moved = sums / tot[:, None]
     _, _, d2 = lloyd_step(xt, wt, moved)
     assert float((wt * d2).sum()) >= full * (1 - 1e-4)
+
+
+@pytest.fixture(scope="module")
+def protocol_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("protocols")
+    runs = {p: _tiny("feddymem", tmp / p, [f"protocol={p}"]) for p in ("secagg", "ckks")}
+    runs["plain"] = _tiny("feddymem", tmp / "plain", ["protocol=plain", "feddymem.kmeans_init=pca-partition"])
+    runs["upload"] = _tiny("feddymem", tmp / "upload", ["protocol=plain"])
+    return runs
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "ckks"])
+def test_secure_feddymem_matches_plain_auroc(protocol_runs, protocol):
+    secure, plain = protocol_runs[protocol], protocol_runs["plain"]
+    assert secure["protocol"] == protocol and secure["aggregation"]["kmeans_init"] == "pca-partition"
+    assert abs(secure["auroc"]["image"] - plain["auroc"]["image"]) <= 0.002
+    assert abs(secure["auroc"]["pixel"] - plain["auroc"]["pixel"]) <= 0.002
+    rnd = secure["per_round"][-1]
+    assert rnd["secure_sums"] > 2 and rnd["kmeans_objective"] == pytest.approx(
+        plain["per_round"][-1]["kmeans_objective"], rel=1e-3)
+    # masked uint64 / ciphertexts cost more bytes than plain float32 sums
+    assert secure["comm"]["bytes_up"][0][0] > plain["comm"]["bytes_up"][0][0]
+
+
+def test_plain_upload_mode_is_the_faithful_feddymem(protocol_runs):
+    r = protocol_runs["upload"]
+    assert r["aggregation"] == {"protocol": "plain", "kmeans_init": "kmeans++"}
+    assert r["per_round"][0]["secure_sums"] == 0
+
+
+def test_secure_protocol_refuses_kmeans_pp_seeding():
+    from fedsecmem.config import config_from_dict
+    from fedsecmem.errors import UserError
+    with pytest.raises(UserError, match="kmeans\\+\\+ shows the server every prototype"):
+        config_from_dict({"method": "feddymem", "protocol": "secagg", "feddymem": {"kmeans_init": "kmeans++"}})
+
+
+def test_fedavg_averages_through_secagg(tmp_path):
+    plain = _tiny("fedavg", tmp_path / "p")
+    secure = _tiny("fedavg", tmp_path / "s", ["protocol=secagg"])
+    assert secure["protocol"] == "secagg"
+    assert abs(secure["auroc"]["image"] - plain["auroc"]["image"]) <= 0.002

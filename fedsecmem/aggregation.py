@@ -1,0 +1,123 @@
+"""How a round's client contributions become the global result, under the configured protocol.
+
+- FedDyMem's global memory: ``plain`` with k-means++ seeding is the faithful
+  FedDyMem mode (clients upload their reduced memories; the server runs
+  weighted k-means on them). Every other combination runs federated weighted
+  k-means with the PCA-partition seeding (``fedsecmem.protocols.secure_kmeans``)
+  over the protocol's secure sum, so the server sees per-cluster sums only
+  (``secagg``) or nothing (``ckks``: clients decrypt the sums themselves).
+- FedAvg/FedProx: the weighted average of the generator's parameters is a
+  secure weighted average over the same secure sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedsecmem.crypto.ckks import CkksParams
+from fedsecmem.feddymem import FLOAT_BYTES, Contribution, GlobalMemory
+from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.protocols.secure_kmeans import AggregateCost, federated_kmeans, secure_weighted_average
+from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
+
+
+@dataclass
+class Aggregated:
+    """A round's aggregation: its result, what each client sent and received, and its cost."""
+
+    memory: GlobalMemory | None
+    bytes_up: list[int]
+    bytes_down: list[int]
+    info: dict = field(default_factory=dict)
+
+
+Aggregator = Callable[[list[Contribution]], Aggregated]
+
+
+def secure_sum_for(cfg, plain_wire: str = "float64") -> SecureSum:
+    """The configured protocol's secure sum (one per run: CKKS keys are made once). ``plain`` sums
+    travel as ``plain_wire``: float64 for k-means statistics (second moments lose too much in
+    float32), float32 for model parameters."""
+    s = cfg.secure
+    if cfg.protocol == "secagg":
+        a = s.secagg
+        return make_secure_sum("secagg", bits=a.bits, frac_bits=a.frac_bits, neighbours=a.neighbours,
+                               threshold=a.threshold, rounding=a.rounding)
+    if cfg.protocol == "ckks":
+        c = s.ckks
+        return make_secure_sum("ckks", params=CkksParams(c.poly_modulus_degree, tuple(c.coeff_mod_bit_sizes),
+                                                         c.scale_bits))
+    return make_secure_sum("plain", wire=plain_wire)
+
+
+def upload_kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Aggregator:
+    """Faithful FedDyMem: the server receives every client's prototypes and runs k-means++ and Lloyd."""
+
+    def aggregate(contribs: list[Contribution]) -> Aggregated:
+        pts = np.concatenate([c.prototypes for c in contribs])
+        w = np.concatenate([c.weights for c in contribs])
+        patches, _, objective = weighted_kmeans(pts, w, k, iters, seed)
+        images = None
+        if all(c.images is not None for c in contribs):
+            imgs = np.concatenate([c.images for c in contribs])
+            images, _, _ = weighted_kmeans(imgs, np.ones(len(imgs)), k_images, iters, seed + 1)
+        memory = GlobalMemory(patches, images)
+        return Aggregated(memory, [c.nbytes for c in contribs], [memory.nbytes] * len(contribs),
+                          {"kmeans_objective": objective, "secure_sums": 0})
+
+    return aggregate
+
+
+def federated_kmeans_aggregator(ss: SecureSum, k: int, k_images: int, iters: int, pca_dims: int) -> Aggregator:
+    """Federated k-means over the secure sum: the aggregator never holds a prototype."""
+
+    def aggregate(contribs: list[Contribution]) -> Aggregated:
+        cost = AggregateCost()
+        res = federated_kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, ss, iters,
+                               pca_dims=pca_dims)
+        cost.merge(res.cost)
+        images = None
+        if all(c.images is not None for c in contribs):
+            img = federated_kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
+                                   k_images, ss, iters, pca_dims=pca_dims)
+            cost.merge(img.cost)
+            images = img.centres.astype(np.float32)
+        memory = GlobalMemory(res.centres.astype(np.float32), images)
+        n = len(contribs)
+        return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],
+                          [cost.bytes_down.get(i, 0) for i in range(n)],
+                          {"kmeans_objective": res.objective, "kmeans_updates": res.iterations,
+                           "secure_sums": cost.sums, "client_s": cost.client_seconds,
+                           "server_s": cost.server_seconds})
+
+    return aggregate
+
+
+def make_aggregator(cfg, ss: SecureSum) -> Aggregator:
+    fc = cfg.feddymem
+    if cfg.kmeans_init == "kmeans++":
+        return upload_kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
+    return federated_kmeans_aggregator(ss, fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.secure.pca_dims)
+
+
+def average_states(states: list[dict], weights: list[float], ss: SecureSum) -> tuple[dict, Aggregated]:
+    """Weighted average of parameter dicts through the secure sum (plain: in the clear)."""
+    keys = list(states[0])
+    flat = {i: (np.concatenate([s[k].detach().cpu().numpy().ravel().astype(np.float64) for k in keys]), float(w))
+            for i, (s, w) in enumerate(zip(states, weights))}
+    avg, cost = secure_weighted_average(flat, ss)
+    out, pos = {}, 0
+    for k in keys:
+        ref = states[0][k]
+        out[k] = torch.from_numpy(avg[pos : pos + ref.numel()].reshape(tuple(ref.shape))).to(ref.dtype)
+        pos += ref.numel()
+    n = len(states)
+    model_bytes = pos * FLOAT_BYTES
+    return out, Aggregated(None, [cost.bytes_up.get(i, 0) for i in range(n)],
+                           [model_bytes] * n,  # the new global model, sent back to every client
+                           {"secure_sums": cost.sums, "client_s": cost.client_seconds,
+                            "server_s": cost.server_seconds})
