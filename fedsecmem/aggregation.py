@@ -25,6 +25,18 @@ from fedsecmem.protocols.secure_kmeans import AggregateCost, federated_kmeans, s
 from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
 
 
+# What the server saw, in plain words (run summary; docs/secure_aggregation.md has the full table)
+SERVER_VIEW = {
+    ("plain", "kmeans++"): "the server saw every client's reduced memory",
+    ("plain", "pca-partition"): "the server saw every client's per-cluster sums",
+    ("plain", None): "the server saw every client's update",
+    ("secagg", "pca-partition"): "the server saw only sums over all clients (SecAgg+)",
+    ("secagg", None): "the server saw only the sum over all clients (SecAgg+)",
+    ("ckks", "pca-partition"): "the server saw only ciphertexts (CKKS)",
+    ("ckks", None): "the server saw only ciphertexts (CKKS)",
+}
+
+
 @dataclass
 class Aggregated:
     """A round's aggregation: its result, what each client sent and received, and its cost."""

@@ -40,6 +40,12 @@ def print_run_summary(results: dict, out: Path) -> None:
     t.add_row("mean", "", "", "", _fmt(a["image_patch_max"]), _fmt(a["image_knn"]), _fmt(a["pixel"]),
               _fmt(a["pro"]), style="bold")
     console.print(t)
+    agg = results.get("aggregation")
+    if agg:
+        from fedsecmem.aggregation import SERVER_VIEW
+
+        view = SERVER_VIEW.get((agg["protocol"], agg.get("kmeans_init")), "")
+        console.print(f"protocol = {agg['protocol']}" + (f": {view}" if view else ""))
     eps = results["privacy"]["epsilon"]
     console.print(f"auroc.image ({a['primary_score']} score) = {_fmt(a['image'])}   "
                   f"epsilon = {'n/a (DP off)' if eps is None else f'{eps:.2f}'}   "
