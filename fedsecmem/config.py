@@ -144,6 +144,12 @@ class SecAggConfig(Strict):
     threshold: int | None = Field(None, ge=2, description="Shamir threshold t (null = majority of k + 1)")
     rounding: Literal["nearest", "stochastic"] = "nearest"
 
+    @model_validator(mode="after")
+    def _check(self) -> "SecAggConfig":
+        if self.frac_bits > self.bits - 2:
+            raise ValueError(f"frac_bits: at most bits - 2 = {self.bits - 2} for a {self.bits}-bit ring")
+        return self
+
 
 class CkksConfig(Strict):
     """TenSEAL CKKS (protocol ckks); SEAL refuses parameters below 128-bit security."""

@@ -23,7 +23,9 @@ from fedsecmem.data.load import load_benchmark
 from fedsecmem.embedding_cache import load_cached, store_cached
 from fedsecmem.data.partition import partition
 from fedsecmem.data.types import ImageSet
+from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
+from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.evaluate import evaluate_client, mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
@@ -86,7 +88,10 @@ def run(cfg: RunConfig, out: Path) -> dict:
             timings.update(cached_timings)
         ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings)
         t = time.perf_counter()
-        output = METHODS[cfg.method](ctx)
+        try:
+            output = METHODS[cfg.method](ctx)
+        except (OverflowRisk, ProtocolAbort) as exc:  # refused before anything was revealed
+            raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
         timings["method_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

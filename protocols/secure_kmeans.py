@@ -27,12 +27,12 @@ the simulator here and a networked deployment drive the same steps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome
+from fedsecmem.protocols.secure_sum import SecureSum, Traffic
 
 FLOAT_BYTES = 4  # centres and split plans are broadcast as float32
 # A summed cluster weight at or below this is an empty cluster: above CKKS noise (~1e-8 at a 2^40
@@ -177,38 +177,13 @@ def centres_from_sums(total: np.ndarray, k: int, dim: int, previous: np.ndarray 
 
 # ---- the federated driver ---------------------------------------------------------------------
 
-@dataclass
-class AggregateCost:
-    """Bytes per client and seconds of every secure sum (and broadcast) an aggregation took."""
-
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    sums: int = 0
-    client_seconds: float = 0.0
-    server_seconds: float = 0.0
-
-    def add(self, out: SumOutcome) -> None:
-        for c, b in out.bytes_up.items():
-            self.bytes_up[c] = self.bytes_up.get(c, 0) + b
-        for c, b in out.bytes_down.items():
-            self.bytes_down[c] = self.bytes_down.get(c, 0) + b
-        self.sums += 1
-        self.client_seconds += out.client_seconds
-        self.server_seconds += out.server_seconds
+class AggregateCost(Traffic):
+    """The traffic of an aggregation, plus what the holder of the sums broadcasts."""
 
     def broadcast(self, clients, n_values: int) -> None:
         """The holder of the sum sends ``n_values`` float32 values to every client."""
         for c in clients:
-            self.bytes_down[c] = self.bytes_down.get(c, 0) + n_values * FLOAT_BYTES
-
-    def merge(self, other: "AggregateCost") -> None:
-        for c, b in other.bytes_up.items():
-            self.bytes_up[c] = self.bytes_up.get(c, 0) + b
-        for c, b in other.bytes_down.items():
-            self.bytes_down[c] = self.bytes_down.get(c, 0) + b
-        self.sums += other.sums
-        self.client_seconds += other.client_seconds
-        self.server_seconds += other.server_seconds
+            self.send_down(c, n_values * FLOAT_BYTES)
 
 
 @dataclass

@@ -38,17 +38,32 @@ class SumOutcome:
 
 
 @dataclass
-class _Meter:
-    up: dict[int, int] = field(default_factory=dict)
-    down: dict[int, int] = field(default_factory=dict)
-    client_s: float = 0.0
-    server_s: float = 0.0
+class Traffic:
+    """Bytes each client sent and received, and seconds spent, over one or more secure sums."""
 
-    def send_up(self, cid: int, msg) -> None:
-        self.up[cid] = self.up.get(cid, 0) + msg.nbytes
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
+    sums: int = 0
 
-    def send_down(self, cid: int, msg) -> None:
-        self.down[cid] = self.down.get(cid, 0) + msg.nbytes
+    def send_up(self, cid: int, nbytes: int) -> None:
+        self.bytes_up[cid] = self.bytes_up.get(cid, 0) + int(nbytes)
+
+    def send_down(self, cid: int, nbytes: int) -> None:
+        self.bytes_down[cid] = self.bytes_down.get(cid, 0) + int(nbytes)
+
+    def merge(self, other: "Traffic") -> None:
+        for c, b in other.bytes_up.items():
+            self.send_up(c, b)
+        for c, b in other.bytes_down.items():
+            self.send_down(c, b)
+        self.client_seconds += other.client_seconds
+        self.server_seconds += other.server_seconds
+        self.sums += other.sums
+
+    def add(self, out: "SumOutcome") -> None:
+        self.merge(Traffic(out.bytes_up, out.bytes_down, out.client_seconds, out.server_seconds, 1))
 
 
 def _check_inputs(inputs: Mapping[int, np.ndarray]) -> int:
@@ -115,24 +130,24 @@ class SecAggSum(SecureSum):
     def sum(self, inputs, drop=None) -> SumOutcome:
         length = _check_inputs(inputs)
         drop = _drops(drop)
-        meter = _Meter()
+        meter = Traffic()
         clients = sorted(inputs)
         fp = self.fixed_point(len(clients))
         t = time.perf_counter()
         encoded = {c: fp.encode(inputs[c], self.rounding) for c in clients}  # refuses overflow up front
-        meter.client_s += time.perf_counter() - t
+        meter.client_seconds += time.perf_counter() - t
         k = self.neighbours if self.neighbours is None else min(self.neighbours, len(clients) - 1)
         params = make_params(clients, length, self.bits, k, self.threshold)
         t = time.perf_counter()
         server = SecAggServer(params)
         setups = server.setups()
-        meter.server_s += time.perf_counter() - t
+        meter.server_seconds += time.perf_counter() - t
         machines = {}
         for c in clients:
-            meter.send_down(c, setups[c])
+            meter.send_down(c, setups[c].nbytes)
             t = time.perf_counter()
             machines[c] = SecAggClient(c, setups[c])
-            meter.client_s += time.perf_counter() - t
+            meter.client_seconds += time.perf_counter() - t
         outgoing = {c: None for c in clients}
         for stage in DROP_STAGES:
             for c, incoming in outgoing.items():
@@ -148,21 +163,21 @@ class SecAggSum(SecureSum):
                     msg = cl.mask(incoming, encoded[c])
                 else:
                     msg = cl.unmask(incoming)
-                meter.client_s += time.perf_counter() - t
-                meter.send_up(c, msg)
+                meter.client_seconds += time.perf_counter() - t
+                meter.send_up(c, msg.nbytes)
                 t = time.perf_counter()
                 server.receive(msg)
-                meter.server_s += time.perf_counter() - t
+                meter.server_seconds += time.perf_counter() - t
             t = time.perf_counter()
             result = server.close_stage()
-            meter.server_s += time.perf_counter() - t
+            meter.server_seconds += time.perf_counter() - t
             if stage != "unmask":
                 outgoing = result
                 for c, msg in outgoing.items():
-                    meter.send_down(c, msg)
+                    meter.send_down(c, msg.nbytes)
         total = fp.decode(result)
-        return SumOutcome(total, tuple(sorted(server.masked)), meter.up, meter.down,
-                          meter.client_s, meter.server_s)
+        return SumOutcome(total, tuple(sorted(server.masked)), meter.bytes_up, meter.bytes_down,
+                          meter.client_seconds, meter.server_seconds)
 
 
 class CkksSum(SecureSum):
@@ -190,39 +205,40 @@ class CkksSum(SecureSum):
     def sum(self, inputs, drop=None) -> SumOutcome:
         length = _check_inputs(inputs)
         drop = _drops(drop)
-        meter = _Meter()
+        meter = Traffic()
         clients = sorted(inputs)
         session = os.urandom(SESSION_BYTES)
         t = time.perf_counter()
         server = CkksServer(self.public, session, set(clients), length, self.params.slots)
-        meter.server_s += time.perf_counter() - t
+        meter.server_seconds += time.perf_counter() - t
         gone = drop.get("advertise", set()) | drop.get("share", set()) | drop.get("mask", set())
         for c in clients:
             if c in gone:
                 continue
             t = time.perf_counter()
             msg = self.client(c).encrypt(session, inputs[c], len(clients))
-            meter.client_s += time.perf_counter() - t
-            meter.send_up(c, msg)
+            meter.client_seconds += time.perf_counter() - t
+            meter.send_up(c, msg.nbytes)
             t = time.perf_counter()
             server.receive(msg)
-            meter.server_s += time.perf_counter() - t
+            meter.server_seconds += time.perf_counter() - t
         if not server.inbox:
             raise ProtocolAbort("ckks: no client sent an input")
         t = time.perf_counter()
         result = server.close_stage()
-        meter.server_s += time.perf_counter() - t
+        meter.server_seconds += time.perf_counter() - t
         total = None
         for c in result.contributors:
             if c in drop.get("unmask", set()):
                 continue
-            meter.send_down(c, result)
+            meter.send_down(c, result.nbytes)
             t = time.perf_counter()
             total = self.client(c).decrypt(result, length)
-            meter.client_s += time.perf_counter() - t
+            meter.client_seconds += time.perf_counter() - t
         if total is None:
             raise ProtocolAbort("ckks: no client is left to decrypt the sum")
-        return SumOutcome(total, result.contributors, meter.up, meter.down, meter.client_s, meter.server_s,
+        return SumOutcome(total, result.contributors, meter.bytes_up, meter.bytes_down, meter.client_seconds,
+                          meter.server_seconds,
                           visible_to="clients")
 
 

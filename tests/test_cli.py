@@ -65,6 +65,9 @@ def test_table_compares_runs(tmp_path, capsys):
     (["data.products=[brick,marble]"], "marble"),
     (["data.benchmark=mvtec"], "root: required"),
     (["nodot"], "expected key=value"),
+    (["protocol=paillier"], "protocol"),
+    (["secure.secagg.bits=32", "secure.secagg.frac_bits=31"], "frac_bits: at most bits - 2"),
+    (["protocol=ckks", "feddymem.kmeans_init=kmeans++"], "needs pca-partition"),
 ])
 def test_bad_config_is_one_line_exit_2(overrides, message, capsys, tmp_path):
     code, _, err = run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path / "x"),
@@ -72,6 +75,17 @@ def test_bad_config_is_one_line_exit_2(overrides, message, capsys, tmp_path):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_values_beyond_the_fixed_point_bound_stop_the_run_with_one_line(tmp_path, capsys):
+    code, _, err = run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path / "x"),
+                            *sum((["--set", s] for s in [*TINY, "method=feddymem", "feddymem.rounds=1",
+                                                          "protocol=secagg", "secure.secagg.bits=32"]), [])],
+                           capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: aggregation (secagg): fixed point:") and "exceeds the bound" in line
     assert not (tmp_path / "x" / "results.json").exists()
 
 
