@@ -196,6 +196,19 @@ class RunConfig(Strict):
         if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
+        if self.protocol == "secagg":
+            a, n = self.secure.secagg, self.clients.n
+            if n < 2:
+                raise ValueError("clients: secagg needs at least 2 clients")
+            k = n - 1 if a.neighbours is None else a.neighbours
+            if k > n - 1:
+                raise ValueError(f"secure: secagg.neighbours {k} exceeds clients.n - 1 = {n - 1}")
+            if k % 2 and n % 2:
+                raise ValueError(f"secure: secagg.neighbours {k} is odd and clients.n {n} is odd: "
+                                 "no such regular graph exists; use an even number")
+            if a.threshold is not None and not (k + 1) / 2 < a.threshold <= k + 1:
+                raise ValueError(f"secure: secagg.threshold {a.threshold} must be a majority of the "
+                                 f"{k + 1} share holders ({(k + 1) // 2 + 1}..{k + 1})")
         return self
 
     @property

@@ -1,8 +1,10 @@
 """One interface for every protocol: the sum of the clients' vectors, computed in-process by
 driving the sans-IO state machines (the simulator; the network transport drives the same ones).
 
-Backends: ``plain`` (vectors in the clear), ``secagg`` (SecAgg+ masking of fixed-point
-encodings), ``ckks`` (TenSEAL CKKS). ``drop`` simulates clients vanishing before they send
+Backends and what the aggregator learns (threat models in ``secagg.py`` and ``ckks_sum.py``):
+``plain`` (vectors in the clear: the server sees every input; the reference), ``secagg``
+(SecAgg+ masking of fixed-point encodings: the server sees the sum only), ``ckks`` (TenSEAL
+CKKS: the server sees ciphertexts only; clients decrypt the sum). ``drop`` simulates clients vanishing before they send
 at a given stage (``advertise``, ``share``, ``mask``, ``unmask`` for secagg; ``mask`` means
 "before sending the input" for every backend).
 """

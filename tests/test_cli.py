@@ -68,6 +68,9 @@ def test_table_compares_runs(tmp_path, capsys):
     (["protocol=paillier"], "protocol"),
     (["secure.secagg.bits=32", "secure.secagg.frac_bits=31"], "frac_bits: at most bits - 2"),
     (["protocol=ckks", "feddymem.kmeans_init=kmeans++"], "needs pca-partition"),
+    (["protocol=secagg", "clients.n=5", "secure.secagg.neighbours=3"], "no such regular graph"),
+    (["protocol=secagg", "clients.n=5", "secure.secagg.threshold=2"], "must be a majority"),
+    (["protocol=secagg", "clients.n=3", "secure.secagg.neighbours=4"], "exceeds clients.n - 1"),
 ])
 def test_bad_config_is_one_line_exit_2(overrides, message, capsys, tmp_path):
     code, _, err = run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path / "x"),
