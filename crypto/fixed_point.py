@@ -73,7 +73,8 @@ class FixedPoint:
             q = np.rint(scaled)
         elif rounding == "stochastic":
             low = np.floor(scaled)
-            coins = expand(os.urandom(SEED_BYTES), x.size, 64).astype(np.float64) * 2.0**-64
+            # 53 random bits per coin: exactly representable, uniform on [0, 1)
+            coins = (expand(os.urandom(SEED_BYTES), x.size, 64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
             q = low + (coins < scaled - low)
         else:
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")

@@ -71,6 +71,8 @@ def split(secret: bytes, xs: Sequence[int], threshold: int,
 
 def combine(shares: Sequence[Share], threshold: int) -> bytes:
     """The secret from at least ``threshold`` shares (the first ``threshold`` are used)."""
+    if threshold < 1:
+        raise CryptoError("threshold must be at least 1")
     if len(shares) < threshold:
         raise CryptoError(f"{len(shares)} shares given, {threshold} needed")
     use = list(shares)[:threshold]

@@ -1,8 +1,9 @@
 """Neighbour graphs for SecAgg+: each client shares keys with, and masks against, k neighbours.
 
-A Harary graph H(k, n) (the k-regular graph with the best connectivity) over a
-random relabelling of the clients drawn with the OS CSPRNG; k = n - 1 is the
-complete graph of the original SecAgg.
+A Harary graph H(k, n) (the k-regular graph with the best connectivity: it is
+k-connected, so it stays connected while fewer than k clients are removed)
+over a random relabelling of the clients drawn with the OS CSPRNG; k = n - 1
+is the complete graph of the original SecAgg.
 """
 
 from __future__ import annotations
@@ -30,3 +31,18 @@ def harary_graph(clients: Sequence[int], k: int) -> dict[int, tuple[int, ...]]:
             adj[a].add(b)
             adj[b].add(a)
     return {c: tuple(sorted(v)) for c, v in adj.items()}
+
+
+def connected(nodes: set[int], neighbours: dict[int, tuple[int, ...]]) -> bool:
+    """Whether the graph induced on ``nodes`` is connected (a masked sum over a disconnected
+    survivor graph would reveal each component's partial sum)."""
+    if not nodes:
+        return True
+    start = next(iter(nodes))
+    seen, todo = {start}, [start]
+    while todo:
+        for v in neighbours[todo.pop()]:
+            if v in nodes and v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen == nodes

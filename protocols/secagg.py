@@ -39,13 +39,16 @@ from fedsecmem.crypto.agreement import KeyPair, agree, generate_keypair, hkdf, k
 from fedsecmem.crypto.errors import CryptoError
 from fedsecmem.crypto.prg import SEED_BYTES, add_masks, ring_dtype
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
-from fedsecmem.protocols.graph import harary_graph
+from fedsecmem.protocols.graph import connected, harary_graph
 from fedsecmem.protocols.secagg_messages import (
     AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, SESSION_BYTES, Setup, SharesForYou,
     UnmaskRequest, UnmaskShares,
 )
 
 STAGES = ("advertise", "share", "mask", "unmask", "done")
+MAX_CLIENT_ID = 2**31 - 1  # Shamir x-coordinate id + 1 travels in 4 bytes
+SHARE_PLAINTEXT_BYTES = 16 + 2 * shamir.SHARE_BYTES
+SHARE_CIPHERTEXT_BYTES = aead.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + aead.TAG_BYTES
 _SHARE_INFO = b"fedsecmem/secagg/share-encryption"
 _PAIR_INFO = b"fedsecmem/secagg/pairwise-mask"
 _SELF_INFO = b"fedsecmem/secagg/self-mask"
@@ -80,7 +83,11 @@ def make_params(clients: list[int], length: int, bits: int = 64, neighbours: int
     n = len(clients)
     if n < 2:
         raise ValueError("secure aggregation needs at least 2 clients")
+    if any(not 0 <= c < MAX_CLIENT_ID for c in clients):
+        raise ValueError(f"client ids must be in [0, {MAX_CLIENT_ID})")
     k = n - 1 if neighbours is None else neighbours
+    if k < min(2, n - 1):
+        raise ValueError(f"neighbours k={k}: a graph of degree 1 splits into pairs whose sums would be revealed")
     t = default_threshold(k) if threshold is None else threshold
     if not (k + 1) / 2 < t <= k + 1:
         raise ValueError(f"threshold t={t} must be a majority of the {k + 1} share holders "
@@ -151,7 +158,10 @@ class SecAggClient:
             if h == self.cid:
                 self.held[self.cid] = (bs, ss)
                 continue
-            key = agree(self.c_keys, msg.keys[h][0], _SHARE_INFO + self.setup.session)
+            try:
+                key = agree(self.c_keys, msg.keys[h][0], _SHARE_INFO + self.setup.session)
+            except CryptoError as exc:
+                raise ProtocolError(f"client {self.cid}: key of client {h}: {exc}") from None
             plain = struct.pack(">QQ", self.cid, h) + bs.to_bytes() + ss.to_bytes()
             out[h] = aead.seal(key, plain, aead.associated_data(self.cid, h, self.setup.session, "share"))
         self.stage = "mask"
@@ -171,15 +181,18 @@ class SecAggClient:
                                 f"threshold {self.setup.threshold} cannot be met")
         held = {}
         for v, blob in msg.ciphertexts.items():
-            key = agree(self.c_keys, self.peer_keys[v][0], _SHARE_INFO + self.setup.session)
             try:
+                key = agree(self.c_keys, self.peer_keys[v][0], _SHARE_INFO + self.setup.session)
                 plain = aead.open_sealed(key, blob, aead.associated_data(v, self.cid, self.setup.session, "share"))
             except CryptoError as exc:
                 raise ProtocolError(f"client {self.cid}: share from client {v}: {exc}") from None
             n = shamir.SHARE_BYTES
-            _check(len(plain) == 16 + 2 * n and struct.unpack(">QQ", plain[:16]) == (v, self.cid),
+            _check(len(plain) == SHARE_PLAINTEXT_BYTES and struct.unpack(">QQ", plain[:16]) == (v, self.cid),
                    f"client {self.cid}: malformed share from client {v}")
-            held[v] = (shamir.Share.from_bytes(plain[16 : 16 + n]), shamir.Share.from_bytes(plain[16 + n :]))
+            try:
+                held[v] = (shamir.Share.from_bytes(plain[16 : 16 + n]), shamir.Share.from_bytes(plain[16 + n :]))
+            except CryptoError as exc:
+                raise ProtocolError(f"client {self.cid}: share from client {v}: {exc}") from None
         self.held.update(held)
         self.masked_with = set(msg.ciphertexts)
         seeds = [_self_seed(self.self_seed_b, self.setup.session)]
@@ -222,6 +235,7 @@ class SecAggServer:
         self.shares: dict[int, EncryptedShares] = {}
         self.masked: dict[int, MaskedInput] = {}
         self.rejected = 0
+        self._probe = generate_keypair()  # checks advertised keys are usable
 
     def setups(self) -> dict[int, Setup]:
         p = self.params
@@ -254,12 +268,20 @@ class SecAggServer:
         _check(msg.sender in self.expected, f"server: client {msg.sender} is not expected in stage {self.stage}")
         _check(msg.sender not in self.inbox, f"server: duplicate {self.stage} message from client {msg.sender}")
         if isinstance(msg, AdvertiseKeys):
-            _check(len(msg.c_public) == 32 and len(msg.s_public) == 32, "server: public keys must be 32 bytes")
+            keys = (msg.c_public, msg.s_public)
+            _check(all(isinstance(k, bytes) and len(k) == 32 for k in keys), "server: public keys must be 32 bytes")
             _check(msg.c_public != msg.s_public, "server: the two public keys must differ")
+            for key in keys:  # a low-order point would make every neighbour's key agreement fail
+                try:
+                    agree(self._probe, key, b"fedsecmem/secagg/key-check")
+                except CryptoError:
+                    raise ProtocolError(f"server: client {msg.sender} advertised an invalid public key") from None
         elif isinstance(msg, EncryptedShares):
-            bad = set(msg.ciphertexts) - (set(p.neighbours[msg.sender]) & set(self.keys))
-            _check(not bad, f"server: client {msg.sender} addressed shares to {sorted(bad)}")
-            _check(all(len(c) < 4096 for c in msg.ciphertexts.values()), "server: share ciphertext too large")
+            want = set(p.neighbours[msg.sender]) & set(self.keys)
+            _check(set(msg.ciphertexts) == want,
+                   f"server: client {msg.sender} must address shares to exactly its neighbours {sorted(want)}")
+            _check(all(isinstance(c, bytes) and len(c) == SHARE_CIPHERTEXT_BYTES for c in msg.ciphertexts.values()),
+                   f"server: share ciphertexts of client {msg.sender} must be {SHARE_CIPHERTEXT_BYTES} bytes")
         elif isinstance(msg, MaskedInput):
             v = msg.vector
             _check(isinstance(v, np.ndarray) and v.dtype == ring_dtype(p.bits) and v.shape == (p.length,),
@@ -269,8 +291,13 @@ class SecAggServer:
             _check(holders_of <= set(self.shares), f"server: client {msg.sender} sent shares of unknown clients")
             _check(not set(msg.self_mask_shares) & set(msg.key_shares),
                    f"server: client {msg.sender} sent both shares for one client")
-            _check(all(len(s) == shamir.SHARE_BYTES for s in [*msg.self_mask_shares.values(), *msg.key_shares.values()]),
-                   f"server: malformed share from client {msg.sender}")
+            for owner, blob in [*msg.self_mask_shares.items(), *msg.key_shares.items()]:
+                _check(msg.sender in p.holders(owner), f"server: client {msg.sender} holds no share of client {owner}")
+                try:
+                    share = shamir.Share.from_bytes(blob)
+                except (CryptoError, TypeError):
+                    raise ProtocolError(f"server: malformed share from client {msg.sender}") from None
+                _check(share.x == msg.sender + 1, f"server: client {msg.sender} sent a share at the wrong point")
 
     def _need(self, have: int, what: str) -> None:
         if have < self.params.threshold:
@@ -301,6 +328,10 @@ class SecAggServer:
         if stage == "mask":
             self.masked = inbox
             self._need(len(self.masked), "sent masked inputs")
+            if not connected(set(self.masked), self.params.neighbours):
+                self.stage = "aborted"
+                raise ProtocolAbort("secagg: the survivors' neighbour graph is disconnected (too many dropouts "
+                                    "for k neighbours); unmasking would reveal partial sums, round aborted")
             self.stage = "unmask"
             alive = tuple(sorted(self.masked))
             dropped = tuple(sorted(set(self.shares) - set(self.masked)))

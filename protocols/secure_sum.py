@@ -157,15 +157,19 @@ class SecAggSum(SecureSum):
                     continue
                 cl = machines[c]
                 t = time.perf_counter()
-                if stage == "advertise":
-                    msg = cl.advertise()
-                elif stage == "share":
-                    msg = cl.share_keys(incoming)
-                elif stage == "mask":
-                    msg = cl.mask(incoming, encoded[c])
-                else:
-                    msg = cl.unmask(incoming)
-                meter.client_seconds += time.perf_counter() - t
+                try:
+                    if stage == "advertise":
+                        msg = cl.advertise()
+                    elif stage == "share":
+                        msg = cl.share_keys(incoming)
+                    elif stage == "mask":
+                        msg = cl.mask(incoming, encoded[c])
+                    else:
+                        msg = cl.unmask(incoming)
+                except ProtocolAbort:  # the client refuses to go on: to the server it has dropped out
+                    continue
+                finally:
+                    meter.client_seconds += time.perf_counter() - t
                 meter.send_up(c, msg.nbytes)
                 t = time.perf_counter()
                 server.receive(msg)

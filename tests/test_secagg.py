@@ -222,3 +222,76 @@ def test_harary_graph_is_k_regular_and_symmetric(n, k):
     g = harary_graph(list(range(100, 100 + n)), k)
     assert all(len(v) == k and c not in v for c, v in g.items())
     assert all(c in g[v] for c, vs in g.items() for v in vs)
+
+
+def _through_share_stage(xs, k=None):
+    params = secagg.make_params(list(xs), len(next(iter(xs.values()))), 32, k)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    for m in machines.values():
+        server.receive(m.advertise())
+    keys = server.close_stage()
+    return params, server, machines, {c: machines[c].share_keys(keys[c]) for c in xs}
+
+
+def test_server_refuses_partial_share_lists_and_bad_keys():
+    xs = _ints(4, 16, 32)
+    params, server, machines, shares = _through_share_stage(xs)
+    partial = shares[0].ciphertexts
+    victim = next(iter(partial))
+    with pytest.raises(ProtocolError, match="exactly its neighbours"):
+        server.receive(secagg.EncryptedShares(params.session, 0, {v: c for v, c in partial.items() if v != victim}))
+    with pytest.raises(ProtocolError, match="must be"):
+        server.receive(secagg.EncryptedShares(params.session, 0, {v: c + b"x" for v, c in partial.items()}))
+    fresh = secagg.SecAggServer(secagg.make_params(list(xs), 16, 32))
+    with pytest.raises(ProtocolError, match="invalid public key"):
+        fresh.receive(secagg.AdvertiseKeys(fresh.params.session, 0, bytes(32), b"\x09" + bytes(31)))
+
+
+def test_server_refuses_shares_from_non_holders_or_at_wrong_points():
+    xs = _ints(10, 16, 32)
+    params, server, machines, shares = _through_share_stage(xs, k=4)
+    for m in shares.values():
+        server.receive(m)
+    routed = server.close_stage()
+    for c in xs:
+        server.receive(machines[c].mask(routed[c], xs[c]))
+    requests = server.close_stage()
+    honest = machines[0].unmask(requests[0])
+    stranger = next(c for c in xs if c not in params.holders(0))
+    some = next(iter(honest.self_mask_shares.values()))
+    with pytest.raises(ProtocolError, match="holds no share"):
+        server.receive(secagg.UnmaskShares(params.session, 0, {stranger: some}, {}))
+    owner = next(iter(honest.self_mask_shares))
+    wrong = shamir.Share(5, 7).to_bytes()
+    with pytest.raises(ProtocolError, match="wrong point"):
+        server.receive(secagg.UnmaskShares(params.session, 0, {owner: wrong}, {}))
+    server.receive(honest)  # the honest reply still counts
+    for c in list(xs)[1:]:
+        server.receive(machines[c].unmask(requests[c]))
+    assert np.array_equal(server.close_stage(), np.sum(list(xs.values()), axis=0, dtype=np.uint32))
+
+
+def test_sparse_graphs_never_reveal_partial_sums():
+    with pytest.raises(ValueError, match="degree 1"):
+        secagg.make_params(list(range(4)), 8, 32, neighbours=1)
+    # k = 2 on 8 clients is a ring: two dropouts on opposite sides cut it into two arcs
+    xs = _ints(8, 16, 32)
+    params = secagg.make_params(list(xs), 16, 32, neighbours=2, threshold=2)
+    ring = params.neighbours
+    a = 0
+    b = next(c for c in xs if c != a and c not in ring[a] and not set(ring[c]) & set(ring[a]))
+    from fedsecmem.protocols.graph import connected
+    assert not connected(set(xs) - {a, b}, ring)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    out = {c: None for c in xs}
+    with pytest.raises(ProtocolAbort, match="disconnected"):
+        for stage in ("advertise", "share", "mask"):
+            for c, m in out.items():
+                if stage == "mask" and c in (a, b):
+                    continue
+                cl = machines[c]
+                server.receive({"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(m),
+                                "mask": lambda: cl.mask(m, xs[c])}[stage]())
+            out = server.close_stage()

@@ -1,0 +1,117 @@
+"""Per-client privacy accounting on Opacus' accountants (RDP by default, PRV as an option).
+
+Every mechanism a client's data goes through is one entry of its history:
+a DP-SGD step of the memory generator (noise multiplier z_sgd, Poisson
+sampling rate q = expected batch / client images) and each Gaussian release
+of aggregated statistics (noise multiplier z, sampling rate 1: every image
+takes part). Opacus composes the history and converts it to (epsilon, delta).
+The history is the whole state: it is saved with the run and loaded back, so a
+restarted run continues from what was spent, never from zero.
+
+``would_spend`` answers "what would epsilon be after these steps?" without
+recording them, so a round is refused before anything is released.
+``calibrate`` finds the noise multiplier that spends a target epsilon over a
+planned run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+# Opacus' default RDP orders stop at 63; heavily noised releases are tightest at higher orders
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
+
+
+@dataclass(frozen=True)
+class Step:
+    """``count`` compositions of a (subsampled) Gaussian mechanism."""
+
+    noise_multiplier: float
+    sample_rate: float
+    count: int = 1
+
+
+def epsilon_of(history: Iterable[Step], delta: float, kind: str = "rdp") -> float:
+    """Opacus' epsilon at ``delta`` for a history of steps (0 for an empty history)."""
+    hist = [(float(s.noise_multiplier), float(s.sample_rate), int(s.count)) for s in history if s.count > 0]
+    if not hist:
+        return 0.0
+    if any(z <= 0 for z, _, _ in hist):
+        return float("inf")
+    acc = ACCOUNTANTS[kind]()
+    acc.history = hist
+    if kind == "rdp":
+        return float(acc.get_epsilon(delta, alphas=RDP_ORDERS))
+    return float(acc.get_epsilon(delta))
+
+
+class PrivacyAccountant:
+    """The histories of every client of a run, and the (epsilon, delta) each has spent."""
+
+    def __init__(self, clients: Iterable[int], delta: float, kind: str = "rdp"):
+        if kind not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {kind!r}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        self.kind = kind
+        self.delta = delta
+        self.history: dict[int, list[Step]] = {int(c): [] for c in clients}
+
+    def record(self, client: int, steps: Iterable[Step]) -> None:
+        self.history[int(client)].extend(s for s in steps if s.count > 0)
+
+    def epsilon(self, client: int) -> float:
+        return epsilon_of(self.history[int(client)], self.delta, self.kind)
+
+    def would_spend(self, client: int, steps: Iterable[Step]) -> float:
+        return epsilon_of([*self.history[int(client)], *steps], self.delta, self.kind)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "delta": self.delta,
+                "history": {str(c): [[s.noise_multiplier, s.sample_rate, s.count] for s in h]
+                            for c, h in self.history.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PrivacyAccountant":
+        acc = cls([int(c) for c in data["history"]], float(data["delta"]), data["kind"])
+        for c, h in data["history"].items():
+            acc.history[int(c)] = [Step(float(z), float(q), int(n)) for z, q, n in h]
+        return acc
+
+    def save(self, path: Path) -> None:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)  # atomic: a crash never leaves half a state
+
+    @classmethod
+    def load(cls, path: Path) -> "PrivacyAccountant":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def calibrate(target_epsilon: float, delta: float, plan: list[tuple[float, int]], kind: str = "rdp",
+              low: float = 0.05, high: float = 500.0, tolerance: float = 0.01) -> float:
+    """Smallest noise multiplier z such that the planned history spends at most ``target_epsilon``.
+
+    ``plan`` lists (sample_rate, count) of every mechanism the run will compose, all at the same
+    noise multiplier z (releases have sample rate 1, DP-SGD steps their Poisson rate)."""
+    if target_epsilon <= 0:
+        raise ValueError("target epsilon must be positive")
+
+    def eps(z: float) -> float:
+        return epsilon_of([Step(z, q, n) for q, n in plan], delta, kind)
+
+    if eps(high) > target_epsilon:
+        raise ValueError(f"epsilon {target_epsilon} cannot be reached with noise multipliers up to {high}")
+    while high - low > tolerance * low:  # bisection on a monotone function
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
