@@ -21,7 +21,9 @@ import torch
 from fedsecmem.crypto.ckks import CkksParams
 from fedsecmem.feddymem import FLOAT_BYTES, Contribution, GlobalMemory
 from fedsecmem.kmeans import weighted_kmeans
-from fedsecmem.protocols.secure_kmeans import AggregateCost, federated_kmeans, secure_weighted_average
+from fedsecmem.protocols.secure_kmeans import (
+    AggregateCost, dp_federated_kmeans, federated_kmeans, secure_weighted_average,
+)
 from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
 
 
@@ -34,6 +36,9 @@ SERVER_VIEW = {
     ("secagg", None): "the server saw only the sum over all clients (SecAgg+)",
     ("ckks", "pca-partition"): "the server saw only ciphertexts (CKKS)",
     ("ckks", None): "the server saw only ciphertexts (CKKS)",
+    ("secagg", "dp-random-partition"): "the server saw only noisy sums over all clients (SecAgg+, DP)",
+    ("ckks", "dp-random-partition"): "the server saw only ciphertexts of noisy sums (CKKS, DP)",
+    ("plain", "dp-random-partition"): "the server saw each client's noisy sums (local DP)",
 }
 
 
@@ -109,8 +114,37 @@ def federated_kmeans_aggregator(ss: SecureSum, k: int, k_images: int, iters: int
     return aggregate
 
 
-def make_aggregator(cfg, ss: SecureSum) -> Aggregator:
+def dp_kmeans_aggregator(noisy, k: int, k_images: int, iters: int, clip: float, image_clip: float,
+                         seed: int) -> Aggregator:
+    """Differentially private federated k-means (fixed schedule, clipped points, noisy sums)."""
+
+    def aggregate(contribs: list[Contribution]) -> Aggregated:
+        cost = AggregateCost()
+        res = dp_federated_kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, noisy,
+                                  iters, clip, seed)
+        cost.merge(res.cost)
+        images = None
+        if all(c.images is not None for c in contribs):
+            img = dp_federated_kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
+                                      k_images, noisy, iters, image_clip, seed + 1)
+            cost.merge(img.cost)
+            images = img.centres.astype(np.float32)
+        n = len(contribs)
+        return Aggregated(GlobalMemory(res.centres.astype(np.float32), images),
+                          [cost.bytes_up.get(i, 0) for i in range(n)], [cost.bytes_down.get(i, 0) for i in range(n)],
+                          {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
+                           "global_items": len(res.centres)})
+
+    return aggregate
+
+
+def make_aggregator(cfg, ss: SecureSum, noisy=None) -> Aggregator:
+    """The round's aggregation: private k-means when a ``NoisySum`` is given, else as configured."""
     fc = cfg.feddymem
+    if noisy is not None:
+        pv = cfg.privacy
+        return dp_kmeans_aggregator(noisy, fc.global_k, fc.global_k_images, pv.kmeans_iters, pv.clip_norm,
+                                    pv.image_clip_norm, cfg.seed)
     if cfg.kmeans_init == "kmeans++":
         return upload_kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
     return federated_kmeans_aggregator(ss, fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.secure.pca_dims)

@@ -167,6 +167,31 @@ class SecureConfig(Strict):
     pca_dims: int = Field(16, ge=1, description="subspace of the PCA-partition k-means initialization")
 
 
+class PrivacyConfig(Strict):
+    """Differential privacy (method feddymem): one training image is the privacy unit."""
+
+    dp: bool = False
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon: float | None = Field(None, gt=0, description="target epsilon: calibrate the noise multiplier "
+                                  "to spend it over the run (null = use noise_multiplier)")
+    noise_multiplier: float = Field(1.0, ge=0, description="noise std / sensitivity of every release and "
+                                    "DP-SGD step when epsilon is null (0 = clipping only, epsilon infinite)")
+    epsilon_budget: float | None = Field(None, gt=0, description="refuse any round that would take a "
+                                         "client past this epsilon")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise: Literal["distributed", "local", "central"] = Field(
+        "distributed", description="distributed: each client adds 1/t of the variance (secagg, ckks); "
+        "local: each adds all of it; central: a trusted server adds it")
+    min_survivors: int | None = Field(None, ge=1, description="contributions distributed noise counts on "
+                                      "(null = the SecAgg+ threshold, or a majority of clients for ckks)")
+    clip_norm: float = Field(60.0, gt=0, description="L2 clip of memory-space patch prototypes (public "
+                             "constant: ~99th percentile of EfficientNet-Lite0 patch features on ImageNet-like images)")
+    image_clip_norm: float = Field(45.0, gt=0, description="L2 clip of image-level embeddings")
+    kmeans_iters: int = Field(2, ge=0, description="Lloyd steps of the private k-means (fixed schedule)")
+    sgd_clip: float = Field(1.0, gt=0, description="per-image gradient clip of DP-SGD")
+    sgd_batch_images: int = Field(8, ge=1, description="expected images per Poisson-sampled DP-SGD batch")
+
+
 class OutputConfig(Strict):
     map_examples_per_product: int = Field(2, ge=0, description="anomaly maps in the PNG grid")
     embedding_cache: Path | None = Field(
@@ -189,6 +214,7 @@ class RunConfig(Strict):
     protocol: Literal["plain", "secagg", "ckks"] = Field(
         "plain", description="how federated methods aggregate (local and central do not aggregate)")
     secure: SecureConfig = Field(default_factory=SecureConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -196,7 +222,21 @@ class RunConfig(Strict):
         if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
-        if self.protocol == "secagg":
+        pv = self.privacy
+        if pv.dp:
+            if self.method != "feddymem":
+                raise ValueError(f"privacy: dp applies to method feddymem, not {self.method}")
+            if pv.noise == "distributed" and self.protocol == "plain":
+                raise ValueError("privacy: distributed noise needs protocol secagg or ckks (with plain the "
+                                 "server sees each client's small share of the noise); use noise: local")
+            if pv.noise == "central" and self.protocol == "ckks":
+                raise ValueError("privacy: central noise needs a server that sees the sum; ckks hides it")
+            if self.feddymem.memory_dim not in (None,):
+                raise ValueError("privacy: dp needs feddymem.memory_dim null (the per-image DP-SGD loss "
+                                 "measures spread in the backbone's space)")
+            if pv.min_survivors is not None and pv.min_survivors > self.clients.n:
+                raise ValueError(f"privacy: min_survivors {pv.min_survivors} exceeds clients.n {self.clients.n}")
+        if self.protocol == "secagg" and self.method in ("feddymem", "fedavg", "fedprox"):
             a, n = self.secure.secagg, self.clients.n
             if n < 2:
                 raise ValueError("clients: secagg needs at least 2 clients")

@@ -18,7 +18,9 @@ client; the generator never does.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +29,7 @@ import torch
 from fedsecmem.backbone import Embeddings
 from fedsecmem.generator import MemoryGenerator
 from fedsecmem.memory import MemoryBank, coreset_bank
-from fedsecmem.metric_loss import anti_collapse_target, metric_loss
+from fedsecmem.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
 from fedsecmem.reduce import reduce_images
 from fedsecmem.scoring import Scores, score_embeddings
 
@@ -153,6 +155,55 @@ class FedDyMemClient:
                 steps += 1
         gen.eval()
         mean = total / max(1, steps)
+        self.losses.append(mean)
+        return mean
+
+    def dp_sgd_plan(self, batch_images: int, local_epochs: int) -> tuple[float, int]:
+        """(Poisson sampling rate, steps) of one round of DP-SGD: ``local_epochs`` passes of
+        expected ``batch_images`` images each."""
+        n = len(self.train.patches)
+        q = min(1.0, batch_images / n)
+        return q, local_epochs * max(1, int(np.ceil(n / batch_images)))
+
+    def train_towards_dp(self, targets: torch.Tensor, noise_multiplier: float, clip: float,
+                         batch_images: int) -> float:
+        """DP-SGD (Opacus) of the generator with one image as the privacy unit: Poisson-sampled
+        batches of images, the per-image metric loss, each image's gradient clipped to ``clip``,
+        Gaussian noise of ``noise_multiplier * clip``. Returns the mean loss."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        cfg = self.cfg
+        if self.generator.in_dim != self.generator.out_dim:
+            raise ValueError("DP training needs memory_dim equal to the backbone dimension")
+        x = torch.from_numpy(self.train.patches.reshape(len(self.train.patches), -1,
+                                                        self.train.patches.shape[-1])).to(self.device)
+        targets = targets.to(self.device)
+        q, steps = self.dp_sgd_plan(batch_images, cfg.local_epochs)
+        rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))  # fresh per call
+        noise_rng = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+        model = GradSampleModule(self.generator)
+        opt = DPOptimizer(torch.optim.Adam(model.parameters(), lr=cfg.lr), noise_multiplier=noise_multiplier,
+                          max_grad_norm=clip, expected_batch_size=batch_images, generator=noise_rng)
+        model.train()
+        total = 0.0
+        for _ in range(steps):
+            chosen = torch.rand(len(x), generator=rng) < q  # Poisson sampling: each image with probability q
+            opt.zero_grad(set_to_none=True)
+            if chosen.any():
+                batch = x[chosen.to(self.device)]
+                losses = per_image_metric_loss(model(batch), batch, targets, cfg.var_weight)
+                with warnings.catch_warnings():  # Opacus' hooks on a frozen input: expected, harmless
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    losses.mean().backward()
+                total += float(losses.detach().mean())
+            else:  # an empty batch still takes a noisy step (the accountant counts it)
+                for p in model.parameters():
+                    p.grad_sample = torch.zeros((0, *p.shape), device=self.device)
+            opt.step()
+        model._close()
+        self.generator.eval()
+        mean = total / steps
         self.losses.append(mean)
         return mean
 

@@ -14,10 +14,12 @@ import torch
 
 from fedsecmem.aggregation import Aggregated, average_states, make_aggregator, secure_sum_for
 from fedsecmem.backbone import resolve_device
+from fedsecmem.errors import UserError
+from fedsecmem.privacy import RunPrivacy
 from fedsecmem.feddymem import FedDyMemClient
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
-from fedsecmem.progress import task
+from fedsecmem.progress import console, task
 from fedsecmem.reference import MethodContext, MethodOutput, timed
 
 
@@ -51,7 +53,8 @@ def _record(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> dict:
         if side in agg.info:
             key = f"aggregation_{side}"
             ctx.timings[key] = ctx.timings.get(key, 0.0) + agg.info[side]
-    return {k: v for k, v in agg.info.items() if k in ("secure_sums", "kmeans_objective", "kmeans_updates")}
+    return {k: v for k, v in agg.info.items()
+            if k in ("secure_sums", "kmeans_objective", "kmeans_updates", "global_items")}
 
 
 def _aggregation_summary(ctx: MethodContext, init: str | None) -> dict:
@@ -65,33 +68,54 @@ def _aggregation_summary(ctx: MethodContext, init: str | None) -> dict:
 
 
 def run_feddymem(ctx: MethodContext) -> MethodOutput:
-    cfg, fc = ctx.cfg, ctx.cfg.feddymem
+    cfg, fc, pv = ctx.cfg, ctx.cfg.feddymem, ctx.cfg.privacy
     clients = _make_clients(ctx, fc.use_generator)
-    aggregate = make_aggregator(cfg, secure_sum_for(cfg))
+    ss = secure_sum_for(cfg)
+    privacy = None
+    if pv.dp:
+        privacy = RunPrivacy(cfg, {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs) for cl in clients}, ss)
+    aggregate = make_aggregator(cfg, ss, privacy.noisy if privacy else None)
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
-    with task(ctx.progress, f"feddymem rounds ({cfg.protocol})", fc.rounds) as advance:
+    label = f"feddymem rounds ({cfg.protocol}{', DP' if privacy else ''})"
+    with task(ctx.progress, label, fc.rounds) as advance:
         for r in range(fc.rounds):
+            if privacy is not None:
+                message = privacy.refuse(r + 1)
+                if message is not None:  # before any DP-SGD step or release of this round
+                    console.print(f"[bold yellow]{message}")
+                    break
+            if r > 0:  # train towards the last global memory, then rebuild
+                with timed(ctx.timings, "generator_train_s"):
+                    if privacy is not None and fc.use_generator:
+                        targets = torch.from_numpy(clients[0].global_memory.patches)
+                        loss = [cl.train_towards_dp(targets, privacy.z, pv.sgd_clip, pv.sgd_batch_images)
+                                for cl in clients]
+                    else:
+                        loss = [cl.train_generator() for cl in clients]
+                per_round[-1]["loss"] = float(np.mean(loss))
             with timed(ctx.timings, "memory_rebuild_s"):
                 contribs = [cl.rebuild() for cl in clients]
             with timed(ctx.timings, "aggregation_s"):
                 agg = aggregate(contribs)
             summary = _record(ctx, agg, up, down)
+            if privacy is not None:
+                summary["epsilon"] = privacy.record_round(r + 1, ctx.out)
             for cl in clients:
                 cl.receive(agg.memory)
             with timed(ctx.timings, "score_s"):
                 scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k)
                           for cl, c in zip(clients, ctx.clients)]
-            metrics = {**_round_metrics(ctx, scores), **summary}
-            if r < fc.rounds - 1:
-                with timed(ctx.timings, "generator_train_s"):
-                    metrics["loss"] = float(np.mean([cl.train_generator() for cl in clients]))
-            per_round.append({"round": r + 1, **metrics})
-            advance(1)
+            per_round.append({"round": r + 1, **_round_metrics(ctx, scores), **summary})
+            eps = f", eps {summary['epsilon']:.2f}" if privacy is not None else ""
+            advance(1, description=f"{label[:-1]}{eps})" if eps else None)
+    if not per_round:
+        raise UserError(message)
     _collect_timings(ctx, clients)
-    return MethodOutput(scores, up, down, fc.rounds, cfg.protocol, [len(cl.bank) for cl in clients], per_round,
-                        _aggregation_summary(ctx, cfg.kmeans_init))
+    init = "dp-random-partition" if privacy is not None else cfg.kmeans_init
+    return MethodOutput(scores, up, down, len(per_round), cfg.protocol, [len(cl.bank) for cl in clients], per_round,
+                        _aggregation_summary(ctx, init), privacy.summary() if privacy is not None else None)
 
 
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:

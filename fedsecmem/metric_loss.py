@@ -38,3 +38,19 @@ def metric_loss(z: torch.Tensor, memory: torch.Tensor, target_std: torch.Tensor,
     # relative deficit per dimension, weighted by the dimension's share of the variance (as the pull is)
     hinge = (target_std * torch.relu(target_std - std)).sum() / target_std.pow(2).sum()
     return pull + var_weight * hinge
+
+
+def per_image_metric_loss(z: torch.Tensor, x: torch.Tensor, memory: torch.Tensor, var_weight: float) -> torch.Tensor:
+    """The metric loss of each image on its own (B,), for DP-SGD, whose per-sample gradients need
+    a loss that is a sum of per-image terms: no statistic across the batch, no target measured on
+    other images. ``z``: the generator's output for the image's patches (B, P, M); ``x``: its input
+    (B, P, D) with M = D, whose per-image spread is the target (the generator starts as the
+    identity, so this is the spread it starts from)."""
+    b, p, m = z.shape
+    target = x.std(1).clamp(min=EPS)  # (B, M)
+    total_var = target.pow(2).sum(1)  # (B,)
+    d2 = torch.cdist(z.reshape(b * p, m), memory).pow(2).min(1).values.reshape(b, p)
+    pull = d2.mean(1) / total_var
+    std = torch.sqrt(z.var(1) + EPS)
+    hinge = (target * torch.relu(target - std)).sum(1) / total_var
+    return pull + var_weight * hinge

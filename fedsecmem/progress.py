@@ -22,10 +22,15 @@ def make_progress() -> Progress:
 
 @contextmanager
 def task(progress: Progress | None, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback for one bar (a no-op without a Progress)."""
+    """Yield an ``advance(n, description=None)`` callback for one bar (a no-op without a Progress);
+    a new ``description`` replaces the bar's label (e.g. to show epsilon spent)."""
     if progress is None:
-        yield lambda n=1: None
+        yield lambda n=1, description=None: None
         return
     tid = progress.add_task(description, total=total)
-    yield lambda n=1: progress.advance(tid, n)
+
+    def advance(n: int = 1, description: str | None = None) -> None:
+        progress.update(tid, advance=n, **({"description": description} if description else {}))
+
+    yield advance
     progress.update(tid, completed=total)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ class MethodContext:
     test_emb: Embeddings
     progress: object = None
     timings: dict = field(default_factory=dict)
+    out: Path | None = None  # the run folder (state saved during the run, e.g. the privacy accountant)
 
 
 @contextmanager
@@ -47,6 +49,7 @@ class MethodOutput:
     bank_sizes: list[int]
     per_round: list[dict] = field(default_factory=list)  # mean metrics after each round
     aggregation: dict | None = None  # protocol and its settings (federated methods)
+    privacy: dict | None = None  # DP parameters and epsilon spent (runs with privacy.dp)
 
 
 def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> tuple[MemoryBank, MemoryBank | None]:

@@ -86,7 +86,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         else:
             train_emb, test_emb, cached_timings = cached
             timings.update(cached_timings)
-        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings)
+        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out)
         t = time.perf_counter()
         try:
             output = METHODS[cfg.method](ctx)
@@ -131,7 +131,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         },
         "per_client": per_client,
         "per_round": output.per_round,
-        "privacy": {"epsilon": None, "delta": None, "dp": False},
+        "privacy": output.privacy or {"epsilon": None, "delta": None, "dp": False},
         "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
         "timing": {**{k: round(v, 3) for k, v in timings.items()},
                    "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 else None,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedsecmem.protocols.dp_release import SENSITIVITY, clip_to_unit
 from fedsecmem.protocols.secure_sum import SecureSum, Traffic
 
 FLOAT_BYTES = 4  # centres and split plans are broadcast as float32
@@ -96,9 +97,11 @@ def local_partition_stats(z: np.ndarray, w: np.ndarray, labels: np.ndarray, n_cl
     return np.concatenate([cw, s1.ravel(), s2.ravel()])
 
 
-def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray, labels: np.ndarray | None = None,
+                      with_objective: bool = True) -> np.ndarray:
     """[per-cluster weights (k), per-cluster weighted sums (k, D), weighted objective (1)]; points go
-    to their nearest centre, or to ``labels`` when given (the partition's first step)."""
+    to their nearest centre, or to ``labels`` when given (the partition's first step). Differentially
+    private releases leave the objective out (its sensitivity is not bounded by the clipping)."""
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
     k = len(centres)
     if labels is None:
@@ -109,7 +112,8 @@ def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray, labels:
         sums = torch.zeros(k, x.shape[1], dtype=xt.dtype).index_add_(0, lt, xt * wt[:, None])
         weights = torch.zeros(k, dtype=xt.dtype).index_add_(0, lt, wt)
         objective = 0.0
-    return np.concatenate([weights.numpy(), sums.numpy().ravel(), [objective]])
+    tail = [objective] if with_objective else []
+    return np.concatenate([weights.numpy(), sums.numpy().ravel(), tail])
 
 
 # ---- what the holder of a sum computes --------------------------------------------------------
@@ -278,3 +282,54 @@ def secure_weighted_average(values: dict[int, tuple[np.ndarray, float]], secure_
     if total[-1] <= 0:
         raise ValueError("secure_weighted_average: total weight is not positive")
     return total[:-1] / total[-1], cost
+
+
+def dp_federated_kmeans(parts: dict[int, tuple[np.ndarray, np.ndarray]], k: int, noisy, iters: int,
+                        clip_norm: float, seed: int) -> KMeansResult:
+    """Differentially private federated k-means over a ``NoisySum`` (``protocols.dp_release``).
+
+    Every release is a vector of per-cell (weight, weighted sum) blocks of clipped, unit-scaled
+    points, so each has sensitivity sqrt(2) whatever k. A fixed schedule of 2 + ``iters`` releases:
+    1. the global mean; 2. the cells of floor(log2 k) random hyperplanes through it (public
+    directions drawn from ``seed``: data-independent, unlike PCA, whose covariance would cost a
+    release of D^2 noisy values); 3. ``iters`` Lloyd steps. Cells whose noisy weight is below three
+    noise standard deviations are dropped (their centres would be noise)."""
+    clients = sorted(parts)
+    xs = {c: clip_to_unit(parts[c][0], clip_norm) for c in clients}
+    ws = {c: np.ascontiguousarray(parts[c][1], dtype=np.float64) for c in clients}
+    dim = next(iter(xs.values())).shape[1]
+    cost = AggregateCost()
+    min_weight = max(EMPTY_WEIGHT, 3 * noisy.z * SENSITIVITY)
+    server_broadcasts = noisy.name != "ckks"
+
+    def release(labels: dict[int, np.ndarray], n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+        t = time.perf_counter()
+        values = {c: local_lloyd_stats(xs[c], ws[c], np.zeros((n_cells, dim)), labels[c], with_objective=False)
+                  for c in clients}
+        cost.client_seconds += time.perf_counter() - t
+        total = _secure(noisy, values, cost)
+        weights = total[:n_cells]
+        sums = total[n_cells:].reshape(n_cells, dim)
+        keep = weights > min_weight
+        return sums[keep] / weights[keep][:, None], weights[keep]
+
+    mean, _ = release({c: np.zeros(len(xs[c]), np.int64) for c in clients}, 1)
+    mean = mean[0] if len(mean) else np.zeros(dim)
+    levels = max(0, int(np.floor(np.log2(max(k, 1)))))
+    directions = np.random.default_rng(seed).standard_normal((levels, dim))  # public, not secret
+    if server_broadcasts:
+        cost.broadcast(clients, dim)
+    bits = 1 << np.arange(levels)
+    labels = {c: (((xs[c] - mean) @ directions.T > 0) * bits).sum(1).astype(np.int64) for c in clients}
+    centres, weights = release(labels, 1 << levels)
+    for _ in range(iters):
+        if len(centres) == 0:
+            break
+        if server_broadcasts:
+            cost.broadcast(clients, centres.size)
+        cur = centres
+        labels = {c: torch.cdist(torch.from_numpy(xs[c]), torch.from_numpy(cur)).argmin(1).numpy() for c in clients}
+        centres, weights = release(labels, len(cur))
+    if len(centres) == 0:  # everything drowned in noise: the mean is all that is left
+        centres, weights = mean[None], np.ones(1)
+    return KMeansResult(centres * clip_norm, weights, float("nan"), iters, cost)

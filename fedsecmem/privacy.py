@@ -1,0 +1,116 @@
+"""A run's differential privacy: noise multiplier, per-client accountant, budget, results.
+
+What is private and why (details in docs/privacy.md): each round releases the
+private k-means' per-cell sums (``protocols.dp_release``: sensitivity sqrt(2)
+per image) and, from the second round on, uses a generator trained by DP-SGD
+with one image as the unit (``FedDyMemClient.train_towards_dp``). Both are
+Gaussian mechanisms; every client's accountant composes its own DP-SGD steps
+(its Poisson rate) and every release its data was in (rate 1).
+
+A round is checked against ``epsilon_budget`` before its DP-SGD steps run and
+before anything is released; if any client would go past the budget, the run
+stops there and says who and by how much.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate
+from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
+from fedsecmem.protocols.secagg import default_threshold
+from fedsecmem.protocols.secure_sum import SecureSum
+
+STATE_FILE = "privacy_state.json"
+
+
+def min_survivors(cfg) -> int:
+    """How many contributions distributed noise counts on (the sum is refused with fewer)."""
+    pv, n = cfg.privacy, cfg.clients.n
+    if pv.noise != "distributed":
+        return 1
+    if pv.min_survivors is not None:
+        return pv.min_survivors
+    if cfg.protocol == "secagg":
+        a = cfg.secure.secagg
+        return a.threshold or default_threshold(n - 1 if a.neighbours is None else a.neighbours)
+    return n // 2 + 1
+
+
+class RunPrivacy:
+    def __init__(self, cfg, sgd_plans: dict[int, tuple[float, int]], secure_sum: SecureSum):
+        """``sgd_plans``: client -> (Poisson rate, DP-SGD steps per round)."""
+        self.cfg = cfg
+        pv = cfg.privacy
+        fc = cfg.feddymem
+        self.releases_per_round = (2 + pv.kmeans_iters) * (2 if fc.share_images else 1)
+        self.sgd_plans = sgd_plans
+        if pv.epsilon is not None:
+            # the strictest client (smallest data: highest DP-SGD sampling rate) sets the noise
+            self.z = max(calibrate(pv.epsilon, pv.delta, self._plan(cid, fc.rounds), pv.accountant)
+                         for cid in sgd_plans)
+        else:
+            self.z = pv.noise_multiplier
+        self.accountant = PrivacyAccountant(sgd_plans, pv.delta, pv.accountant)
+        self.noisy = NoisySum(secure_sum, self.z, pv.noise, min_survivors(cfg),
+                              cfg.secure.secagg.frac_bits)
+        self.per_round: list[dict[int, float]] = []
+        self.stopped: dict | None = None
+
+    def _plan(self, cid: int, rounds: int) -> list[tuple[float, int]]:
+        q, steps = self.sgd_plans[cid]
+        return [(1.0, self.releases_per_round * rounds), (q, steps * (rounds - 1))]
+
+    def round_steps(self, cid: int, first: bool) -> list[Step]:
+        """What one round costs a client: its DP-SGD steps (not before the first round) and the releases."""
+        q, steps = self.sgd_plans[cid]
+        out = [] if first else [Step(self.z, q, steps)]
+        return out + [Step(self.z, 1.0, self.releases_per_round)]
+
+    def refuse(self, round_number: int) -> str | None:
+        """A message if the round would take any client past the budget (nothing recorded)."""
+        budget = self.cfg.privacy.epsilon_budget
+        if budget is None:
+            return None
+        for cid in self.sgd_plans:
+            after = self.accountant.would_spend(cid, self.round_steps(cid, round_number == 1))
+            if after > budget:
+                spent = self.accountant.epsilon(cid)
+                self.stopped = {"round": round_number, "client": cid, "epsilon_spent": spent,
+                                "epsilon_after_round": after, "budget": budget}
+                return (f"privacy budget: round {round_number} would take client {cid} to epsilon {after:.2f} "
+                        f"> budget {budget:g} (spent {spent:.2f}, {budget - spent:.2f} left); "
+                        f"stopped after round {round_number - 1}")
+        return None
+
+    def record_round(self, round_number: int, out: Path | None) -> float:
+        """Record the round's steps for every client, save the state; returns the max epsilon."""
+        for cid in self.sgd_plans:
+            self.accountant.record(cid, self.round_steps(cid, round_number == 1))
+        eps = {cid: self.accountant.epsilon(cid) for cid in self.sgd_plans}
+        self.per_round.append(eps)
+        if out is not None:
+            self.accountant.save(Path(out) / STATE_FILE)
+        return max(eps.values())
+
+    def summary(self) -> dict:
+        pv = self.cfg.privacy
+        last = self.per_round[-1] if self.per_round else {c: 0.0 for c in self.sgd_plans}
+        worst = max(last.values())
+        finite = worst != float("inf")
+        return {
+            "dp": True, "delta": pv.delta,
+            "epsilon": worst if finite else None,
+            "epsilon_infinite": not finite,
+            "per_client": [last[c] if last[c] != float("inf") else None for c in sorted(last)],
+            "per_client_per_round": [[e[c] if e[c] != float("inf") else None for c in sorted(e)]
+                                     for e in self.per_round],
+            "noise_multiplier": self.z, "target_epsilon": pv.epsilon, "epsilon_budget": pv.epsilon_budget,
+            "accountant": pv.accountant, "noise": pv.noise, "min_survivors": self.noisy.min_survivors,
+            "sensitivity": SENSITIVITY, "clip_norm": pv.clip_norm, "image_clip_norm": pv.image_clip_norm,
+            "releases_per_round": self.releases_per_round,
+            "dp_sgd": {"clip": pv.sgd_clip, "batch_images": pv.sgd_batch_images,
+                       "per_client": {str(c): {"sample_rate": q, "steps_per_round": s}
+                                      for c, (q, s) in self.sgd_plans.items()}},
+            "stopped": self.stopped, "state_file": STATE_FILE,
+        }

@@ -1,0 +1,81 @@
+"""Differentially private releases of secure sums: clipping, sensitivity, and where noise is added.
+
+Sensitivity (privacy unit: one training image). Before any release a client
+clips every point to L2 norm C and divides by C, so ||x|| <= 1, and gives
+each image a total weight of 1 (its memory-reduce prototypes' weights sum to
+1; an image embedding has weight 1). Every DP release is a vector of
+per-cell blocks (w_c, sum of w x over the cell's points): the global mean is
+one cell, a partition or a Lloyd step has one cell per cluster. Removing one
+image removes sum_p w_p (e_c(p) (x) (1, x_p)) from its client's vector, whose
+L2 norm is at most sum_p w_p ||(1, x_p)|| <= sqrt(2). So Delta = sqrt(2) for
+every release, whatever the number of clusters or patches.
+
+Noise (Gaussian, on the fixed-point lattice, see ``dp_noise``), per release of
+noise multiplier z, with sigma = z * Delta in lattice units:
+- ``distributed``: each client adds N_Z(0, sigma^2 / t); the sum of at least
+  t contributions (t = the SecAgg+ threshold, or the configured minimum for
+  CKKS) carries variance >= sigma^2. A sum with fewer than t contributions is
+  refused. Protects against the aggregator; clients that collude with it can
+  subtract their own shares.
+- ``local``: each client adds N_Z(0, sigma^2): DP even if the aggregator sees
+  every vector (``plain``).
+- ``central``: the (trusted) aggregator adds N_Z(0, sigma^2) to the sum.
+
+Each release is one Gaussian mechanism with sampling rate 1 for every client
+whose data is in it; ``releases`` counts them for the accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity, noised_on_lattice
+from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome
+
+SENSITIVITY = math.sqrt(2.0)
+
+
+def clip_to_unit(points: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Scale every row to norm <= ``clip_norm``, then divide by ``clip_norm`` (norm <= 1)."""
+    x = np.asarray(points, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)) / clip_norm
+
+
+class NoisySum:
+    """A ``SecureSum`` whose every call is a Gaussian release of noise multiplier ``z``."""
+
+    def __init__(self, secure_sum: SecureSum, z: float, mode: Literal["distributed", "local", "central"],
+                 min_survivors: int, frac_bits: int = 24):
+        if mode not in ("distributed", "local", "central"):
+            raise ValueError(f"noise mode must be distributed, local or central, got {mode!r}")
+        if z < 0:
+            raise ValueError("noise multiplier must be >= 0")
+        self.ss = secure_sum
+        self.z = float(z)
+        self.mode = mode
+        self.min_survivors = int(min_survivors)
+        self.frac_bits = frac_bits
+        self.releases = 0
+        self.name = secure_sum.name
+
+    def sigma_lattice(self, dim: int) -> float:
+        return self.z * lattice_sensitivity(SENSITIVITY, self.frac_bits, dim)
+
+    def sum(self, inputs: dict[int, np.ndarray], drop=None) -> SumOutcome:
+        dim = len(next(iter(inputs.values())))
+        sigma = self.sigma_lattice(dim)
+        share = {"distributed": sigma / math.sqrt(self.min_survivors), "local": sigma, "central": 0.0}[self.mode]
+        noised = {c: noised_on_lattice(v, share, self.frac_bits) for c, v in inputs.items()}
+        out = self.ss.sum(noised, drop)
+        if self.mode == "distributed" and len(out.included) < self.min_survivors:
+            raise ProtocolAbort(f"dp: only {len(out.included)} clients in the sum; distributed noise needs "
+                                f"{self.min_survivors} for the promised privacy, nothing released")
+        if self.mode == "central" and sigma > 0:
+            out.total = out.total + discrete_gaussian(dim, sigma).astype(np.float64) / 2.0**self.frac_bits
+        self.releases += 1
+        return out

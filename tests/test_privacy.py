@@ -1,0 +1,186 @@
+"""Differential privacy: the sensitivity bound on real data, the noise actually added, distributed
+noise with t survivors, accounting equal to Opacus', calibration, budget refusal, saved state."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate, epsilon_of
+from fedsecmem.config import DataConfig
+from fedsecmem.data.load import load_benchmark
+from fedsecmem.metric_loss import per_image_metric_loss
+from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity
+from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum, clip_to_unit
+from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.secure_kmeans import local_lloyd_stats
+from fedsecmem.protocols.secure_sum import make_secure_sum
+from fedsecmem.reduce import reduce_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prototypes(embedder):
+    """Real memory-reduce prototypes of 24 texture images: (P, D) points, weights, owning image."""
+    bench = load_benchmark(DataConfig(products=["brick", "retina", "cell"], train_per_product=8,
+                                      test_normal_per_product=1, test_defect_per_product=1,
+                                      image_size=96, crop_size=96), 0)
+    emb = embedder.embed(bench.train.images, 16)
+    protos, weights = reduce_images(emb.patches, 16, 3)
+    owner = np.repeat(np.arange(len(protos)), protos.shape[1])
+    return protos.reshape(-1, protos.shape[-1]).astype(np.float64), weights.reshape(-1).astype(np.float64), owner
+
+
+def test_removing_one_image_moves_every_release_by_at_most_the_bound(prototypes):
+    x, w, owner = prototypes
+    xu = clip_to_unit(x, 20.0)  # a tight clip: many points are clipped
+    assert np.linalg.norm(xu, axis=1).max() <= 1 + 1e-12
+    assert np.allclose(np.bincount(owner, weights=w), 1.0)
+    rng = np.random.default_rng(0)
+    centres = xu[rng.choice(len(xu), 6, replace=False)]
+    directions = rng.standard_normal((3, xu.shape[1]))
+    cells = ((xu - xu.mean(0)) @ directions.T > 0) @ (1 << np.arange(3))
+    releases = {
+        "mean": lambda keep: local_lloyd_stats(xu[keep], w[keep], np.zeros((1, xu.shape[1])),
+                                               np.zeros(keep.sum(), np.int64), with_objective=False),
+        "cells": lambda keep: local_lloyd_stats(xu[keep], w[keep], np.zeros((8, xu.shape[1])), cells[keep],
+                                                with_objective=False),
+        "lloyd": lambda keep: local_lloyd_stats(xu[keep], w[keep], centres, with_objective=False),
+    }
+    everyone = np.ones(len(xu), bool)
+    worst = 0.0
+    for name, release in releases.items():
+        full = release(everyone)
+        for image in np.unique(owner):
+            change = np.linalg.norm(full - release(owner != image))
+            worst = max(worst, change)
+            assert change <= SENSITIVITY + 1e-9, (name, image, change)
+    assert worst > 0.5 * SENSITIVITY  # the bound is not vacuous on real data
+
+
+def test_discrete_gaussian_has_the_configured_deviation():
+    for sigma in (0.7, 1000.0, 3.0e7):
+        y = discrete_gaussian(40_000, sigma)
+        assert y.dtype == np.int64
+        assert abs(y.std() / sigma - 1) < 0.03
+        assert abs(y.mean()) < 4 * sigma / math.sqrt(len(y))
+
+
+def _noise_of(mode, n, drop, z=0.5, t=3, length=4000, protocol="secagg"):
+    rng = np.random.default_rng(1)
+    xs = {c: rng.uniform(-0.5, 0.5, length) for c in range(n)}
+    noisy = NoisySum(make_secure_sum(protocol), z, mode, t)
+    out = noisy.sum(xs, drop)
+    truth = np.sum([xs[c] for c in out.included], axis=0)
+    sigma = noisy.sigma_lattice(length) / 2.0**noisy.frac_bits  # target std in real units
+    return (out.total - truth).std() / sigma, noisy
+
+
+@pytest.mark.parametrize("mode,drop,expect", [
+    ("distributed", {"mask": {3, 4}}, 1.0),  # exactly t = 3 survivors: exactly the target
+    ("distributed", None, math.sqrt(5 / 3)),  # more survivors, more noise, never less
+    ("local", None, math.sqrt(5)),
+    ("central", None, 1.0),
+])
+def test_noise_added_meets_the_target(mode, drop, expect):
+    ratio, noisy = _noise_of(mode, 5, drop)
+    assert abs(ratio / expect - 1) < 0.05, (mode, ratio)
+    assert noisy.releases == 1
+
+
+def test_distributed_noise_refuses_a_sum_of_fewer_than_t():
+    with pytest.raises(ProtocolAbort, match="distributed noise needs 4"):
+        _noise_of("distributed", 6, {"mask": {0, 1, 2}}, t=4, protocol="plain")
+
+
+def test_lattice_sensitivity_covers_rounding():
+    assert lattice_sensitivity(math.sqrt(2), 10, 100) == pytest.approx(math.sqrt(2) * 1024 + 10)
+
+
+def test_our_epsilon_is_opacus_epsilon_for_the_same_history():
+    history = [Step(1.1, 0.2, 15), Step(1.1, 1.0, 8), Step(1.1, 0.2, 15), Step(1.1, 1.0, 8)]
+    for kind, cls in (("rdp", RDPAccountant), ("prv", PRVAccountant)):
+        ref = cls()
+        for s in history:
+            for _ in range(s.count):
+                ref.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate)
+        kwargs = {"alphas": __import__("fedsecmem.audits.accountant", fromlist=["x"]).RDP_ORDERS} if kind == "rdp" else {}
+        assert epsilon_of(history, 1e-5, kind) == pytest.approx(ref.get_epsilon(1e-5, **kwargs), rel=1e-6)
+    # the design's reference point: sigma 1.0, q 0.01, 1000 steps
+    assert epsilon_of([Step(1.0, 0.01, 1000)], 1e-5, "prv") == pytest.approx(1.84, abs=0.02)
+
+
+def test_calibration_spends_the_target():
+    plan = [(1.0, 24), (0.2, 30)]
+    z = calibrate(8.0, 1e-5, plan)
+    spent = epsilon_of([Step(z, q, n) for q, n in plan], 1e-5)
+    assert 7.8 <= spent <= 8.0
+    assert epsilon_of([Step(z * 0.97, q, n) for q, n in plan], 1e-5) > 8.0
+    with pytest.raises(ValueError, match="positive"):
+        calibrate(0, 1e-5, plan)
+
+
+def test_accountant_state_round_trips(tmp_path):
+    acc = PrivacyAccountant([0, 1], 1e-5)
+    acc.record(0, [Step(2.0, 0.1, 10), Step(2.0, 1.0, 4)])
+    acc.save(tmp_path / "s.json")
+    back = PrivacyAccountant.load(tmp_path / "s.json")
+    assert back.epsilon(0) == acc.epsilon(0) > 0 and back.epsilon(1) == 0.0
+    assert back.would_spend(0, [Step(2.0, 1.0, 4)]) > back.epsilon(0)  # asking records nothing
+    assert back.epsilon(0) == acc.epsilon(0)
+
+
+def test_per_image_loss_depends_on_its_own_image_only():
+    torch.manual_seed(0)
+    x = torch.randn(4, 30, 8)
+    memory = torch.randn(5, 8)
+    a = per_image_metric_loss(x * 1.1, x, memory, 2.0)
+    y = x.clone()
+    y[1:] = torch.randn(3, 30, 8)
+    b = per_image_metric_loss(y * 1.1, y, memory, 2.0)
+    assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def _tiny_dp(tmp_path, *extra):
+    from fedsecmem.config import load_config
+    from fedsecmem.runner import run
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [
+        "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
+        "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
+        "data.crop_size=64", "clients.n=3", "feddymem.rounds=2", "feddymem.global_k=8",
+        "feddymem.global_k_images=4", "output.embedding_cache=null", "protocol=secagg", "privacy.dp=true",
+        *extra])
+    return run(cfg, tmp_path)
+
+
+def test_dp_run_reports_epsilon_per_client_per_round_and_saves_state(tmp_path):
+    r = _tiny_dp(tmp_path / "a", "privacy.epsilon=4")
+    pv = r["privacy"]
+    assert pv["dp"] and pv["epsilon"] <= 4.0 + 1e-6 and pv["epsilon"] == max(pv["per_client"])
+    assert len(pv["per_client_per_round"]) == 2 and all(len(e) == 3 for e in pv["per_client_per_round"])
+    assert all(b > a for a, b in zip(*pv["per_client_per_round"]))  # epsilon only grows
+    assert r["per_round"][-1]["epsilon"] == pytest.approx(pv["epsilon"])
+    saved = PrivacyAccountant.load(tmp_path / "a" / pv["state_file"])
+    assert max(saved.epsilon(c) for c in range(3)) == pytest.approx(pv["epsilon"])
+
+
+def test_budget_refusal_happens_before_anything_is_released(tmp_path, monkeypatch):
+    calls = []
+    original = NoisySum.sum
+    monkeypatch.setattr(NoisySum, "sum", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    from fedsecmem.errors import UserError
+    with pytest.raises(UserError, match="round 1 would take client"):
+        _tiny_dp(tmp_path / "none", "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=0.5")
+    assert calls == []  # refused before the first release
+    # a budget that holds one round but not two: the run stops cleanly after round 1
+    one = _tiny_dp(tmp_path / "probe", "privacy.noise_multiplier=2.0", "feddymem.rounds=1")["privacy"]["epsilon"]
+    calls.clear()
+    r = _tiny_dp(tmp_path / "one", "privacy.noise_multiplier=2.0", f"privacy.epsilon_budget={one * 1.2}")
+    assert r["rounds"] == 1 and r["privacy"]["stopped"]["round"] == 2
+    assert r["privacy"]["epsilon"] <= one * 1.2
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["privacy"]["stopped"]["budget"] == one * 1.2
