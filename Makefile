@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job: FedDyMem on the embedded textures benchmark, beside the two references.
+# The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same
+# without DP and the two references.
 run: $(STAMP)
-	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem_dp
+	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem --set privacy.dp=false \
+		--set feddymem.global_k=512 --set feddymem.global_k_images=64
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/local --set method=local
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
-	$(VENV)/bin/fedsecmem table $(RUN_DIR)/feddymem $(RUN_DIR)/local $(RUN_DIR)/central
+	$(VENV)/bin/fedsecmem table $(RUN_DIR)/feddymem_dp $(RUN_DIR)/feddymem $(RUN_DIR)/local $(RUN_DIR)/central
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -21,6 +21,14 @@ def _mb(v: float) -> str:
     return f"{v / 1e6:.2f}"
 
 
+def _epsilon(privacy: dict) -> str:
+    """Epsilon spent as shown to people: '-' without DP, 'inf' with DP but no noise."""
+    if not privacy.get("dp"):
+        return "-"
+    eps = privacy.get("epsilon")
+    return "inf" if eps is None else f"{eps:.2f}"
+
+
 def print_run_summary(results: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -46,9 +54,14 @@ def print_run_summary(results: dict, out: Path) -> None:
 
         view = SERVER_VIEW.get((agg["protocol"], agg.get("kmeans_init")), "")
         console.print(f"protocol = {agg['protocol']}" + (f": {view}" if view else ""))
-    eps = results["privacy"]["epsilon"]
+    pv = results["privacy"]
+    eps = _epsilon(pv)
+    if pv.get("dp"):
+        eps += f" (delta {pv['delta']:g}, max over clients)"
+        if pv.get("stopped"):
+            console.print(f"[bold yellow]stopped by the privacy budget before round {pv['stopped']['round']}")
     console.print(f"auroc.image ({a['primary_score']} score) = {_fmt(a['image'])}   "
-                  f"epsilon = {'n/a (DP off)' if eps is None else f'{eps:.2f}'}   "
+                  f"epsilon = {'n/a (DP off)' if eps == '-' else eps}   "
                   f"wall = {results['wall_seconds']:.1f} s   results: {out / 'results.json'}")
 
 
@@ -70,10 +83,9 @@ def print_comparison(dirs: list[Path]) -> None:
             a = r["auroc"]
             up = r["comm"]["bytes_up"]
             mean_up = sum(sum(x) for x in up) / max(1, len(up))
-            eps = r["privacy"]["epsilon"]
             t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("image_patch_max")),
                       _fmt(a.get("image_knn")), _fmt(a["pixel"]), _fmt(a.get("pro")), _mb(mean_up),
-                      "-" if eps is None else f"{eps:.2f}", f"{r['wall_seconds']:.0f}")
+                      _epsilon(r["privacy"]), f"{r['wall_seconds']:.0f}")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"table: {path} is not a fedsecmem results file ({exc})") from None
     console.print(t)

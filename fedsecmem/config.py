@@ -223,7 +223,7 @@ class RunConfig(Strict):
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
         pv = self.privacy
-        if pv.dp:
+        if pv.dp and self.method in ("feddymem", "fedavg", "fedprox"):  # local and central release nothing
             if self.method != "feddymem":
                 raise ValueError(f"privacy: dp applies to method feddymem, not {self.method}")
             if pv.noise == "distributed" and self.protocol == "plain":

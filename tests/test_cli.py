@@ -83,7 +83,7 @@ def test_bad_config_is_one_line_exit_2(overrides, message, capsys, tmp_path):
 
 def test_values_beyond_the_fixed_point_bound_stop_the_run_with_one_line(tmp_path, capsys):
     code, _, err = run_cli(["run", str(ROOT / "configs/quickstart.yaml"), "--out", str(tmp_path / "x"),
-                            *sum((["--set", s] for s in [*TINY, "method=feddymem", "feddymem.rounds=1",
+                            *sum((["--set", s] for s in [*TINY, "method=feddymem", "feddymem.rounds=1", "privacy.dp=false",
                                                           "protocol=secagg", "secure.secagg.bits=32"]), [])],
                            capsys)
     assert code == 2
