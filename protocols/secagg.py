@@ -227,8 +227,11 @@ class SecAggServer:
     (when all expected arrived or the stage's deadline passed): it returns what to send next.
     """
 
-    def __init__(self, params: SecAggParams):
+    def __init__(self, params: SecAggParams, min_inputs: int = 1):
+        """``min_inputs``: unmask only a sum of at least this many inputs (never fewer than t), e.g.
+        the survivors distributed DP noise counts on."""
         self.params = params
+        self.min_inputs = max(params.threshold, min_inputs)
         self.stage = "advertise"
         self.inbox: dict[int, object] = {}
         self.keys: dict[int, AdvertiseKeys] = {}
@@ -299,10 +302,11 @@ class SecAggServer:
                     raise ProtocolError(f"server: malformed share from client {msg.sender}") from None
                 _check(share.x == msg.sender + 1, f"server: client {msg.sender} sent a share at the wrong point")
 
-    def _need(self, have: int, what: str) -> None:
-        if have < self.params.threshold:
+    def _need(self, have: int, what: str, need: int | None = None) -> None:
+        need = self.params.threshold if need is None else need
+        if have < need:
             self.stage = "aborted"
-            raise ProtocolAbort(f"secagg: only {have} clients {what}, threshold {self.params.threshold}; "
+            raise ProtocolAbort(f"secagg: only {have} clients {what}, at least {need} needed; "
                                 "round aborted, nothing revealed")
 
     def close_stage(self):
@@ -327,7 +331,7 @@ class SecAggServer:
                     for v in self.shares}
         if stage == "mask":
             self.masked = inbox
-            self._need(len(self.masked), "sent masked inputs")
+            self._need(len(self.masked), "sent masked inputs", self.min_inputs)
             if not connected(set(self.masked), self.params.neighbours):
                 self.stage = "aborted"
                 raise ProtocolAbort("secagg: the survivors' neighbour graph is disconnected (too many dropouts "

@@ -88,7 +88,10 @@ def _drops(drop: Mapping[str, Iterable[int]] | None) -> dict[str, set[int]]:
 class SecureSum:
     name = "abstract"
 
-    def sum(self, inputs: Mapping[int, np.ndarray], drop: Mapping[str, Iterable[int]] | None = None) -> SumOutcome:
+    def sum(self, inputs: Mapping[int, np.ndarray], drop: Mapping[str, Iterable[int]] | None = None,
+            min_included: int = 1) -> SumOutcome:
+        """The sum over the clients that make it; ``ProtocolAbort`` (nothing revealed) if fewer than
+        ``min_included`` inputs would be in it."""
         raise NotImplementedError
 
 
@@ -103,12 +106,14 @@ class PlainSum(SecureSum):
             raise ValueError(f"plain: wire must be float32 or float64, got {wire!r}")
         self.wire = np.dtype(wire)
 
-    def sum(self, inputs, drop=None) -> SumOutcome:
+    def sum(self, inputs, drop=None, min_included: int = 1) -> SumOutcome:
         _check_inputs(inputs)
         d = _drops(drop)
         gone = d.get("advertise", set()) | d.get("share", set()) | d.get("mask", set())
         t = time.perf_counter()
         included = tuple(sorted(c for c in inputs if c not in gone))
+        if len(included) < min_included:
+            raise ProtocolAbort(f"plain: only {len(included)} inputs, at least {min_included} needed")
         # the sum is taken in float64 over what travels
         total = np.sum([np.asarray(inputs[c], self.wire).ravel().astype(np.float64) for c in included], axis=0)
         up = {c: np.asarray(inputs[c]).size * self.wire.itemsize for c in included}
@@ -129,7 +134,7 @@ class SecAggSum(SecureSum):
     def fixed_point(self, parties: int) -> FixedPoint:
         return FixedPoint(self.bits, self.frac_bits, parties)
 
-    def sum(self, inputs, drop=None) -> SumOutcome:
+    def sum(self, inputs, drop=None, min_included: int = 1) -> SumOutcome:
         length = _check_inputs(inputs)
         drop = _drops(drop)
         meter = Traffic()
@@ -141,7 +146,7 @@ class SecAggSum(SecureSum):
         k = self.neighbours if self.neighbours is None else min(self.neighbours, len(clients) - 1)
         params = make_params(clients, length, self.bits, k, self.threshold)
         t = time.perf_counter()
-        server = SecAggServer(params)
+        server = SecAggServer(params, min_included)
         setups = server.setups()
         meter.server_seconds += time.perf_counter() - t
         machines = {}
@@ -208,7 +213,7 @@ class CkksSum(SecureSum):
         """Size of the public context the server receives once per run."""
         return len(self.public)
 
-    def sum(self, inputs, drop=None) -> SumOutcome:
+    def sum(self, inputs, drop=None, min_included: int = 1) -> SumOutcome:
         length = _check_inputs(inputs)
         drop = _drops(drop)
         meter = Traffic()
@@ -230,6 +235,8 @@ class CkksSum(SecureSum):
             meter.server_seconds += time.perf_counter() - t
         if not server.inbox:
             raise ProtocolAbort("ckks: no client sent an input")
+        if len(server.inbox) < min_included:  # before the sum is formed and handed out for decryption
+            raise ProtocolAbort(f"ckks: only {len(server.inbox)} inputs, at least {min_included} needed")
         t = time.perf_counter()
         result = server.close_stage()
         meter.server_seconds += time.perf_counter() - t

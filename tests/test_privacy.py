@@ -93,9 +93,11 @@ def test_noise_added_meets_the_target(mode, drop, expect):
     assert noisy.releases == 1
 
 
-def test_distributed_noise_refuses_a_sum_of_fewer_than_t():
-    with pytest.raises(ProtocolAbort, match="distributed noise needs 4"):
-        _noise_of("distributed", 6, {"mask": {0, 1, 2}}, t=4, protocol="plain")
+@pytest.mark.parametrize("protocol", ["plain", "secagg", "ckks"])
+def test_distributed_noise_refuses_a_sum_of_fewer_than_t(protocol):
+    # 6 clients: secagg's own threshold is 4; the noise counts on 5, and only 4 send their input
+    with pytest.raises(ProtocolAbort, match="only 4 .*at least 5 needed"):
+        _noise_of("distributed", 6, {"mask": {0, 1}}, t=5, protocol=protocol)
 
 
 def test_lattice_sensitivity_covers_rounding():
