@@ -154,9 +154,13 @@ PROTOCOL_RUNS = {  # label -> overrides on the quickstart config
 }
 
 
+NO_DP = ["privacy.dp=false", "feddymem.global_k=512", "feddymem.global_k_images=64"]  # quickstart has DP on
+
+
 def feddymem_section() -> str:
     cache = f"output.embedding_cache={OUT / 'cache'}"
-    runs = {label: run_config("quickstart", f"secure_{i}", [*ov, cache]) for i, (label, ov) in enumerate(PROTOCOL_RUNS.items())}
+    runs = {label: run_config("quickstart", f"secure_{i}", [*NO_DP, *ov, cache])
+            for i, (label, ov) in enumerate(PROTOCOL_RUNS.items())}
     base = runs["plain, upload + k-means++ (faithful FedDyMem)"]
     fed_plain = runs["plain, federated k-means (sums in the clear)"]
     pp_obj = base["per_round"][0]["kmeans_objective"]

@@ -28,18 +28,24 @@ from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
 
 
 # What the server saw, in plain words (run summary; docs/secure_aggregation.md has the full table)
-SERVER_VIEW = {
-    ("plain", "kmeans++"): "the server saw every client's reduced memory",
-    ("plain", "pca-partition"): "the server saw every client's per-cluster sums",
-    ("plain", None): "the server saw every client's update",
-    ("secagg", "pca-partition"): "the server saw only sums over all clients (SecAgg+)",
-    ("secagg", None): "the server saw only the sum over all clients (SecAgg+)",
-    ("ckks", "pca-partition"): "the server saw only ciphertexts (CKKS)",
-    ("ckks", None): "the server saw only ciphertexts (CKKS)",
-    ("secagg", "dp-random-partition"): "the server saw only noisy sums over all clients (SecAgg+, DP)",
-    ("ckks", "dp-random-partition"): "the server saw only ciphertexts of noisy sums (CKKS, DP)",
-    ("plain", "dp-random-partition"): "the server saw each client's noisy sums (local DP)",
+_PROTOCOL_VIEW = {
+    "plain": "each client's {what}",
+    "secagg": "only {what} summed over all clients (SecAgg+)",
+    "ckks": "only ciphertexts of {what} (CKKS)",
 }
+
+
+def server_view(aggregation: dict) -> str:
+    """One sentence: what the aggregator could see in a run with this ``aggregation`` record."""
+    protocol, init, noise = aggregation["protocol"], aggregation.get("kmeans_init"), aggregation.get("dp_noise")
+    if init == "kmeans++":
+        return "the server saw every client's reduced memory"
+    what = {"pca-partition": "per-cluster sums", None: "model updates"}.get(init, "per-cluster sums")
+    if noise == "central":
+        return f"the server saw {_PROTOCOL_VIEW[protocol].format(what=what)} and added the DP noise itself (trusted)"
+    if noise is not None:
+        what = f"noisy {what} ({noise} DP noise)"
+    return f"the server saw {_PROTOCOL_VIEW[protocol].format(what=what)}"
 
 
 @dataclass

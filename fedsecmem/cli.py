@@ -50,10 +50,9 @@ def print_run_summary(results: dict, out: Path) -> None:
     console.print(t)
     agg = results.get("aggregation")
     if agg:
-        from fedsecmem.aggregation import SERVER_VIEW
+        from fedsecmem.aggregation import server_view
 
-        view = SERVER_VIEW.get((agg["protocol"], agg.get("kmeans_init")), "")
-        console.print(f"protocol = {agg['protocol']}" + (f": {view}" if view else ""))
+        console.print(f"protocol = {agg['protocol']}: {server_view(agg)}")
     pv = results["privacy"]
     eps = _epsilon(pv)
     if pv.get("dp"):

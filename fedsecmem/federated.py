@@ -57,9 +57,11 @@ def _record(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> dict:
             if k in ("secure_sums", "kmeans_objective", "kmeans_updates", "global_items")}
 
 
-def _aggregation_summary(ctx: MethodContext, init: str | None) -> dict:
+def _aggregation_summary(ctx: MethodContext, init: str | None, dp_noise: str | None = None) -> dict:
     cfg = ctx.cfg
     out = {"protocol": cfg.protocol, "kmeans_init": init}
+    if dp_noise is not None:
+        out["dp_noise"] = dp_noise
     if cfg.protocol == "secagg":
         out["secagg"] = cfg.secure.secagg.model_dump()
     elif cfg.protocol == "ckks":
@@ -115,7 +117,8 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
     _collect_timings(ctx, clients)
     init = "dp-random-partition" if privacy is not None else cfg.kmeans_init
     return MethodOutput(scores, up, down, len(per_round), cfg.protocol, [len(cl.bank) for cl in clients], per_round,
-                        _aggregation_summary(ctx, init), privacy.summary() if privacy is not None else None)
+                        _aggregation_summary(ctx, init, pv.noise if privacy is not None else None),
+                        privacy.summary() if privacy is not None else None)
 
 
 def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
