@@ -236,6 +236,8 @@ class RunConfig(Strict):
                                  "measures spread in the backbone's space)")
             if pv.min_survivors is not None and pv.min_survivors > self.clients.n:
                 raise ValueError(f"privacy: min_survivors {pv.min_survivors} exceeds clients.n {self.clients.n}")
+            if pv.noise == "distributed" and (self.clients.n < 2 or (pv.min_survivors or 2) < 2):
+                raise ValueError("privacy: distributed noise needs at least 2 clients in every sum; use noise: local")
         if self.protocol == "secagg" and self.method in ("feddymem", "fedavg", "fedprox"):
             a, n = self.secure.secagg, self.clients.n
             if n < 2:

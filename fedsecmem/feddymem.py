@@ -163,7 +163,7 @@ class FedDyMemClient:
         expected ``batch_images`` images each."""
         n = len(self.train.patches)
         q = min(1.0, batch_images / n)
-        return q, local_epochs * max(1, int(np.ceil(n / batch_images)))
+        return q, local_epochs * max(1, int(np.ceil(n / batch_images))) if local_epochs > 0 else 0
 
     def train_towards_dp(self, targets: torch.Tensor, noise_multiplier: float, clip: float,
                          batch_images: int) -> float:

@@ -74,8 +74,19 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
     clients = _make_clients(ctx, fc.use_generator)
     ss = secure_sum_for(cfg)
     privacy = None
-    if pv.dp:
-        privacy = RunPrivacy(cfg, {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs) for cl in clients}, ss)
+    if pv.dp:  # no generator, no DP-SGD: nothing to charge for it
+        plans = {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
+                 for cl in clients}
+        privacy = RunPrivacy(cfg, plans, ss)
+    try:
+        return _feddymem_rounds(ctx, clients, ss, privacy)
+    finally:
+        if privacy is not None:  # whatever happened, what was spent is on disk
+            privacy.save(ctx.out)
+
+
+def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, privacy) -> MethodOutput:
+    cfg, fc, pv = ctx.cfg, ctx.cfg.feddymem, ctx.cfg.privacy
     aggregate = make_aggregator(cfg, ss, privacy.noisy if privacy else None)
     up = [[] for _ in clients]
     down = [[] for _ in clients]
@@ -92,8 +103,10 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
                 with timed(ctx.timings, "generator_train_s"):
                     if privacy is not None and fc.use_generator:
                         targets = torch.from_numpy(clients[0].global_memory.patches)
-                        loss = [cl.train_towards_dp(targets, privacy.z, pv.sgd_clip, pv.sgd_batch_images)
-                                for cl in clients]
+                        loss = []
+                        for cl in clients:
+                            loss.append(cl.train_towards_dp(targets, privacy.z, pv.sgd_clip, pv.sgd_batch_images))
+                            privacy.record_sgd(cl.cid)
                     else:
                         loss = [cl.train_generator() for cl in clients]
                 per_round[-1]["loss"] = float(np.mean(loss))
@@ -103,7 +116,7 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
                 agg = aggregate(contribs)
             summary = _record(ctx, agg, up, down)
             if privacy is not None:
-                summary["epsilon"] = privacy.record_round(r + 1, ctx.out)
+                summary["epsilon"] = privacy.end_round(ctx.out)
             for cl in clients:
                 cl.receive(agg.memory)
             with timed(ctx.timings, "score_s"):

@@ -9,7 +9,9 @@ Gaussian mechanisms; every client's accountant composes its own DP-SGD steps
 
 A round is checked against ``epsilon_budget`` before its DP-SGD steps run and
 before anything is released; if any client would go past the budget, the run
-stops there and says who and by how much.
+stops there and says who and by how much. Every DP-SGD round and every release
+is recorded the moment it happens (an aborted round is still charged), and the
+state is saved after every round and when a run fails.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class RunPrivacy:
         else:
             self.z = pv.noise_multiplier
         self.accountant = PrivacyAccountant(sgd_plans, pv.delta, pv.accountant)
-        self.noisy = NoisySum(secure_sum, self.z, pv.noise, min_survivors(cfg),
-                              cfg.secure.secagg.frac_bits)
+        self.noisy = NoisySum(secure_sum, self.z, pv.noise, min_survivors(cfg), cfg.secure.secagg.frac_bits,
+                              on_release=self.record_release)
         self.per_round: list[dict[int, float]] = []
         self.stopped: dict | None = None
 
@@ -83,14 +85,25 @@ class RunPrivacy:
                         f"stopped after round {round_number - 1}")
         return None
 
-    def record_round(self, round_number: int, out: Path | None) -> float:
-        """Record the round's steps for every client, save the state; returns the max epsilon."""
-        for cid in self.sgd_plans:
-            self.accountant.record(cid, self.round_steps(cid, round_number == 1))
-        eps = {cid: self.accountant.epsilon(cid) for cid in self.sgd_plans}
-        self.per_round.append(eps)
+    def record_release(self, included) -> None:
+        """One Gaussian release (sampling rate 1) for every client whose data is in it, as it happens."""
+        for cid in included:
+            self.accountant.record(cid, [Step(self.z, 1.0, 1)])
+
+    def record_sgd(self, cid: int) -> None:
+        """One round of DP-SGD of client ``cid``, recorded as soon as it has run."""
+        q, steps = self.sgd_plans[cid]
+        self.accountant.record(cid, [Step(self.z, q, steps)])
+
+    def save(self, out: Path | None) -> None:
         if out is not None:
             self.accountant.save(Path(out) / STATE_FILE)
+
+    def end_round(self, out: Path | None) -> float:
+        """Epsilon of every client after the round, state saved; returns the max."""
+        eps = {cid: self.accountant.epsilon(cid) for cid in self.sgd_plans}
+        self.per_round.append(eps)
+        self.save(out)
         return max(eps.values())
 
     def summary(self) -> dict:

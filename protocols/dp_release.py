@@ -12,11 +12,13 @@ every release, whatever the number of clusters or patches.
 
 Noise (Gaussian, on the fixed-point lattice, see ``dp_noise``), per release of
 noise multiplier z, with sigma = z * Delta in lattice units:
-- ``distributed``: each client adds N_Z(0, sigma^2 / t); the sum of at least
-  t contributions (t = the SecAgg+ threshold, or the configured minimum for
-  CKKS) carries variance >= sigma^2. A sum with fewer than t contributions is
-  refused. Protects against the aggregator; clients that collude with it can
-  subtract their own shares.
+- ``distributed``: each client adds N_Z(0, sigma^2 / (t - 1)); a sum of at
+  least t contributions (t = the SecAgg+ threshold, or the configured minimum
+  for CKKS; the protocol refuses to reveal a sum of fewer) carries variance
+  >= sigma^2 even after any one participant removes its own share: every
+  client sees the released global memory and knows its own noise, so the
+  target must hold without it. Protects against the aggregator and against
+  any single client; a coalition of c clients removes c shares.
 - ``local``: each client adds N_Z(0, sigma^2): DP even if the aggregator sees
   every vector (``plain``).
 - ``central``: the (trusted) aggregator adds N_Z(0, sigma^2) to the sum.
@@ -49,7 +51,11 @@ class NoisySum:
     """A ``SecureSum`` whose every call is a Gaussian release of noise multiplier ``z``."""
 
     def __init__(self, secure_sum: SecureSum, z: float, mode: Literal["distributed", "local", "central"],
-                 min_survivors: int, frac_bits: int = 24):
+                 min_survivors: int, frac_bits: int = 24, on_release=None):
+        """``on_release(included)`` is called after every release with the clients whose data is in it
+        (the accountant records it there and then)."""
+        if mode == "distributed" and min_survivors < 2:
+            raise ValueError("distributed noise needs at least 2 contributions (t >= 2)")
         if mode not in ("distributed", "local", "central"):
             raise ValueError(f"noise mode must be distributed, local or central, got {mode!r}")
         if z < 0:
@@ -61,6 +67,7 @@ class NoisySum:
         self.frac_bits = frac_bits
         self.releases = 0
         self.name = secure_sum.name
+        self.on_release = on_release
 
     def sigma_lattice(self, dim: int) -> float:
         return self.z * lattice_sensitivity(SENSITIVITY, self.frac_bits, dim)
@@ -68,7 +75,8 @@ class NoisySum:
     def sum(self, inputs: dict[int, np.ndarray], drop=None) -> SumOutcome:
         dim = len(next(iter(inputs.values())))
         sigma = self.sigma_lattice(dim)
-        share = {"distributed": sigma / math.sqrt(self.min_survivors), "local": sigma, "central": 0.0}[self.mode]
+        share = {"distributed": sigma / math.sqrt(self.min_survivors - 1) if self.mode == "distributed" else 0.0,
+                 "local": sigma, "central": 0.0}[self.mode]
         noised = {c: noised_on_lattice(v, share, self.frac_bits) for c, v in inputs.items()}
         # the protocol itself refuses to reveal a sum of fewer contributions than the noise counts on
         need = self.min_survivors if self.mode == "distributed" else 1
@@ -76,4 +84,6 @@ class NoisySum:
         if self.mode == "central" and sigma > 0:
             out.total = out.total + discrete_gaussian(dim, sigma).astype(np.float64) / 2.0**self.frac_bits
         self.releases += 1
+        if self.on_release is not None:
+            self.on_release(out.included)
         return out

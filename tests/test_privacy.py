@@ -82,8 +82,9 @@ def _noise_of(mode, n, drop, z=0.5, t=3, length=4000, protocol="secagg"):
 
 
 @pytest.mark.parametrize("mode,drop,expect", [
-    ("distributed", {"mask": {3, 4}}, 1.0),  # exactly t = 3 survivors: exactly the target
-    ("distributed", None, math.sqrt(5 / 3)),  # more survivors, more noise, never less
+    # each client adds sigma^2 / (t - 1): exactly t = 3 survivors give the target even without one share
+    ("distributed", {"mask": {3, 4}}, math.sqrt(3 / 2)),
+    ("distributed", None, math.sqrt(5 / 2)),  # more survivors, more noise, never less
     ("local", None, math.sqrt(5)),
     ("central", None, 1.0),
 ])
@@ -187,3 +188,23 @@ def test_budget_refusal_happens_before_anything_is_released(tmp_path, monkeypatc
     assert r["rounds"] == 1 and r["privacy"]["stopped"]["round"] == 2
     assert r["privacy"]["epsilon"] <= one * 1.2
     assert json.loads((tmp_path / "one" / "results.json").read_text())["privacy"]["stopped"]["budget"] == one * 1.2
+
+
+def test_an_aborted_round_is_still_charged(tmp_path, monkeypatch):
+    """Releases are recorded as they happen: a failure halfway through a round leaves them on disk."""
+    from fedsecmem.errors import UserError
+    calls = {"n": 0}
+    original = NoisySum.sum
+
+    def flaky(self, inputs, drop=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third release of round 1 never completes
+            raise ProtocolAbort("simulated: too many clients vanished")
+        return original(self, inputs, drop)
+
+    monkeypatch.setattr(NoisySum, "sum", flaky)
+    with pytest.raises(UserError, match="too many clients vanished"):
+        _tiny_dp(tmp_path, "privacy.noise_multiplier=2.0")
+    saved = PrivacyAccountant.load(tmp_path / "privacy_state.json")
+    assert all(sum(s.count for s in saved.history[c]) == 2 for c in range(3))  # the two releases that happened
+    assert saved.epsilon(0) > 0
