@@ -19,7 +19,7 @@ from markdown import write_section  # noqa: E402
 from fedsecmem.crypto import prg  # noqa: E402
 from fedsecmem.crypto.agreement import agree, generate_keypair  # noqa: E402
 from fedsecmem.protocols import secagg  # noqa: E402
-from fedsecmem.protocols.secure_sum import SecAggSum  # noqa: E402
+from fedsecmem.protocols.secure_sum import SecAggSum, drive_secagg  # noqa: E402
 
 N_VALUES = 1 << 20
 NEIGHBOURS = 10
@@ -103,30 +103,14 @@ Ours is **{flower / ours:.1f}x faster** than the RandomState masking (target >= 
 """
 
 
-def _run_instance(n: int, length: int, bits: int, drop_mask: set[int], k: int | None = None, t: int | None = None):
+def _unmask_seconds(n: int, length: int, bits: int, dropped: set[int]) -> float:
+    """The server's last stage of one instance (complete graph), its sum checked exact."""
     rng = np.random.default_rng(0)
     xs = {c: rng.integers(0, 2**bits - 1, length, dtype=prg.ring_dtype(bits)) for c in range(n)}
-    params = secagg.make_params(list(xs), length, bits, k, t)
-    server = secagg.SecAggServer(params)
-    clients = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
-    client_s = 0.0
-    out = {c: None for c in xs}
-    for stage in ("advertise", "share", "mask", "unmask"):
-        for c, msg in out.items():
-            if stage == "mask" and c in drop_mask:
-                continue
-            cl = clients[c]
-            tt = time.perf_counter()
-            reply = {"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(msg),
-                     "mask": lambda: cl.mask(msg, xs[c]), "unmask": lambda: cl.unmask(msg)}[stage]()
-            client_s += time.perf_counter() - tt
-            server.receive(reply)
-        tt = time.perf_counter()
-        out = server.close_stage()
-        close_s = time.perf_counter() - tt
-    want = np.sum([xs[c] for c in xs if c not in drop_mask], axis=0, dtype=prg.ring_dtype(bits))
-    assert np.array_equal(out, want)
-    return close_s, client_s / n
+    run = drive_secagg(secagg.SecAggServer(secagg.make_params(list(xs), length, bits)), xs, {"mask": dropped})
+    want = np.sum([xs[c] for c in xs if c not in dropped], axis=0, dtype=prg.ring_dtype(bits))
+    assert np.array_equal(run.total, want)
+    return run.close_seconds["unmask"]
 
 
 def unmask_section() -> str:
@@ -134,8 +118,7 @@ def unmask_section() -> str:
     t = secagg.default_threshold(n - 1)
     rows = []
     for dropped in (0, 1, n - t):
-        close_s, _ = _run_instance(n, length, 32, set(range(dropped)))
-        rows.append(f"| {dropped} | {close_s * 1e3:.0f} |")
+        rows.append(f"| {dropped} | {_unmask_seconds(n, length, 32, set(range(dropped))) * 1e3:.0f} |")
     return f"""Server's last stage (reconstruct seeds from Shamir shares, strip the masks) for {n} clients,
 complete graph, threshold t = {t}, {length:,} uint32 values; clients dropped after sharing keys,
 before sending their masked input (each dropped client's pairwise masks with every survivor must be

@@ -8,8 +8,8 @@ adding ciphertexts needs none of them. Long vectors are cut into chunks of
 
 Parameters: SEAL refuses any (poly_modulus_degree, coeff_mod_bit_sizes) pair
 below 128-bit security. The default N = 8192 with two 60-bit primes keeps one
-data level (sums need no rescaling) and a 40-bit scale: values are carried to
-about 1e-8 and a decoded sum must stay below 2^(60 - 2 - 40) = 2^18 in
+data level (sums need no rescaling) and a 40-bit scale (tests assert sums
+within 1e-5), and a decoded sum must stay below 2^(60 - 2 - 40) = 2^18 in
 magnitude (one bit of margin below the modulus' half), which ``CkksParams.bound`` turns into a per-party input bound that
 ``encrypt`` enforces.
 """

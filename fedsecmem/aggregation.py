@@ -95,53 +95,42 @@ def upload_kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Ag
     return aggregate
 
 
-def federated_kmeans_aggregator(ss: SecureSum, k: int, k_images: int, iters: int, pca_dims: int) -> Aggregator:
-    """Federated k-means over the secure sum: the aggregator never holds a prototype."""
+def _memory_aggregator(kmeans: Callable[[dict, int, bool], object], k: int, k_images: int) -> Aggregator:
+    """The global memory from a federated k-means ``kmeans(parts, k, images)`` run on the patch
+    prototypes and, when every client shares them, on the image embeddings (weight 1 each)."""
 
     def aggregate(contribs: list[Contribution]) -> Aggregated:
         cost = AggregateCost()
-        res = federated_kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, ss, iters,
-                               pca_dims=pca_dims)
+        res = kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, False)
         cost.merge(res.cost)
         images = None
         if all(c.images is not None for c in contribs):
-            img = federated_kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
-                                   k_images, ss, iters, pca_dims=pca_dims)
+            img = kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)}, k_images, True)
             cost.merge(img.cost)
             images = img.centres.astype(np.float32)
-        memory = GlobalMemory(res.centres.astype(np.float32), images)
         n = len(contribs)
-        return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],
-                          [cost.bytes_down.get(i, 0) for i in range(n)],
-                          {"kmeans_objective": res.objective, "kmeans_updates": res.iterations,
-                           "secure_sums": cost.sums, "client_s": cost.client_seconds,
-                           "server_s": cost.server_seconds})
+        info = {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
+                "global_items": len(res.centres)}
+        if np.isfinite(res.objective):  # private k-means releases no objective
+            info.update(kmeans_objective=res.objective, kmeans_updates=res.iterations)
+        return Aggregated(GlobalMemory(res.centres.astype(np.float32), images),
+                          [cost.bytes_up.get(i, 0) for i in range(n)], [cost.bytes_down.get(i, 0) for i in range(n)],
+                          info)
 
     return aggregate
+
+
+def federated_kmeans_aggregator(ss: SecureSum, k: int, k_images: int, iters: int, pca_dims: int) -> Aggregator:
+    """Federated k-means over the secure sum: the aggregator never holds a prototype."""
+    return _memory_aggregator(lambda parts, kk, _: federated_kmeans(parts, kk, ss, iters, pca_dims=pca_dims),
+                              k, k_images)
 
 
 def dp_kmeans_aggregator(noisy, k: int, k_images: int, iters: int, clip: float, image_clip: float,
                          seed: int) -> Aggregator:
     """Differentially private federated k-means (fixed schedule, clipped points, noisy sums)."""
-
-    def aggregate(contribs: list[Contribution]) -> Aggregated:
-        cost = AggregateCost()
-        res = dp_federated_kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, noisy,
-                                  iters, clip, seed)
-        cost.merge(res.cost)
-        images = None
-        if all(c.images is not None for c in contribs):
-            img = dp_federated_kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
-                                      k_images, noisy, iters, image_clip, seed + 1)
-            cost.merge(img.cost)
-            images = img.centres.astype(np.float32)
-        n = len(contribs)
-        return Aggregated(GlobalMemory(res.centres.astype(np.float32), images),
-                          [cost.bytes_up.get(i, 0) for i in range(n)], [cost.bytes_down.get(i, 0) for i in range(n)],
-                          {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
-                           "global_items": len(res.centres)})
-
-    return aggregate
+    return _memory_aggregator(lambda parts, kk, images: dp_federated_kmeans(
+        parts, kk, noisy, iters, image_clip if images else clip, seed + int(images)), k, k_images)
 
 
 def make_aggregator(cfg, ss: SecureSum, noisy=None) -> Aggregator:

@@ -97,23 +97,22 @@ def local_partition_stats(z: np.ndarray, w: np.ndarray, labels: np.ndarray, n_cl
     return np.concatenate([cw, s1.ravel(), s2.ravel()])
 
 
-def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray, labels: np.ndarray | None = None,
-                      with_objective: bool = True) -> np.ndarray:
-    """[per-cluster weights (k), per-cluster weighted sums (k, D), weighted objective (1)]; points go
-    to their nearest centre, or to ``labels`` when given (the partition's first step). Differentially
-    private releases leave the objective out (its sensitivity is not bounded by the clipping)."""
+def local_cell_stats(x: np.ndarray, w: np.ndarray, labels: np.ndarray, n_cells: int) -> np.ndarray:
+    """[per-cell weights (c), per-cell weighted sums (c, D)] of the points in cells ``labels``: what a
+    differentially private release holds (sensitivity sqrt(2) per image of weight 1 in the unit ball)."""
+    lt = torch.from_numpy(labels)
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-    k = len(centres)
-    if labels is None:
-        sums, weights, d2 = lloyd_step(xt, wt, torch.from_numpy(centres))
-        objective = float((wt * d2).sum())
-    else:
-        lt = torch.from_numpy(labels)
-        sums = torch.zeros(k, x.shape[1], dtype=xt.dtype).index_add_(0, lt, xt * wt[:, None])
-        weights = torch.zeros(k, dtype=xt.dtype).index_add_(0, lt, wt)
-        objective = 0.0
-    tail = [objective] if with_objective else []
-    return np.concatenate([weights.numpy(), sums.numpy().ravel(), tail])
+    sums = torch.zeros(n_cells, x.shape[1], dtype=xt.dtype).index_add_(0, lt, xt * wt[:, None])
+    weights = torch.zeros(n_cells, dtype=xt.dtype).index_add_(0, lt, wt)
+    return np.concatenate([weights.numpy(), sums.numpy().ravel()])
+
+
+def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """[per-cluster weights (k), per-cluster weighted sums (k, D), weighted objective (1)] with every
+    point at its nearest centre (the objective lets the holder of the sum decide when to stop)."""
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    sums, weights, d2 = lloyd_step(xt, wt, torch.from_numpy(centres))
+    return np.concatenate([weights.numpy(), sums.numpy().ravel(), [float((wt * d2).sum())]])
 
 
 # ---- what the holder of a sum computes --------------------------------------------------------
@@ -169,14 +168,14 @@ def apply_splits(z: np.ndarray, labels: np.ndarray, plan: list[Split]) -> np.nda
     return labels
 
 
-def centres_from_sums(total: np.ndarray, k: int, dim: int, previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """New centres (empty clusters keep their previous centre), cluster weights, objective."""
-    weights = np.where(total[:k] > EMPTY_WEIGHT, total[:k], 0.0)
-    sums = total[k : k * (1 + dim)].reshape(k, dim)
+def centres_from_sums(cells: np.ndarray, k: int, dim: int, previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """New centres from summed cell stats [weights (k), sums (k, D)] (empty clusters keep their
+    previous centre) and the cluster weights."""
+    weights = np.where(cells[:k] > EMPTY_WEIGHT, cells[:k], 0.0)
+    sums = cells[k : k * (1 + dim)].reshape(k, dim)
     fallback = previous if previous is not None else np.zeros((k, dim))
     safe = np.maximum(weights, EMPTY_WEIGHT)[:, None]
-    centres = np.where(weights[:, None] > 0, sums / safe, fallback)
-    return centres, weights, float(total[-1])
+    return np.where(weights[:, None] > 0, sums / safe, fallback), weights
 
 
 # ---- the federated driver ---------------------------------------------------------------------
@@ -256,8 +255,8 @@ def federated_kmeans(parts: dict[int, tuple[np.ndarray, np.ndarray]], k: int, se
         n_clusters += len(plan)
     # 3. Lloyd iterations from the partition's means
     n_clusters_final = n_clusters
-    total = step(lambda c: local_lloyd_stats(xs[c], ws[c], np.zeros((n_clusters_final, dim)), labels[c]))
-    centres, weights, _ = centres_from_sums(total, n_clusters_final, dim, None)
+    total = step(lambda c: local_cell_stats(xs[c], ws[c], labels[c], n_clusters_final))
+    centres, weights = centres_from_sums(total, n_clusters_final, dim, None)
     prev = np.inf
     updates = 0
     for update in range(iters + 1):
@@ -265,7 +264,8 @@ def federated_kmeans(parts: dict[int, tuple[np.ndarray, np.ndarray]], k: int, se
             cost.broadcast(clients, centres.size)
         cur = centres
         total = step(lambda c: local_lloyd_stats(xs[c], ws[c], cur))
-        new, weights, obj = centres_from_sums(total, len(centres), dim, centres)
+        new, weights = centres_from_sums(total[:-1], len(centres), dim, centres)
+        obj = float(total[-1])
         if update == iters or (update >= 2 and prev - obj <= tol * max(prev, 1e-12)):
             break
         if update >= 1:
@@ -304,8 +304,7 @@ def dp_federated_kmeans(parts: dict[int, tuple[np.ndarray, np.ndarray]], k: int,
 
     def release(labels: dict[int, np.ndarray], n_cells: int) -> tuple[np.ndarray, np.ndarray]:
         t = time.perf_counter()
-        values = {c: local_lloyd_stats(xs[c], ws[c], np.zeros((n_cells, dim)), labels[c], with_objective=False)
-                  for c in clients}
+        values = {c: local_cell_stats(xs[c], ws[c], labels[c], n_cells) for c in clients}
         cost.client_seconds += time.perf_counter() - t
         total = _secure(noisy, values, cost)
         weights = total[:n_cells]

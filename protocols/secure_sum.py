@@ -121,6 +121,70 @@ class PlainSum(SecureSum):
                           server_seconds=time.perf_counter() - t)
 
 
+@dataclass
+class SecAggRun:
+    """What driving one SecAgg+ instance produced: the ring sum, every message, the server's
+    seconds per stage."""
+
+    total: np.ndarray
+    clients: dict[int, SecAggClient]
+    transcript: list
+    close_seconds: dict[str, float]
+
+
+def drive_secagg(server: SecAggServer, encoded: Mapping[int, np.ndarray], drop: Mapping[str, set[int]] | None = None,
+                 meter: Traffic | None = None) -> SecAggRun:
+    """Run every stage of ``server``'s instance with one client state machine per input, in process.
+
+    ``drop[stage]``: clients that vanish before sending at that stage. A client that refuses to go
+    on (``ProtocolAbort``) is, to the server, a client that dropped out. ``meter`` (optional) counts
+    bytes and client/server seconds."""
+    drop = drop or {}
+    meter = meter if meter is not None else Traffic()
+    setups = server.setups()
+    machines = {}
+    for c in sorted(encoded):
+        meter.send_down(c, setups[c].nbytes)
+        t = time.perf_counter()
+        machines[c] = SecAggClient(c, setups[c])
+        meter.client_seconds += time.perf_counter() - t
+    transcript, close_seconds = [], {}
+    outgoing = {c: None for c in machines}
+    for stage in DROP_STAGES:
+        for c, incoming in outgoing.items():
+            if c in drop.get(stage, ()):
+                continue
+            cl = machines[c]
+            t = time.perf_counter()
+            try:
+                if stage == "advertise":
+                    msg = cl.advertise()
+                elif stage == "share":
+                    msg = cl.share_keys(incoming)
+                elif stage == "mask":
+                    msg = cl.mask(incoming, encoded[c])
+                else:
+                    msg = cl.unmask(incoming)
+            except ProtocolAbort:
+                continue
+            finally:
+                meter.client_seconds += time.perf_counter() - t
+            transcript.append(msg)
+            meter.send_up(c, msg.nbytes)
+            t = time.perf_counter()
+            server.receive(msg)
+            meter.server_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        result = server.close_stage()
+        close_seconds[stage] = time.perf_counter() - t
+        meter.server_seconds += close_seconds[stage]
+        if stage != "unmask":
+            outgoing = result
+            for c, msg in outgoing.items():
+                meter.send_down(c, msg.nbytes)
+    return SecAggRun(result, machines, transcript, close_seconds)
+
+
 class SecAggSum(SecureSum):
     """SecAgg+ over fixed-point encodings in Z_(2^bits)."""
 
@@ -147,45 +211,8 @@ class SecAggSum(SecureSum):
         params = make_params(clients, length, self.bits, k, self.threshold)
         t = time.perf_counter()
         server = SecAggServer(params, min_included)
-        setups = server.setups()
         meter.server_seconds += time.perf_counter() - t
-        machines = {}
-        for c in clients:
-            meter.send_down(c, setups[c].nbytes)
-            t = time.perf_counter()
-            machines[c] = SecAggClient(c, setups[c])
-            meter.client_seconds += time.perf_counter() - t
-        outgoing = {c: None for c in clients}
-        for stage in DROP_STAGES:
-            for c, incoming in outgoing.items():
-                if c in drop.get(stage, ()):
-                    continue
-                cl = machines[c]
-                t = time.perf_counter()
-                try:
-                    if stage == "advertise":
-                        msg = cl.advertise()
-                    elif stage == "share":
-                        msg = cl.share_keys(incoming)
-                    elif stage == "mask":
-                        msg = cl.mask(incoming, encoded[c])
-                    else:
-                        msg = cl.unmask(incoming)
-                except ProtocolAbort:  # the client refuses to go on: to the server it has dropped out
-                    continue
-                finally:
-                    meter.client_seconds += time.perf_counter() - t
-                meter.send_up(c, msg.nbytes)
-                t = time.perf_counter()
-                server.receive(msg)
-                meter.server_seconds += time.perf_counter() - t
-            t = time.perf_counter()
-            result = server.close_stage()
-            meter.server_seconds += time.perf_counter() - t
-            if stage != "unmask":
-                outgoing = result
-                for c, msg in outgoing.items():
-                    meter.send_down(c, msg.nbytes)
+        result = drive_secagg(server, encoded, drop, meter).total
         total = fp.decode(result)
         return SumOutcome(total, tuple(sorted(server.masked)), meter.bytes_up, meter.bytes_down,
                           meter.client_seconds, meter.server_seconds)

@@ -17,7 +17,7 @@ from fedsecmem.metric_loss import per_image_metric_loss
 from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum, clip_to_unit
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.protocols.secure_kmeans import local_lloyd_stats
+from fedsecmem.protocols.secure_kmeans import local_cell_stats
 from fedsecmem.protocols.secure_sum import make_secure_sum
 from fedsecmem.reduce import reduce_images
 
@@ -45,12 +45,11 @@ def test_removing_one_image_moves_every_release_by_at_most_the_bound(prototypes)
     centres = xu[rng.choice(len(xu), 6, replace=False)]
     directions = rng.standard_normal((3, xu.shape[1]))
     cells = ((xu - xu.mean(0)) @ directions.T > 0) @ (1 << np.arange(3))
+    nearest = ((xu[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
     releases = {
-        "mean": lambda keep: local_lloyd_stats(xu[keep], w[keep], np.zeros((1, xu.shape[1])),
-                                               np.zeros(keep.sum(), np.int64), with_objective=False),
-        "cells": lambda keep: local_lloyd_stats(xu[keep], w[keep], np.zeros((8, xu.shape[1])), cells[keep],
-                                                with_objective=False),
-        "lloyd": lambda keep: local_lloyd_stats(xu[keep], w[keep], centres, with_objective=False),
+        "mean": lambda keep: local_cell_stats(xu[keep], w[keep], np.zeros(keep.sum(), np.int64), 1),
+        "cells": lambda keep: local_cell_stats(xu[keep], w[keep], cells[keep], 8),
+        "lloyd": lambda keep: local_cell_stats(xu[keep], w[keep], nearest[keep], len(centres)),
     }
     everyone = np.ones(len(xu), bool)
     worst = 0.0

@@ -10,29 +10,15 @@ from fedsecmem.crypto.errors import CryptoError
 from fedsecmem.protocols import secagg
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.graph import harary_graph
-from fedsecmem.protocols.secure_sum import SecAggSum
+from fedsecmem.protocols.secure_sum import SecAggSum, drive_secagg
 
 
 def _run(inputs, bits=32, k=None, t=None, drop=None):
-    """Drive one instance by hand; returns (sum or exception, server, clients, transcript)."""
-    drop = drop or {}
-    clients = sorted(inputs)
-    params = secagg.make_params(clients, len(next(iter(inputs.values()))), bits, k, t)
+    """Drive one instance; returns (sum, server, clients, transcript)."""
+    params = secagg.make_params(sorted(inputs), len(next(iter(inputs.values()))), bits, k, t)
     server = secagg.SecAggServer(params)
-    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
-    transcript = []
-    out = {c: None for c in clients}
-    for stage in ("advertise", "share", "mask", "unmask"):
-        for c, msg_in in out.items():
-            if c in drop.get(stage, ()):
-                continue
-            cl = machines[c]
-            msg = {"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(msg_in),
-                   "mask": lambda: cl.mask(msg_in, inputs[c]), "unmask": lambda: cl.unmask(msg_in)}[stage]()
-            transcript.append(msg)
-            server.receive(msg)
-        out = server.close_stage()
-    return out, server, machines, transcript
+    run = drive_secagg(server, inputs, drop)
+    return run.total, server, run.clients, run.transcript
 
 
 def _ints(n_clients, length, bits, seed=0):
