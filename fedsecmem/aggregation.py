@@ -21,8 +21,9 @@ import torch
 from fedsecmem.crypto.ckks import CkksParams
 from fedsecmem.feddymem import FLOAT_BYTES, Contribution, GlobalMemory
 from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.secure_kmeans import (
-    AggregateCost, dp_federated_kmeans, federated_kmeans, secure_weighted_average,
+    AggregateCost, Collective, KMeansResult, LocalCollective, dp_kmeans_over, kmeans_over, secure_weighted_average,
 )
 from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
 
@@ -95,54 +96,64 @@ def upload_kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Ag
     return aggregate
 
 
-def _memory_aggregator(kmeans: Callable[[dict, int, bool], object], k: int, k_images: int) -> Aggregator:
-    """The global memory from a federated k-means ``kmeans(parts, k, images)`` run on the patch
-    prototypes and, when every client shares them, on the image embeddings (weight 1 each)."""
+KMeansOver = Callable[[Collective, bool], KMeansResult]
+
+
+def kmeans_for(cfg, z: float | None = None) -> KMeansOver:
+    """The configured federated k-means on a collective, ``(collective, images) -> result``: private
+    (fixed schedule, clipped points) when ``z`` is given, else PCA-partition seeded Lloyd."""
+    fc, pv = cfg.feddymem, cfg.privacy
+    if z is not None:
+        return lambda col, images: dp_kmeans_over(
+            col, fc.global_k_images if images else fc.global_k, z, pv.kmeans_iters,
+            pv.image_clip_norm if images else pv.clip_norm, cfg.seed + int(images))
+    return lambda col, images: kmeans_over(col, fc.global_k_images if images else fc.global_k, fc.kmeans_iters,
+                                           pca_dims=cfg.secure.pca_dims)
+
+
+def global_memory_over(kmeans: KMeansOver, patches: Collective, images: Collective | None) -> tuple[GlobalMemory, AggregateCost, dict]:
+    """The global memory from federated k-means on the patch prototypes and, when every client
+    shares them, on the image embeddings (weight 1 each): the memory, its cost, the round's info."""
+    cost = AggregateCost()
+    res = kmeans(patches, False)
+    cost.merge(res.cost)
+    image_centres = None
+    if images is not None:
+        img = kmeans(images, True)
+        cost.merge(img.cost)
+        image_centres = img.centres.astype(np.float32)
+    info = {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
+            "global_items": len(res.centres)}
+    if np.isfinite(res.objective):  # private k-means releases no objective
+        info.update(kmeans_objective=res.objective, kmeans_updates=res.iterations)
+    return GlobalMemory(res.centres.astype(np.float32), image_centres), cost, info
+
+
+def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum) -> Aggregator:
+    """Federated k-means over the secure (or noisy) sum, clients simulated in process: the
+    aggregator never holds a prototype."""
 
     def aggregate(contribs: list[Contribution]) -> Aggregated:
-        cost = AggregateCost()
-        res = kmeans({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, k, False)
-        cost.merge(res.cost)
+        patches = LocalCollective({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, ss)
         images = None
         if all(c.images is not None for c in contribs):
-            img = kmeans({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)}, k_images, True)
-            cost.merge(img.cost)
-            images = img.centres.astype(np.float32)
+            images = LocalCollective({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)}, ss)
+        memory, cost, info = global_memory_over(kmeans, patches, images)
         n = len(contribs)
-        info = {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
-                "global_items": len(res.centres)}
-        if np.isfinite(res.objective):  # private k-means releases no objective
-            info.update(kmeans_objective=res.objective, kmeans_updates=res.iterations)
-        return Aggregated(GlobalMemory(res.centres.astype(np.float32), images),
-                          [cost.bytes_up.get(i, 0) for i in range(n)], [cost.bytes_down.get(i, 0) for i in range(n)],
-                          info)
+        return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],
+                          [cost.bytes_down.get(i, 0) for i in range(n)], info)
 
     return aggregate
 
 
-def federated_kmeans_aggregator(ss: SecureSum, k: int, k_images: int, iters: int, pca_dims: int) -> Aggregator:
-    """Federated k-means over the secure sum: the aggregator never holds a prototype."""
-    return _memory_aggregator(lambda parts, kk, _: federated_kmeans(parts, kk, ss, iters, pca_dims=pca_dims),
-                              k, k_images)
-
-
-def dp_kmeans_aggregator(noisy, k: int, k_images: int, iters: int, clip: float, image_clip: float,
-                         seed: int) -> Aggregator:
-    """Differentially private federated k-means (fixed schedule, clipped points, noisy sums)."""
-    return _memory_aggregator(lambda parts, kk, images: dp_federated_kmeans(
-        parts, kk, noisy, iters, image_clip if images else clip, seed + int(images)), k, k_images)
-
-
-def make_aggregator(cfg, ss: SecureSum, noisy=None) -> Aggregator:
+def make_aggregator(cfg, ss: SecureSum, noisy: NoisySum | None = None) -> Aggregator:
     """The round's aggregation: private k-means when a ``NoisySum`` is given, else as configured."""
     fc = cfg.feddymem
     if noisy is not None:
-        pv = cfg.privacy
-        return dp_kmeans_aggregator(noisy, fc.global_k, fc.global_k_images, pv.kmeans_iters, pv.clip_norm,
-                                    pv.image_clip_norm, cfg.seed)
+        return collective_aggregator(kmeans_for(cfg, noisy.z), noisy)
     if cfg.kmeans_init == "kmeans++":
         return upload_kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
-    return federated_kmeans_aggregator(ss, fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.secure.pca_dims)
+    return collective_aggregator(kmeans_for(cfg), ss)
 
 
 def average_states(states: list[dict], weights: list[float], ss: SecureSum) -> tuple[dict, Aggregated]:

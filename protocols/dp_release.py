@@ -72,18 +72,31 @@ class NoisySum:
     def sigma_lattice(self, dim: int) -> float:
         return self.z * lattice_sensitivity(SENSITIVITY, self.frac_bits, dim)
 
-    def sum(self, inputs: dict[int, np.ndarray], drop=None) -> SumOutcome:
-        dim = len(next(iter(inputs.values())))
-        sigma = self.sigma_lattice(dim)
+    @property
+    def need(self) -> int:
+        """Contributions a sum must have before it may be revealed (the noise counts on them)."""
+        return self.min_survivors if self.mode == "distributed" else 1
+
+    def client_noise(self, vector: np.ndarray) -> np.ndarray:
+        """What a client sends for ``vector``: on the fixed-point lattice, with its share of the noise."""
+        v = np.asarray(vector, dtype=np.float64)
+        sigma = self.sigma_lattice(len(v))
         share = {"distributed": sigma / math.sqrt(self.min_survivors - 1) if self.mode == "distributed" else 0.0,
                  "local": sigma, "central": 0.0}[self.mode]
-        noised = {c: noised_on_lattice(v, share, self.frac_bits) for c, v in inputs.items()}
-        # the protocol itself refuses to reveal a sum of fewer contributions than the noise counts on
-        need = self.min_survivors if self.mode == "distributed" else 1
-        out = self.ss.sum(noised, drop, min_included=need)
+        return noised_on_lattice(v, share, self.frac_bits)
+
+    def finish(self, out: SumOutcome) -> SumOutcome:
+        """The aggregator's part of a release: central noise where configured, then the accounting."""
+        dim = len(out.total)
+        sigma = self.sigma_lattice(dim)
         if self.mode == "central" and sigma > 0:
             out.total = out.total + discrete_gaussian(dim, sigma).astype(np.float64) / 2.0**self.frac_bits
         self.releases += 1
         if self.on_release is not None:
             self.on_release(out.included)
         return out
+
+    def sum(self, inputs: dict[int, np.ndarray], drop=None) -> SumOutcome:
+        noised = {c: self.client_noise(v) for c, v in inputs.items()}
+        # the protocol itself refuses to reveal a sum of fewer contributions than the noise counts on
+        return self.finish(self.ss.sum(noised, drop, min_included=self.need))
