@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench setup clean proto
 
 setup: $(STAMP)
 
@@ -36,3 +36,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Regenerates protocols/federation_pb2*.py from protocols/federation.proto (grpcio-tools, test extra).
+proto: $(STAMP)
+	rm -rf build/proto && mkdir -p build/proto/fedsecmem/protocols
+	cp protocols/federation.proto build/proto/fedsecmem/protocols/
+	$(PY) -m grpc_tools.protoc -I build/proto --python_out=build/proto --pyi_out=build/proto \
+		--grpc_python_out=build/proto build/proto/fedsecmem/protocols/federation.proto
+	cp build/proto/fedsecmem/protocols/federation_pb2*.py* protocols/

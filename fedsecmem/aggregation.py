@@ -111,15 +111,17 @@ def kmeans_for(cfg, z: float | None = None) -> KMeansOver:
                                            pca_dims=cfg.secure.pca_dims)
 
 
-def global_memory_over(kmeans: KMeansOver, patches: Collective, images: Collective | None) -> tuple[GlobalMemory, AggregateCost, dict]:
+def global_memory_over(kmeans: KMeansOver, patches: Collective,
+                       images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, dict]:
     """The global memory from federated k-means on the patch prototypes and, when every client
-    shares them, on the image embeddings (weight 1 each): the memory, its cost, the round's info."""
+    shares them, on the image embeddings (weight 1 each; ``images`` makes their collective once the
+    patches are done, from the clients still there): the memory, its cost, the round's info."""
     cost = AggregateCost()
     res = kmeans(patches, False)
     cost.merge(res.cost)
     image_centres = None
     if images is not None:
-        img = kmeans(images, True)
+        img = kmeans(images(), True)
         cost.merge(img.cost)
         image_centres = img.centres.astype(np.float32)
     info = {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
@@ -137,7 +139,8 @@ def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum) -> Aggre
         patches = LocalCollective({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, ss)
         images = None
         if all(c.images is not None for c in contribs):
-            images = LocalCollective({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)}, ss)
+            images = lambda: LocalCollective({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
+                                             ss)
         memory, cost, info = global_memory_over(kmeans, patches, images)
         n = len(contribs)
         return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],

@@ -1,4 +1,5 @@
-"""Command line: ``fedsecmem run CONFIG [--out DIR] [--set key=value ...]`` and ``fedsecmem table DIR ...``.
+"""Command line: ``fedsecmem run CONFIG [--out DIR] [--set key=value ...]``, ``fedsecmem table DIR ...``,
+and the deployment commands ``provision``, ``serve`` and ``join``.
 
 Bad input ends with a one-line ``error: ...`` and exit code 2.
 """
@@ -100,7 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set clients.n=3 (repeatable)")
     tb = sub.add_parser("table", help="compare finished runs side by side")
     tb.add_argument("runs", nargs="+", help="run folders (or results.json files)")
+    pv = sub.add_parser("provision", help="make a CA, server and client certificates and signing keys")
+    pv.add_argument("--clients", type=int, required=True, help="number of clients")
+    pv.add_argument("--out", required=True, help="folder to write (each party gets its own files and ca.pem)")
+    pv.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME_OR_IP",
+                    help="server host name or address for its certificate (repeatable; default localhost, 127.0.0.1)")
+    pv.add_argument("--days", type=int, default=365, help="certificate validity")
+    pv.add_argument("--force", action="store_true", help="replace an existing provisioning")
+    pv.add_argument("--revoke", type=int, default=None, metavar="CLIENT_ID",
+                    help="only add a client to the folder's revocation list")
+    for name, helptext in (("serve", "serve a run to clients over gRPC with mutual TLS"),
+                           ("join", "take part in a served run as one client")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config", help="YAML configuration file (the same for server and clients)")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
+        if name == "serve":
+            s.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+            s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        else:
+            s.add_argument("--client-id", type=int, required=True, help="this client's id (0..clients.n-1)")
     return p
+
+
+def _provision(args) -> None:
+    from fedsecmem.crypto.pki import ProvisioningError, provision, revoke
+
+    try:
+        if args.revoke is not None:
+            revoke(Path(args.out), args.revoke)
+            print(f"client-{args.revoke} revoked in {args.out}/revoked.json")
+            return
+        done = provision(Path(args.out), args.clients, args.hosts or ("localhost", "127.0.0.1"), args.days,
+                         args.force)
+    except ProvisioningError as exc:
+        raise UserError(f"provision: {exc}") from None
+    print(f"provisioned {done.clients} clients for {', '.join(done.hosts)} in {done.directory} "
+          f"(keep ca.key offline; give each party its own .key/.pem/.sign.key and ca.pem)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +154,21 @@ def main(argv: list[str] | None = None) -> int:
             print_run_summary(results, out)
         elif args.command == "table":
             print_comparison([Path(d) for d in args.runs])
+        elif args.command == "provision":
+            _provision(args)
+        elif args.command == "serve":
+            from fedsecmem.config import load_config
+            from fedsecmem.serve import serve
+
+            cfg = load_config(args.config, args.overrides)
+            out = Path(args.out) if args.out else Path("runs") / cfg.name
+            results = serve(cfg, out, args.resume)
+            print_run_summary(results, out)
+        elif args.command == "join":
+            from fedsecmem.config import load_config
+            from fedsecmem.join import join
+
+            join(load_config(args.config, args.overrides), args.client_id)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -199,6 +199,26 @@ class OutputConfig(Strict):
     )
 
 
+class DeployConfig(Strict):
+    """Running across processes or machines (``fedsecmem serve`` / ``fedsecmem join``)."""
+
+    address: str = Field("127.0.0.1:50051", description="host:port the server listens on and clients dial")
+    certs: Path | None = Field(None, description="folder from `fedsecmem provision` (required to serve or join)")
+    register_timeout_s: float = Field(300.0, gt=0, description="how long the server waits for clients to register")
+    round_timeout_s: float = Field(900.0, gt=0, description="a client's training and memory rebuild per round")
+    stage_timeout_s: float = Field(120.0, gt=0, description="one protocol stage (e.g. SecAgg+ masked inputs)")
+    poll_s: float = Field(10.0, gt=0, le=300, description="how long a client's pull waits for its next task")
+    reconnect_s: float = Field(120.0, ge=0, description="how long a client keeps retrying an unreachable server")
+    max_message_mb: int = Field(1024, ge=1, description="largest message either side accepts")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeployConfig":
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address: expected host:port, got {self.address!r}")
+        return self
+
+
 class RunConfig(Strict):
     """A whole run."""
 
@@ -216,6 +236,7 @@ class RunConfig(Strict):
     secure: SecureConfig = Field(default_factory=SecureConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "RunConfig":

@@ -61,6 +61,20 @@ class GlobalMemory:
         return int((self.patches.size + (0 if self.images is None else self.images.size)) * FLOAT_BYTES)
 
 
+GLOBAL_MEMORY_FILE = "global_memory.npz"
+
+
+def save_global_memory(memory: GlobalMemory | None, out) -> None:
+    """The final global memory of a run (``OUT/global_memory.npz``: patches, and images if shared)."""
+    if memory is None or out is None:
+        return
+    from pathlib import Path
+
+    arrays = {"patches": memory.patches} if memory.images is None else {"patches": memory.patches,
+                                                                         "images": memory.images}
+    np.savez(Path(out) / GLOBAL_MEMORY_FILE, **arrays)
+
+
 class FedDyMemClient:
     """One client's state: its embeddings, generator, dynamic local bank and the global memory."""
 

@@ -16,7 +16,7 @@ from fedsecmem.aggregation import Aggregated, average_states, make_aggregator, s
 from fedsecmem.backbone import resolve_device
 from fedsecmem.errors import UserError
 from fedsecmem.privacy import RunPrivacy
-from fedsecmem.feddymem import FedDyMemClient
+from fedsecmem.feddymem import FedDyMemClient, save_global_memory
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import console, task
@@ -57,8 +57,8 @@ def _record(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> dict:
             if k in ("secure_sums", "kmeans_objective", "kmeans_updates", "global_items")}
 
 
-def _aggregation_summary(ctx: MethodContext, init: str | None, dp_noise: str | None = None) -> dict:
-    cfg = ctx.cfg
+def aggregation_summary(cfg, init: str | None, dp_noise: str | None = None) -> dict:
+    """results.json's ``aggregation``: protocol, seeding, noise placement and protocol settings."""
     out = {"protocol": cfg.protocol, "kmeans_init": init}
     if dp_noise is not None:
         out["dp_noise"] = dp_noise
@@ -127,10 +127,11 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
             advance(1, description=f"{label[:-1]}{eps})" if eps else None)
     if not per_round:
         raise UserError(message)
+    save_global_memory(clients[0].global_memory, ctx.out)
     _collect_timings(ctx, clients)
     init = "dp-random-partition" if privacy is not None else cfg.kmeans_init
     return MethodOutput(scores, up, down, len(per_round), cfg.protocol, [len(cl.bank) for cl in clients], per_round,
-                        _aggregation_summary(ctx, init, pv.noise if privacy is not None else None),
+                        aggregation_summary(cfg, init, pv.noise if privacy is not None else None),
                         privacy.summary() if privacy is not None else None)
 
 
@@ -169,7 +170,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
             advance(1)
     _collect_timings(ctx, clients)
     return MethodOutput(scores, up, down, fc.rounds, cfg.protocol, [len(cl.bank) for cl in clients], per_round,
-                        _aggregation_summary(ctx, None))
+                        aggregation_summary(cfg, None))
 
 
 def run_fedavg(ctx: MethodContext) -> MethodOutput:

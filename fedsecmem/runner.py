@@ -106,12 +106,30 @@ def run(cfg: RunConfig, out: Path) -> dict:
     pooled = _pooled_auroc(clients, output) if cfg.method == "central" else {}
     maps_png = _save_map_grid(cfg, clients, output, out)
     curve_png = round_curve(output.per_round, out / "auroc_per_round.png") if len(output.per_round) > 1 else None
-    n_images = len(bench.train) + len(bench.test)
-    embed_s = timings["embed_train_s"] + timings["embed_test_s"]
+    results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device),
+                               {"anomaly_maps": maps_png.name if maps_png else None,
+                                "auroc_per_round": curve_png.name if curve_png else None},
+                               pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test))
+    write_results(cfg, results, out)
+    return results
+
+
+def write_results(cfg: RunConfig, results: dict, out: Path) -> None:
+    """``OUT/config.yaml`` (the validated config) and ``OUT/results.json``."""
+    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], output, timings: dict,
+                     t_start: float, device: str, files: dict, pooled: dict | None = None,
+                     n_images: int | None = None, n_test: int | None = None, extra: dict | None = None) -> dict:
+    """The results.json contract (DESIGN.md section 7) from a method's output and per-client rows."""
+    pooled = pooled or {}
+    embed_s = timings.get("embed_train_s", 0.0) + timings.get("embed_test_s", 0.0)
     results = {
         "name": cfg.name,
         "method": cfg.method,
-        "benchmark": bench.name,
+        "benchmark": benchmark,
         "seed": cfg.seed,
         "protocol": output.protocol,
         "aggregation": output.aggregation,
@@ -134,19 +152,17 @@ def run(cfg: RunConfig, out: Path) -> dict:
         "privacy": output.privacy or {"epsilon": None, "delta": None, "dp": False},
         "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
         "timing": {**{k: round(v, 3) for k, v in timings.items()},
-                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 else None,
-                   "score_images_per_s": round(len(bench.test) / timings["score_s"], 2)
-                   if timings.get("score_s") else None},
+                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 and n_images else None,
+                   "score_images_per_s": round(n_test / timings["score_s"], 2)
+                   if timings.get("score_s") and n_test else None},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "device": str(device),
+        "device": device,
         "threads": torch.get_num_threads(),
         "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "files": {"anomaly_maps": maps_png.name if maps_png else None,
-                  "auroc_per_round": curve_png.name if curve_png else None},
+        "files": files,
     }
-    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results.update(extra or {})
     return results
 
 

@@ -1,0 +1,316 @@
+"""The server of a networked FedDyMem run: ``fedsecmem serve CONFIG [--out DIR] [--resume]``.
+
+It drives the same rounds as the in-process simulator (``federated.run_feddymem``)
+with the clients in other processes: registration, then per round a ``round``
+task (clients train towards the last global memory and rebuild their banks),
+federated k-means over the network (``protocols.network_sum``: the same
+requests and SecAgg+ machines), and a ``memory`` task (clients receive the
+global memory, score their own test images and report their metrics). The
+privacy budget is checked and charged here, as in the simulator.
+
+After every completed round it checkpoints (atomically) the global memory,
+the per-round record, the bytes, the clients' last reports and the privacy
+accountant; ``--resume`` continues from the last checkpoint with the same
+run id, noise multiplier and spent budget. A client that misses a deadline is
+dropped for the rest of that round and addressed again in the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for
+from fedsecmem.audits.accountant import PrivacyAccountant
+from fedsecmem.config import RunConfig
+from fedsecmem.crypto.pki import ProvisioningError, revoked
+from fedsecmem.deploy import check_deployable, get_json, max_bytes, party_tls, put_memory
+from fedsecmem.errors import UserError
+from fedsecmem.evaluate import mean_defined
+from fedsecmem.federated import aggregation_summary
+from fedsecmem.feddymem import GlobalMemory, save_global_memory
+from fedsecmem.plots import round_curve
+from fedsecmem.privacy import STATE_FILE, RunPrivacy
+from fedsecmem.progress import console, make_progress, task
+from fedsecmem.protocols.coordinator import ClientRefusal, Coordinator
+from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.grpc_transport import start_server
+from fedsecmem.protocols.network_sum import NetworkCollective
+from fedsecmem.protocols.wire import Body, BodyBuilder
+from fedsecmem.reference import MethodOutput
+from fedsecmem.runner import results_document, write_results
+
+log = logging.getLogger("fedsecmem.server")
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_MEMORY = "checkpoint_memory.npz"
+FINISH_TIMEOUT_S = 10.0
+
+
+def _alive(replies: dict) -> dict:
+    return {c: r for c, r in replies.items() if not isinstance(r, ClientRefusal)}
+
+
+def _decode_hello(cid, env) -> dict:
+    b = Body(env.body, "hello")
+    return {"n_train": b.int("n_train", 1), "n_test": b.int("n_test", 0), "patch_dim": b.int("patch_dim", 1, 1 << 16),
+            "image_dim": b.int("image_dim", 0, 1 << 16), "sgd_rate": b.float("sgd_rate", 0.0, 1.0),
+            "sgd_steps": b.int("sgd_steps", 0, 1 << 30), "products": get_json(env.body, "products", "hello", 1 << 14)}
+
+
+def _decode_ready(cid, env) -> dict:
+    b = Body(env.body, "ready")
+    return {"n_prototypes": b.int("n_prototypes", 1, 1 << 31), "n_images": b.int("n_images", 0, 1 << 31),
+            "trained": b.int("trained", 0, 1), "loss": b.float("loss")}
+
+
+def _decode_scores(cid, env) -> dict:
+    row = get_json(env.body, "row", "scores")
+    if not isinstance(row, dict) or not {"auroc_patch", "auroc_image", "n_test"} <= set(row):
+        raise ValueError("scores: row lacks the evaluation fields")
+    return row
+
+
+def _save_checkpoint(out: Path, state: dict, memory: GlobalMemory) -> None:
+    arrays = {"patches": memory.patches}
+    if memory.images is not None:
+        arrays["images"] = memory.images
+    tmp = out / (CHECKPOINT_MEMORY + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out / CHECKPOINT_MEMORY)
+    tmp = out / (CHECKPOINT + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out / CHECKPOINT)  # last: a checkpoint names a round only once all of it is on disk
+
+
+def _load_checkpoint(out: Path) -> tuple[dict, GlobalMemory]:
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
+    state = json.loads(path.read_text())
+    with np.load(out / CHECKPOINT_MEMORY) as z:
+        memory = GlobalMemory(z["patches"], z["images"] if "images" in z else None)
+    return state, memory
+
+
+class _Server:
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool):
+        self.cfg, self.out = cfg, out
+        self.t_start = time.perf_counter()
+        self.ckpt, self.memory = _load_checkpoint(out) if resume else ({}, None)
+        n = cfg.clients.n
+        try:
+            bad = revoked(Path(cfg.deploy.certs))
+        except ProvisioningError as exc:
+            raise UserError(f"deploy.certs: {exc}") from None
+        self.coord = Coordinator(self.ckpt.get("run_id") or secrets.token_hex(8), set(range(n)), bad)
+        self.hello: dict[int, dict] = {int(c): h for c, h in self.ckpt.get("hello", {}).items()}
+        self.rows: dict[int, dict] = {int(c): r for c, r in self.ckpt.get("rows", {}).items()}
+        self.per_round: list[dict] = self.ckpt.get("per_round", [])
+        self.up = {int(c): v for c, v in self.ckpt.get("bytes_up", {}).items()}
+        self.down = {int(c): v for c, v in self.ckpt.get("bytes_down", {}).items()}
+        self.wire = self.ckpt.get("wire", {"up": {}, "down": {}})
+        self.timings: dict[str, float] = self.ckpt.get("timings", {})
+        self.has_memory: set[int] = set()  # clients known to hold the current global memory
+        self.privacy: RunPrivacy | None = None
+
+    # ---- exchanges ------------------------------------------------------------------------------
+
+    def _register(self, round_number: int) -> None:
+        dp = self.cfg.deploy
+        self.coord.begin_round(round_number)
+        console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {dp.address}")
+        got = _alive(self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
+                                         "hello", _decode_hello, dp.register_timeout_s))
+        for c, h in got.items():
+            self.hello[c] = h
+        if len(self.hello) < self._need():
+            raise UserError(f"serve: only {len(self.hello)} of {self.cfg.clients.n} clients registered within "
+                            f"{dp.register_timeout_s:g} s, at least {self._need()} needed")
+        console.print(f"server: clients {sorted(got)} registered")
+
+    def _need(self) -> int:
+        if self.cfg.protocol == "secagg":
+            from fedsecmem.protocols.secagg import default_threshold
+
+            a, n = self.cfg.secure.secagg, self.cfg.clients.n
+            return max(2, a.threshold or default_threshold(n - 1 if a.neighbours is None else min(a.neighbours, n - 1)))
+        return self.privacy.noisy.need if self.privacy is not None else 1
+
+    def _setup_privacy(self) -> None:
+        cfg = self.cfg
+        if not cfg.privacy.dp:
+            return
+        plans = {c: (h["sgd_rate"], h["sgd_steps"]) for c, h in sorted(self.hello.items())}
+        self.privacy = RunPrivacy(cfg, plans, secure_sum_for(cfg))
+        saved = self.ckpt.get("privacy")
+        if saved:  # resume: the same noise, and the budget already spent
+            self.privacy.z = self.privacy.noisy.z = float(saved["z"])
+            self.privacy.per_round = [{int(c): e for c, e in r.items()} for r in saved["per_round"]]
+            self.privacy.accountant = PrivacyAccountant.load(self.out / STATE_FILE)
+
+    def _round(self, r: int) -> dict:
+        cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
+        self.coord.begin_round(r)
+        wire_up0, wire_down0 = dict(self.coord.wire_up), dict(self.coord.wire_down)
+        targets = sorted(self.hello)
+        bodies = {}
+        for c in targets:
+            b = BodyBuilder().int("train", int(r > 1)).float("z", self.privacy.z if self.privacy else 0.0)
+            if self.memory is not None and c not in self.has_memory:
+                put_memory(b, self.memory)  # a client that missed the last memory (rejoined, or resumed server)
+            bodies[c] = b.build()
+        t = time.perf_counter()
+        ready = _alive(self.coord.exchange("round", bodies, "ready", _decode_ready, dp.round_timeout_s))
+        self.timings["client_round_s"] = self.timings.get("client_round_s", 0.0) + time.perf_counter() - t
+        if self.privacy is not None:
+            for c, info in ready.items():
+                if info["trained"]:
+                    self.privacy.record_sgd(c)
+        participants = set(ready)
+        if len(participants) < self._need():
+            raise ProtocolAbort(f"round {r}: only {len(participants)} clients ready, at least {self._need()} needed")
+        dim = self.hello[targets[0]]["patch_dim"]
+        secagg = cfg.secure.secagg.model_dump()
+        noisy = self.privacy.noisy if self.privacy else None
+        t = time.perf_counter()
+        patches = NetworkCollective(self.coord, "patches", participants, dim,
+                                    sum(ready[c]["n_prototypes"] for c in participants), cfg.protocol, secagg,
+                                    dp.stage_timeout_s, noisy)
+        images = None
+        if all(ready[c]["n_images"] > 0 for c in participants) and fc.share_images:
+            images = _ImagesAfter(patches, self.coord, dim_of=self.hello[targets[0]]["image_dim"],
+                                  counts={c: ready[c]["n_images"] for c in participants}, protocol=cfg.protocol,
+                                  secagg=secagg, timeout=dp.stage_timeout_s, noisy=noisy)
+        memory, cost, info = global_memory_over(kmeans_for(cfg, self.privacy.z if self.privacy else None), patches,
+                                                images.collective if images is not None else None)
+        self.timings["aggregation_s"] = self.timings.get("aggregation_s", 0.0) + time.perf_counter() - t
+        self.memory = memory
+        final = images.col.participants if images is not None and images.col is not None else patches.participants
+        t = time.perf_counter()
+        bodies = {c: put_memory(BodyBuilder(), memory).build() for c in sorted(final)}
+        rows = _alive(self.coord.exchange("memory", bodies, "scores", _decode_scores, dp.round_timeout_s))
+        self.timings["client_score_s"] = self.timings.get("client_score_s", 0.0) + time.perf_counter() - t
+        self.has_memory = set(rows)
+        self.rows.update(rows)
+        for c in range(cfg.clients.n):
+            self.up.setdefault(c, []).append(cost.bytes_up.get(c, 0))
+            self.down.setdefault(c, []).append(cost.bytes_down.get(c, 0))  # as the simulator counts
+            for side, now, before in (("up", self.coord.wire_up, wire_up0), ("down", self.coord.wire_down, wire_down0)):
+                self.wire[side].setdefault(str(c), []).append(now.get(c, 0) - before.get(c, 0))
+        summary = {"round": r,
+                   "image_patch_max": mean_defined([rows[c] for c in rows], "round_image_patch_max"),
+                   "image_knn": mean_defined([rows[c] for c in rows], "round_image_knn"),
+                   **{k: v for k, v in info.items() if k in ("secure_sums", "kmeans_objective", "kmeans_updates",
+                                                             "global_items")},
+                   "participants": sorted(final), "dropped": sorted(set(targets) - set(final))}
+        losses = [ready[c]["loss"] for c in ready if ready[c]["trained"]]
+        if losses:
+            summary["loss"] = float(np.mean(losses))
+        if self.privacy is not None:
+            summary["epsilon"] = self.privacy.end_round(self.out)
+        return summary
+
+    def _checkpoint(self, r: int) -> None:
+        state = {"run_id": self.coord.run_id, "round_done": r, "hello": self.hello, "rows": self.rows,
+                 "per_round": self.per_round, "bytes_up": self.up, "bytes_down": self.down, "wire": self.wire,
+                 "timings": self.timings}
+        if self.privacy is not None:
+            self.privacy.save(self.out)
+            state["privacy"] = {"z": self.privacy.z, "per_round": self.privacy.per_round}
+        _save_checkpoint(self.out, state, self.memory)
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
+        first = int(self.ckpt.get("round_done", 0)) + 1
+        n = cfg.clients.n
+        server = start_server(self.coord, dp.address, party_tls(cfg, "server"), dp.poll_s, max_bytes(cfg),
+                              workers=2 * n + 8)
+        try:
+            self._register(first)
+            self._setup_privacy()
+            label = f"feddymem rounds over gRPC ({cfg.protocol}{', DP' if self.privacy else ''})"
+            stopped = None
+            with make_progress() as progress, task(progress, label, fc.rounds) as advance:
+                advance(first - 1)
+                for r in range(first, fc.rounds + 1):
+                    if self.privacy is not None:
+                        stopped = self.privacy.refuse(r)
+                        if stopped is not None:
+                            console.print(f"[bold yellow]{stopped}")
+                            break
+                    try:
+                        self.per_round.append(self._round(r))
+                    except ProtocolAbort as exc:
+                        raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
+                    self._checkpoint(r)
+                    advance(1)
+            if not self.per_round:
+                raise UserError(stopped or "serve: no round completed")
+            self.coord.begin_round(fc.rounds + 1)
+            self.coord.exchange("finish", {c: BodyBuilder().build() for c in sorted(self.hello)}, "bye",
+                                lambda c, env: True, FINISH_TIMEOUT_S)
+        finally:
+            if self.privacy is not None:
+                self.privacy.save(self.out)
+            self.coord.close()
+            server.stop(grace=1.0)
+        return self._results()
+
+    def _results(self) -> dict:
+        cfg = self.cfg
+        per_client = []
+        for c in sorted(self.rows):
+            row = {k: v for k, v in self.rows[c].items() if not k.startswith("round_")}
+            per_client.append({"client": c, "n_train": self.hello[c]["n_train"], "products": self.hello[c]["products"],
+                               **row})
+        n = cfg.clients.n
+        privacy = self.privacy.summary() if self.privacy is not None else None
+        init = "dp-random-partition" if self.privacy is not None else cfg.kmeans_init
+        output = MethodOutput(None, [self.up.get(c, []) for c in range(n)], [self.down.get(c, []) for c in range(n)],
+                              len(self.per_round), cfg.protocol, [r.get("bank_size") for r in per_client],
+                              self.per_round, {**aggregation_summary(cfg, init, cfg.privacy.noise if privacy else None),
+                                               "transport": "grpc"}, privacy)
+        curve = round_curve(self.per_round, self.out / "auroc_per_round.png") if len(self.per_round) > 1 else None
+        extra = {"deployment": {"run_id": self.coord.run_id, "address": cfg.deploy.address,
+                                "refused_messages": dict(self.coord.rejected),
+                                "wire_bytes_up": [self.wire["up"].get(str(c), []) for c in range(n)],
+                                "wire_bytes_down": [self.wire["down"].get(str(c), []) for c in range(n)],
+                                "resumed_after_round": self.ckpt.get("round_done")}}
+        results = results_document(cfg, cfg.data.benchmark, per_client, output, self.timings, self.t_start, "cpu",
+                                   {"anomaly_maps": None, "auroc_per_round": curve.name if curve else None},
+                                   extra=extra)
+        write_results(cfg, results, self.out)
+        save_global_memory(self.memory, self.out)
+        return results
+
+
+class _ImagesAfter:
+    """The image-embedding k-means runs after the patch k-means, over the clients still there."""
+
+    def __init__(self, patches: NetworkCollective, coord: Coordinator, dim_of: int, counts: dict, protocol: str,
+                 secagg: dict, timeout: float, noisy):
+        self.patches, self.coord, self.dim = patches, coord, dim_of
+        self.counts, self.protocol, self.secagg, self.timeout, self.noisy = counts, protocol, secagg, timeout, noisy
+        self.col: NetworkCollective | None = None
+
+    def collective(self) -> NetworkCollective:
+        alive = self.patches.participants
+        self.col = NetworkCollective(self.coord, "images", alive, self.dim, sum(self.counts[c] for c in alive),
+                                     self.protocol, self.secagg, self.timeout, self.noisy)
+        return self.col
+
+
+def serve(cfg: RunConfig, out: Path, resume: bool = False) -> dict:
+    check_deployable(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    return _Server(cfg, out, resume).run()

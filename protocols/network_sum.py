@@ -1,0 +1,192 @@
+"""Federated k-means across processes: the server's ``NetworkCollective`` and the client's
+``CollectiveMember``, driving the same ``KMeansParty`` requests and SecAgg+ state machines as
+the in-process simulator, one coordinator exchange per protocol stage.
+
+For one request the server sends every participant a ``compute`` task (the
+request and, for ``secagg``, the client's SecAgg+ setup); the client answers
+the request with its party, adds its share of the DP noise when the run is
+private, and replies with its vector (``plain``) or its advertised keys
+(``secagg``), then follows the SecAgg+ stages. A client that misses a stage's
+deadline or is refused is a dropout: SecAgg+ recovers the sum while at least t
+remain, and the client takes no further part in this k-means run (its cluster
+labels would be out of step). Threat models are those of ``secagg`` and
+``dp_release``; the server never holds a point.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fedsecmem.crypto.fixed_point import FixedPoint
+from fedsecmem.protocols import federation_pb2 as pb
+from fedsecmem.protocols.coordinator import ClientRefusal, Coordinator
+from fedsecmem.protocols.dp_release import NoisySum
+from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.kmeans_party import KMeansParty, Request
+from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
+from fedsecmem.protocols.secagg_messages import (
+    AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, Setup, SharesForYou, UnmaskRequest, UnmaskShares,
+)
+from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
+from fedsecmem.protocols.secure_sum import SumOutcome
+from fedsecmem.protocols.wire import (
+    SERVER_ID, Body, BodyBuilder, Envelope, WireError, decode_request, decode_secagg, decode_vector,
+    encode_request, encode_secagg, encode_vector,
+)
+
+# stage tasks (server -> client) and the replies they expect
+SECAGG_STAGES = (("compute", "advertise", AdvertiseKeys), ("secagg_keys", "shares", EncryptedShares),
+                 ("secagg_relay", "masked", MaskedInput), ("secagg_unmask", "unmask", UnmaskShares))
+_TASK_TYPES = {"secagg_keys": NeighbourKeys, "secagg_relay": SharesForYou, "secagg_unmask": UnmaskRequest}
+
+
+class NetworkCollective(Collective):
+    """The participants of one k-means run on points called ``name`` (``patches`` or ``images``)."""
+
+    def __init__(self, coord: Coordinator, name: str, participants: set[int], dim: int, n_points: int,
+                 protocol: str, secagg: dict, timeout: float, noisy: NoisySum | None = None,
+                 plain_name: str = "plain"):
+        if protocol not in ("plain", "secagg"):
+            raise ValueError(f"network k-means: protocol {protocol!r} is not available over the network")
+        self.coord, self.name = coord, name
+        self.participants = set(participants)
+        self.clients = tuple(sorted(participants))
+        self.dim, self.n_points = dim, n_points
+        self.protocol, self.secagg, self.timeout, self.noisy = protocol, secagg, timeout, noisy
+        self.cost = AggregateCost()
+
+    def _task(self, request: Request, extra: pb.Payload | None = None) -> pb.Payload:
+        b = BodyBuilder().text("collective", self.name).text("protocol", self.protocol)
+        b.int("parties", len(self.participants))
+        encode_request(request, b)
+        payload = b.build()
+        if extra is not None:
+            payload.MergeFrom(extra)
+        return payload
+
+    def _alive(self, replies: dict[int, object]) -> set[int]:
+        return {c for c, r in replies.items() if not isinstance(r, ClientRefusal)}
+
+    def total(self, request: Request) -> np.ndarray:
+        length = request.length(self.dim)
+        need = self.noisy.need if self.noisy is not None else 1
+        if len(self.participants) < max(need, 1):
+            raise ProtocolAbort(f"{self.name}: only {len(self.participants)} participants, {need} needed")
+        if request.broadcast_values:
+            self.cost.broadcast(self.participants, request.broadcast_values)
+        out = self._plain(request, length, need) if self.protocol == "plain" else self._secagg(request, length, need)
+        if self.noisy is not None:
+            out = self.noisy.finish(out)
+        self.cost.add(out)
+        return out.total
+
+    def _plain(self, request: Request, length: int, need: int) -> SumOutcome:
+        bodies = {c: self._task(request) for c in sorted(self.participants)}
+        replies = self.coord.exchange("compute", bodies, "vector",
+                                      lambda c, env: decode_vector(env.body, length), self.timeout)
+        alive = self._alive(replies)
+        self.participants = alive
+        if len(alive) < need:
+            raise ProtocolAbort(f"plain: only {len(alive)} inputs, at least {need} needed")
+        t = time.perf_counter()
+        total = np.sum([replies[c] for c in sorted(alive)], axis=0)
+        return SumOutcome(total, tuple(sorted(alive)), {c: length * 8 for c in alive}, {c: 0 for c in alive},
+                          server_seconds=time.perf_counter() - t)
+
+    def _secagg(self, request: Request, length: int, need: int) -> SumOutcome:
+        a = self.secagg
+        clients = sorted(self.participants)
+        k = a["neighbours"] if a["neighbours"] is None else min(a["neighbours"], len(clients) - 1)
+        params = make_params(clients, length, a["bits"], k, a["threshold"])
+        server = SecAggServer(params, need)
+        fp = FixedPoint(a["bits"], a["frac_bits"], len(clients))
+        up = {c: 0 for c in clients}
+        down = {c: 0 for c in clients}
+        seconds = 0.0
+
+        def accept(kind):
+            def fn(cid: int, env: Envelope):
+                msg = decode_secagg(kind, env.body, cid, SERVER_ID, length)
+                server.receive(msg)
+                up[cid] += msg.nbytes
+                return msg
+            return fn
+
+        outgoing = server.setups()
+        for task_kind, reply_kind, reply_type in SECAGG_STAGES:
+            bodies = {}
+            for c, msg in outgoing.items():
+                down[c] += msg.nbytes
+                bodies[c] = self._task(request, encode_secagg(msg)) if task_kind == "compute" else encode_secagg(msg)
+            replies = self.coord.exchange(task_kind, bodies, reply_kind, accept(reply_type), self.timeout)
+            t = time.perf_counter()
+            outgoing = server.close_stage()
+            seconds += time.perf_counter() - t
+            if task_kind == "secagg_unmask":
+                self.participants = self._alive(replies)
+        total = fp.decode(outgoing)
+        return SumOutcome(total, tuple(sorted(server.masked)), up, down, server_seconds=seconds)
+
+
+class CollectiveMember:
+    """A client's side of the network k-means runs of one round: its parties (by name), its noise,
+    and the SecAgg+ instance in progress. ``handle`` answers one task with (reply kind, body)."""
+
+    def __init__(self, cid: int, frac_bits: int, rounding: str, max_length: int, clip: dict[str, float] | None = None):
+        self.cid, self.frac_bits, self.rounding, self.max_length = cid, frac_bits, rounding, max_length
+        self.clip = clip or {}
+        self.parties: dict[str, KMeansParty] = {}
+        self.noisy: NoisySum | None = None
+        self._secagg: SecAggClient | None = None
+        self._encoded: np.ndarray | None = None
+
+    def reset(self, parties: dict[str, KMeansParty], noisy: NoisySum | None) -> None:
+        self.parties, self.noisy = parties, noisy
+        self._secagg = None
+
+    def handle(self, env: Envelope) -> tuple[str, pb.Payload]:
+        if env.kind == "compute":
+            return self._compute(env.body)
+        if self._secagg is None:
+            raise ProtocolError(f"{env.kind} task without a SecAgg+ instance in progress")
+        msg = decode_secagg(_TASK_TYPES[env.kind], env.body, SERVER_ID, self.cid, self.max_length)
+        if env.kind == "secagg_keys":
+            return "shares", encode_secagg(self._secagg.share_keys(msg))
+        if env.kind == "secagg_relay":
+            return "masked", encode_secagg(self._secagg.mask(msg, self._encoded))
+        out = self._secagg.unmask(msg)
+        self._secagg = self._encoded = None
+        return "unmask", encode_secagg(out)
+
+    def _compute(self, payload: pb.Payload) -> tuple[str, pb.Payload]:
+        body = Body(payload, "compute")
+        name = body.text("collective", 32)
+        if name not in self.parties:
+            raise WireError(f"compute: no points called {name!r} this round")
+        party = self.parties[name]
+        request = decode_request(payload, party.dim, self.max_length)
+        if request.op == "dp_cells":
+            if self.noisy is None:
+                raise ProtocolError("compute: a private release asked of a run without DP")
+            if request.floats["clip"] != self.clip.get(name):  # the client's privacy rests on its own clip
+                raise ProtocolError(f"compute: clip {request.floats['clip']} differs from this client's "
+                                    f"{self.clip.get(name)}")
+        elif self.noisy is not None:
+            raise ProtocolError(f"compute: a non-private request {request.op!r} in a private run")
+        vector = party.answer(request)
+        if self.noisy is not None:
+            vector = self.noisy.client_noise(vector)
+        protocol = body.text("protocol", 16)
+        if protocol == "plain":
+            return "vector", encode_vector(vector)
+        if protocol != "secagg":
+            raise WireError(f"compute: unknown protocol {protocol!r}")
+        setup: Setup = decode_secagg(Setup, payload, SERVER_ID, self.cid, self.max_length)
+        if setup.length != len(vector):
+            raise ProtocolError(f"compute: setup length {setup.length} but the answer has {len(vector)} values")
+        parties = body.int("parties", 2)
+        self._encoded = FixedPoint(setup.bits, self.frac_bits, parties).encode(vector, self.rounding)
+        self._secagg = SecAggClient(self.cid, setup)
+        return "advertise", encode_secagg(self._secagg.advertise())
