@@ -1,0 +1,220 @@
+"""The wire and the server's message handler: codecs round-trip, chunk streams are bounded, and every
+kind of bad message is refused and counted while the exchange goes on (plus a fuzzer)."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsecmem.protocols import federation_pb2 as pb
+from fedsecmem.protocols.coordinator import Coordinator
+from fedsecmem.protocols.kmeans_party import KMeansParty, Request
+from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
+from fedsecmem.protocols.secagg_messages import AdvertiseKeys
+from fedsecmem.protocols.wire import (
+    SERVER_ID, BodyBuilder, Envelope, WireError, chunks, decode_request, decode_secagg, encode_request,
+    encode_secagg, join_chunks, parse_envelope,
+)
+
+
+def test_chunks_carry_a_payload_far_above_grpc_limit():
+    data = np.random.default_rng(0).bytes(9 * 2**20 + 123)
+    parts = list(chunks(data))
+    assert len(parts) == 10 and all(len(p.data) <= 2**20 for p in parts)
+    assert join_chunks(parts, 10 * 2**20) == data
+
+
+def test_chunk_streams_that_lie_are_refused():
+    data = b"x" * 3000
+    parts = list(chunks(data, 1000))
+    with pytest.raises(WireError, match="over the limit"):
+        join_chunks(parts, 2000)
+    with pytest.raises(WireError, match="ended at 2000"):
+        join_chunks(parts[:2], 10_000)
+    bad = parts[:2] + [pb.Chunk(total_size=9999, data=b"y")]
+    with pytest.raises(WireError, match="disagree"):
+        join_chunks(bad, 10_000)
+    with pytest.raises(WireError, match="empty"):
+        join_chunks([], 10)
+
+
+def _secagg_messages():
+    params = make_params([0, 1, 2], 5, 32)
+    server = SecAggServer(params)
+    setups = server.setups()
+    clients = {c: SecAggClient(c, setups[c]) for c in params.clients}
+    msgs = [setups[0]]
+    for c, cl in clients.items():
+        m = cl.advertise()
+        msgs.append(m)
+        server.receive(m)
+    keys = server.close_stage()
+    msgs.append(keys[0])
+    for c, cl in clients.items():
+        m = cl.share_keys(keys[c])
+        msgs.append(m)
+        server.receive(m)
+    relay = server.close_stage()
+    msgs.append(relay[1])
+    for c, cl in clients.items():
+        m = cl.mask(relay[c], np.arange(5, dtype=np.uint32))
+        msgs.append(m)
+        server.receive(m)
+    req = server.close_stage()
+    msgs.append(req[2])
+    msgs.append(clients[2].unmask(req[2]))
+    return msgs
+
+
+def test_every_secagg_message_round_trips():
+    for msg in _secagg_messages():
+        sender = getattr(msg, "sender", SERVER_ID)
+        receiver = getattr(msg, "receiver", SERVER_ID)
+        back = decode_secagg(type(msg), encode_secagg(msg), sender, receiver, 100)
+        for field in msg.__dataclass_fields__:
+            a, b = getattr(msg, field), getattr(back, field)
+            assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), field
+
+
+def test_decoders_name_the_bad_field():
+    adv = AdvertiseKeys(b"s" * 16, 0, b"c" * 32, b"k" * 31)
+    with pytest.raises(WireError, match="s_public"):
+        decode_secagg(AdvertiseKeys, encode_secagg(adv), 0, SERVER_ID, 10)
+    body = BodyBuilder().blob("session", b"s" * 16).build()
+    body.tensors["vector"].dtype = "uint32"
+    body.tensors["vector"].shape.extend([4])
+    body.tensors["vector"].data = b"\0" * 15  # 4 uint32 need 16 bytes
+    from fedsecmem.protocols.secagg_messages import MaskedInput
+    with pytest.raises(WireError, match="bytes do not hold"):
+        decode_secagg(MaskedInput, body, 0, SERVER_ID, 10)
+
+
+def test_requests_round_trip_and_are_checked_against_the_points():
+    party = KMeansParty(np.random.default_rng(1).normal(size=(30, 4)), np.ones(30))
+    req = Request("lloyd", arrays={"centres": np.zeros((3, 4))})
+    back = decode_request(encode_request(req, BodyBuilder()).build(), 4, 10_000)
+    assert np.array_equal(party.answer(back), party.answer(req))
+    wrong = Request("lloyd", arrays={"centres": np.zeros((3, 5))})
+    with pytest.raises(WireError, match="centres do not fit"):
+        decode_request(encode_request(wrong, BodyBuilder()).build(), 4, 10_000)
+    with pytest.raises(WireError, match="unknown op"):
+        decode_request(BodyBuilder().text("op", "exfiltrate").build(), 4, 10)
+
+
+# ---- the server's handler ------------------------------------------------------------------------
+
+class _Open:
+    """A coordinator with one exchange open in a background thread: SecAgg+ advertise of 3 clients."""
+
+    def __init__(self, revoked=()):
+        self.coord = Coordinator("run-a", {0, 1, 2, 3}, set(revoked))
+        self.coord.begin_round(2)
+        self.coord.step = 4  # a few exchanges already happened in this round
+        self.params = make_params([0, 1, 2], 8, 32)
+        self.server = SecAggServer(self.params)
+        setups = self.server.setups()
+        self.clients = {c: SecAggClient(c, setups[c]) for c in (0, 1, 2)}
+        self.adverts = {c: encode_secagg(cl.advertise()) for c, cl in self.clients.items()}
+        self.result = {}
+
+        def accept(cid, env):
+            msg = decode_secagg(AdvertiseKeys, env.body, cid, SERVER_ID, 8)
+            self.server.receive(msg)
+            return msg
+
+        bodies = {c: encode_secagg(setups[c]) for c in (0, 1, 2)}
+        self.thread = threading.Thread(target=lambda: self.result.update(
+            self.coord.exchange("compute", bodies, "advertise", accept, 60)))
+        self.thread.start()
+        while self.coord._open is None:
+            pass
+
+    def envelope(self, cid, kind="advertise", round_=2, step=5, run="run-a", sender=None, body=None):
+        body = body if body is not None else self.adverts[cid]
+        return Envelope(run, cid if sender is None else sender, round_, step, kind, body).to_bytes()
+
+    def finish(self):
+        for c in (0, 1, 2):
+            if c not in self.coord._open.replies:
+                ok, why = self.coord.handle_push(c, self.envelope(c))
+                assert ok, why
+        self.thread.join(10)
+        return self.result
+
+
+def test_each_kind_of_bad_message_is_refused_counted_and_the_exchange_completes():
+    o = _Open(revoked={3})
+    c = o.coord
+    cases = [
+        (None, b"anything", "identity"),
+        (3, o.envelope(0, sender=3), "identity"),  # revoked
+        (0, b"\xff\x00garbage", "malformed"),
+        (0, o.envelope(0, sender=1), "identity"),  # claims another client's id
+        (0, o.envelope(0, run="run-b"), "stale"),
+        (0, o.envelope(0, step=3), "stale"),  # a replay of an earlier step
+        (0, o.envelope(0, kind="masked"), "wrong-stage"),
+        (0, o.envelope(0, body=BodyBuilder().blob("session", b"x" * 16).build()), "invalid"),
+    ]
+    for cid, data, category in cases:
+        before = c.rejected[category]
+        ok, why = c.handle_push(cid, data)
+        assert not ok and why and c.rejected[category] == before + 1, (category, why)
+    ok, _ = c.handle_push(0, o.envelope(0))
+    assert ok
+    ok, why = c.handle_push(0, o.envelope(0))  # the same reply again: a replay within the step
+    assert not ok and c.rejected["duplicate"] == 1
+    result = o.finish()
+    assert sorted(result) == [0, 1, 2] and c.rejected["internal"] == 0
+    assert o.server.close_stage()  # the state machine took exactly the valid ones and goes on
+
+
+def _mutations():
+    """Random bytes, and valid envelopes with one field mutated."""
+    raw = st.binary(max_size=600)
+    fields = st.fixed_dictionaries({
+        "run": st.sampled_from(["run-a", "run-b", ""]),
+        "round": st.integers(0, 5), "step": st.integers(0, 8),
+        "kind": st.sampled_from(["advertise", "masked", "error", "hello", "x" * 70]),
+        "sender": st.integers(-3, 5),
+        "session": st.binary(min_size=0, max_size=20),
+        "c": st.binary(min_size=0, max_size=40), "s": st.binary(min_size=0, max_size=40),
+        "extra": st.binary(max_size=50),
+    })
+    return st.one_of(raw, fields)
+
+
+def test_fuzz_ten_thousand_messages_never_crash_the_handler():
+    o = _Open()
+    coord = o.coord
+    seen = {"n": 0}
+
+    @settings(max_examples=10_000, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_mutations(), st.integers(-1, 4))
+    def fuzz(msg, cid):
+        if isinstance(msg, bytes):
+            data = msg
+        else:
+            body = BodyBuilder().blob("session", msg["session"]).blob("c_public", msg["c"]) \
+                .blob("s_public", msg["s"]).blob("junk", msg["extra"]).build()
+            data = Envelope(msg["run"], msg["sender"], msg["round"], msg["step"], msg["kind"], body).to_bytes()
+            if msg["extra"][:1] == b"\x01":  # sometimes cut it short
+                data = data[: len(data) // 2]
+        ok, why = coord.handle_push(cid if cid >= 0 else None, data)
+        assert isinstance(ok, bool) and isinstance(why, str)
+        seen["n"] += 1
+
+    fuzz()
+    assert seen["n"] >= 10_000
+    assert coord.rejected["internal"] == 0
+    result = o.finish()  # the real clients still complete the stage
+    assert sorted(result) == [0, 1, 2]
+    o.server.close_stage()
+
+
+def test_parse_envelope_rejects_out_of_range_sender():
+    data = Envelope("r", 2**40, 1, 1, "hello", pb.Payload()).to_bytes()
+    with pytest.raises(WireError, match="sender"):
+        parse_envelope(data)
