@@ -11,6 +11,7 @@ baselines; asking for them is a one-line error.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,21 @@ def get_json(payload: pb.Payload, name: str, what: str, max_size: int = 1 << 20)
         return json.loads(text)
     except json.JSONDecodeError:
         raise WireError(f"{what}: {name!r} is not JSON") from None
+
+
+FAULT_ENV = "FEDSECMEM_FAULT"
+FAULT_EXIT = 75
+
+
+def crash_if_asked(role: str, **where) -> None:
+    """Fault injection for tests and drills: with ``FEDSECMEM_FAULT="role=client-2,kind=secagg_relay,round=2"``
+    (or ``role=server,after_round=1``) the matching process dies on the spot, as a crash would: no
+    cleanup, no goodbye, exit code 75."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    if want.get("role") != role:
+        return
+    if all(str(where.get(k)) == v for k, v in want.items() if k != "role"):
+        os._exit(FAULT_EXIT)

@@ -22,7 +22,8 @@ from fedsecmem.config import RunConfig
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.partition import partition
-from fedsecmem.deploy import check_deployable, client_tls, get_memory, max_bytes, put_json
+from fedsecmem.crypto.pki import client_name
+from fedsecmem.deploy import check_deployable, client_tls, crash_if_asked, get_memory, max_bytes, put_json
 from fedsecmem.errors import UserError
 from fedsecmem.evaluate import evaluate_client
 from fedsecmem.feddymem import FedDyMemClient
@@ -168,6 +169,7 @@ def join(cfg: RunConfig, cid: int) -> int:
                 run_id = env.run_id
             elif env.run_id != run_id:
                 raise UserError(f"client {cid}: the server started another run ({env.run_id}); rejoin to take part")
+            crash_if_asked(client_name(cid), kind=env.kind, round=env.round)
             try:
                 kind, body = me.handle(env)
             except (ProtocolError, WireError, OverflowRisk, ValueError) as exc:

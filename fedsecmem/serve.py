@@ -30,7 +30,7 @@ from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
-from fedsecmem.deploy import check_deployable, get_json, max_bytes, party_tls, put_memory
+from fedsecmem.deploy import check_deployable, crash_if_asked, get_json, max_bytes, party_tls, put_memory
 from fedsecmem.errors import UserError
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.federated import aggregation_summary
@@ -251,6 +251,7 @@ class _Server:
                     except ProtocolAbort as exc:
                         raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
                     self._checkpoint(r)
+                    crash_if_asked("server", after_round=r)
                     advance(1)
             if not self.per_round:
                 raise UserError(stopped or "serve: no round completed")

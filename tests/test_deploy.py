@@ -1,0 +1,217 @@
+"""Deployment over gRPC with mutual TLS: identities, large payloads, and whole runs as real processes on
+127.0.0.1 (same global memory as the simulator, a client crash mid-round, a server crash and resume)."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedsecmem.crypto.pki import provision, revoke, tls_material
+from fedsecmem.protocols.coordinator import Coordinator
+from fedsecmem.protocols.grpc_transport import ServerConnection, TransportError, start_server
+from fedsecmem.protocols.wire import Envelope, decode_vector, encode_vector
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDSECMEM = [sys.executable, "-m", "fedsecmem"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pki")
+    provision(base / "a", 4)
+    provision(base / "b", 3)  # another CA
+    revoke(base / "a", 2)
+    return base
+
+
+def _serve(coord, pki_dir):
+    address = f"127.0.0.1:{_port()}"
+    server = start_server(coord, address, tls_material(pki_dir / "a", "server"), 0.5, 64 << 20, 8)
+    return server, address
+
+
+def _connect(address, pki_dir, which, party, reconnect=2.0):
+    return ServerConnection(address, tls_material(pki_dir / which, party), 64 << 20, 0.5, reconnect)
+
+
+def test_only_this_runs_valid_identities_get_in(pki):
+    coord = Coordinator("r", {0, 1, 2}, {2})
+    server, address = _serve(coord, pki)
+    try:
+        ok = _connect(address, pki, "a", "client-0")
+        assert ok.pull(0, 0) is None  # a valid client: connected, nothing to do yet
+        with pytest.raises(TransportError, match="revoked identity client-2"):
+            _connect(address, pki, "a", "client-2").pull(0, 0)
+        with pytest.raises(TransportError, match="unknown identity client-3"):
+            _connect(address, pki, "a", "client-3").pull(0, 0)
+        with pytest.raises(TransportError, match="unreachable"):  # TLS refuses a chain from another CA
+            _connect(address, pki, "b", "client-0").pull(0, 0)
+        assert coord.rejected["identity"] == 2
+    finally:
+        coord.close()
+        server.stop(0)
+
+
+def test_a_payload_above_grpc_4mb_limit_passes_and_an_oversized_one_is_refused(pki):
+    coord = Coordinator("r", {0, 1}, set())
+    server, address = _serve(coord, pki)
+    n = 700_000  # 5.6 MB of float64
+    vec = np.random.default_rng(0).normal(size=n)
+    got = {}
+    coord.begin_round(1)
+    t = threading.Thread(target=lambda: got.update(coord.exchange(
+        "compute", {0: encode_vector(np.zeros(1))}, "vector", lambda c, env: decode_vector(env.body, n), 60)))
+    t.start()
+    try:
+        conn = _connect(address, pki, "a", "client-0")
+        task = conn.pull(0, 0)
+        assert task is not None
+        big = Envelope("r", 0, 1, 1, "vector", encode_vector(vec)).to_bytes()
+        assert len(big) > 4 << 20
+        huge = b"\0" * (65 << 20)  # the server's limit is 64 MB here
+        ok, why = conn.push(huge)
+        assert not ok and "over the limit" in why and coord.rejected["oversized"] == 1
+        ok, why = conn.push(big)
+        assert ok, why
+        t.join(10)
+        assert np.array_equal(got[0], vec)
+    finally:
+        coord.close()
+        server.stop(0)
+
+
+# ---- whole runs as processes --------------------------------------------------------------------
+
+TINY = {
+    "name": "tiny", "seed": 0, "method": "feddymem",
+    "data": {"benchmark": "textures", "products": ["brick", "immunohistochemistry", "grass"],
+             "train_per_product": 6, "test_normal_per_product": 4, "test_defect_per_product": 4,
+             "image_size": 64, "crop_size": 64},
+    "clients": {"n": 3, "alpha": 0.5},
+    "protocol": "secagg", "privacy": {"dp": False},
+    "feddymem": {"rounds": 2, "global_k": 32, "global_k_images": 8, "kmeans_init": "pca-partition"},
+    "output": {"embedding_cache": None, "map_examples_per_product": 0},
+}
+
+
+def _config(tmp: Path, certs: Path, **changes) -> Path:
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["deploy"] = {"certs": str(certs), "address": f"127.0.0.1:{_port()}", "stage_timeout_s": 8,
+                     "round_timeout_s": 90, "register_timeout_s": 90, "poll_s": 1, "reconnect_s": 60}
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        cfg.setdefault(section, {})[name] = value
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(args, log: Path, fault: str | None = None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("FEDSECMEM_FAULT", None)
+    if fault:
+        env["FEDSECMEM_FAULT"] = fault
+    return subprocess.Popen([*FEDSECMEM, *args], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait(proc, log: Path, timeout=240) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{log.name} did not finish:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    provision(d, 3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, certs):
+    """The in-process simulator's run of the tiny config (its global memory is the reference)."""
+    from fedsecmem.config import load_config
+    from fedsecmem.runner import run
+
+    tmp = tmp_path_factory.mktemp("sim")
+    run(load_config(_config(tmp, certs)), tmp / "out")
+    return np.load(tmp / "out" / "global_memory.npz")
+
+
+def _run_processes(tmp: Path, cfg: Path, faults: dict | None = None, server_args=()):
+    faults = faults or {}
+    out = tmp / "server"
+    server = _start(["serve", str(cfg), "--out", str(out), *server_args], tmp / "server.log", faults.get("server"))
+    clients = {c: _start(["join", str(cfg), "--client-id", str(c)], tmp / f"client{c}.log", faults.get(c))
+               for c in range(3)}
+    return server, clients, out
+
+
+def test_grpc_run_gives_the_simulators_global_memory(tmp_path, certs, simulated):
+    cfg = _config(tmp_path, certs)
+    server, clients, out = _run_processes(tmp_path, cfg)
+    assert _wait(server, tmp_path / "server.log") == 0, (tmp_path / "server.log").read_text()[-3000:]
+    for c, p in clients.items():
+        assert _wait(p, tmp_path / f"client{c}.log") == 0
+    got = np.load(out / "global_memory.npz")
+    assert np.array_equal(got["patches"], simulated["patches"])
+    assert np.array_equal(got["images"], simulated["images"])
+    results = yaml.safe_load((out / "results.json").read_text())
+    assert results["aggregation"]["transport"] == "grpc" and results["deployment"]["refused_messages"] == {}
+    assert all(r["dropped"] == [] for r in results["per_round"])
+
+
+def test_client_killed_mid_round_is_dropped_and_rejoins_next_round(tmp_path, certs):
+    """DP on: client 2 dies after key sharing in round 2; SecAgg+ recovers; a restarted client 2
+    takes part in round 3."""
+    cfg = _config(tmp_path, certs, feddymem__rounds=3, privacy__dp=True, privacy__epsilon=8)
+    server, clients, out = _run_processes(tmp_path, cfg, {2: "role=client-2,kind=secagg_relay,round=2"})
+    assert _wait(clients[2], tmp_path / "client2.log") == 75  # crashed as asked
+    again = _start(["join", str(cfg), "--client-id", "2"], tmp_path / "client2b.log")
+    assert _wait(server, tmp_path / "server.log") == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert _wait(again, tmp_path / "client2b.log") == 0
+    results = yaml.safe_load((out / "results.json").read_text())
+    rounds = results["per_round"]
+    assert [r["participants"] for r in rounds] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    assert rounds[1]["dropped"] == [2]
+    assert results["privacy"]["dp"] and 0 < results["privacy"]["epsilon"] <= 8.0
+    assert (out / "privacy_state.json").exists()
+
+
+def test_server_killed_after_round_one_resumes_to_the_same_result(tmp_path, certs, simulated):
+    cfg = _config(tmp_path, certs)
+    server, clients, out = _run_processes(tmp_path, cfg, {"server": "role=server,after_round=1"})
+    assert _wait(server, tmp_path / "server.log") == 75
+    assert (out / "checkpoint.json").exists() and not (out / "results.json").exists()
+    time.sleep(1)
+    resumed = _start(["serve", str(cfg), "--out", str(out), "--resume"], tmp_path / "resumed.log")
+    assert _wait(resumed, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    for c, p in clients.items():
+        assert _wait(p, tmp_path / f"client{c}.log") == 0
+    results = yaml.safe_load((out / "results.json").read_text())
+    assert results["deployment"]["resumed_after_round"] == 1 and results["rounds"] == 2
+    got = np.load(out / "global_memory.npz")
+    assert np.array_equal(got["patches"], simulated["patches"])
+    assert np.array_equal(got["images"], simulated["images"])
+
+
+def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, certs):
+    cfg = _config(tmp_path, certs)
+    r = subprocess.run([*FEDSECMEM, "serve", str(cfg), "--out", str(tmp_path / "none"), "--resume"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --resume: no checkpoint")
