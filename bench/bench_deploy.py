@@ -160,7 +160,7 @@ Every secure sum is 4 exchanges (compute + keys, shares, masked input, unmask).
 
 Bytes per client per round: protocol payload (what results.json's `comm` counts, as the
 simulator does) against the serialized envelopes on the wire (protobuf framing, message kinds,
-k-means requests; TLS records add about 0.1% more).
+k-means requests; TLS record framing is not counted).
 
 | clients | payload up MB | wire up MB | wire / payload | payload down MB | wire down MB |
 |---:|---:|---:|---:|---:|---:|

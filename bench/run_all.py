@@ -4,6 +4,7 @@ import runpy
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for script in ("bench_coreset.py", "bench_reference.py", "bench_feddymem.py"):
+for script in ("bench_coreset.py", "bench_reference.py", "bench_feddymem.py", "bench_secure.py",
+               "bench_privacy.py", "bench_deploy.py"):
     print(f"== {script}", flush=True)
     runpy.run_path(str(HERE / script), run_name="__main__")

@@ -218,3 +218,21 @@ def test_parse_envelope_rejects_out_of_range_sender():
     data = Envelope("r", 2**40, 1, 1, "hello", pb.Payload()).to_bytes()
     with pytest.raises(WireError, match="sender"):
         parse_envelope(data)
+
+
+def test_committed_generated_code_matches_the_proto(tmp_path):
+    """protocols/federation_pb2*.py are what `make proto` makes from protocols/federation.proto."""
+    import shutil
+    from pathlib import Path
+
+    from grpc_tools import protoc
+
+    root = Path(__file__).resolve().parents[1]
+    pkg = tmp_path / "fedsecmem" / "protocols"
+    pkg.mkdir(parents=True)
+    shutil.copy(root / "protocols" / "federation.proto", pkg)
+    rc = protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                      f"--grpc_python_out={tmp_path}", str(pkg / "federation.proto")])
+    assert rc == 0
+    for name in ("federation_pb2.py", "federation_pb2.pyi", "federation_pb2_grpc.py"):
+        assert (pkg / name).read_text() == (root / "protocols" / name).read_text(), f"{name}: run `make proto`"
