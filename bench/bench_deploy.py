@@ -28,13 +28,13 @@ from fedsecmem.protocols.kmeans_party import KMeansParty
 from fedsecmem.protocols.network_sum import CollectiveMember, NetworkCollective
 from fedsecmem.protocols.secure_kmeans import LocalCollective, kmeans_over
 from fedsecmem.protocols.secure_sum import SecAggSum
-from fedsecmem.protocols.wire import Envelope, BodyBuilder
+from fedsecmem.protocols.wire import BodyBuilder, Envelope, parse_envelope
 
 sys.path.insert(0, str(Path(__file__).parent))
 from markdown import write_section  # noqa: E402
 
 DIM, K, ITERS, POINTS = 152, 512, 20, 3000  # per client: ~ a quickstart client's reduced memory
-SECAGG = {"bits": 64, "frac_bits": 24, "neighbours": None, "threshold": None, "rounding": "nearest"}
+SECAGG = SecAggSum(bits=64, frac_bits=24)  # complete graph, default threshold, nearest rounding
 BIG_MB = 256
 
 
@@ -47,15 +47,13 @@ def _points(cid: int) -> tuple[np.ndarray, np.ndarray]:
 
 def client_main(cid: int, address: str, certs: str) -> None:
     conn = ServerConnection(address, tls_material(Path(certs), f"client-{cid}"), 1 << 30, 2.0, 60)
-    member = CollectiveMember(cid, SECAGG["frac_bits"], "nearest", 1 << 28)
+    member = CollectiveMember(cid, SECAGG.frac_bits, SECAGG.rounding, 1 << 28)
     member.reset({"patches": KMeansParty(*_points(cid))}, None)
     done = (0, 0)
     while True:
         data = conn.pull(*done)
         if data is None:
             continue
-        from fedsecmem.protocols.wire import parse_envelope
-
         env = parse_envelope(data)
         if env.kind == "finish":
             conn.push(Envelope(env.run_id, cid, env.round, env.step, "bye", BodyBuilder().build()).to_bytes())
@@ -76,7 +74,7 @@ def _port() -> int:
 def round_row(n: int, certs: Path) -> tuple[str, str]:
     parts = {c: _points(c) for c in range(n)}
     t = time.perf_counter()
-    local = kmeans_over(LocalCollective(parts, SecAggSum(64, 24)), K, ITERS)
+    local = kmeans_over(LocalCollective(parts, SECAGG), K, ITERS)
     local_s = time.perf_counter() - t
 
     coord = Coordinator("bench", set(range(n)))
@@ -88,7 +86,7 @@ def round_row(n: int, certs: Path) -> tuple[str, str]:
         # wait until every client process is up and pulling
         while len(coord.last_seen) < n:
             time.sleep(0.1)
-        col = NetworkCollective(coord, "patches", set(range(n)), DIM, n * POINTS, "secagg", SECAGG, 300)
+        col = NetworkCollective(coord, "patches", set(range(n)), DIM, n * POINTS, SECAGG, 300)
         t = time.perf_counter()
         net = kmeans_over(col, K, ITERS)
         net_s = time.perf_counter() - t
@@ -156,7 +154,7 @@ Every secure sum is 4 exchanges (compute + keys, shares, masked input, unmask).
 
 | clients | secure sums | in-process s | gRPC s | ratio | added ms per exchange |
 |---:|---:|---:|---:|---:|---:|
-""" + "\n".join(r[0] for r in rows) + f"""
+""" + "\n".join(r[0] for r in rows) + """
 
 Bytes per client per round: protocol payload (what results.json's `comm` counts, as the
 simulator does) against the serialized envelopes on the wire (protobuf framing, message kinds,

@@ -162,7 +162,7 @@ def feddymem_section() -> str:
     ck = runs["ckks"]
     ck_up = np.mean([np.mean(b) for b in ck["comm"]["bytes_up"]])
     pl_up = np.mean([np.mean(b) for b in fed_plain["comm"]["bytes_up"]]) / 2  # float64 sums -> float32 equivalent
-    return f"""`configs/quickstart.yaml` (textures, 5 clients, Dirichlet 0.5, 3 rounds, seed 0), one run per
+    return """`configs/quickstart.yaml` (textures, 5 clients, Dirichlet 0.5, 3 rounds, seed 0), one run per
 protocol, one after the other on the same cached embeddings. Round time covers every client's
 work and the server's, as the in-process simulation runs them one after another. k-means
 objective: round 1 (identical prototypes in every run) relative to k-means++ on the union.

@@ -20,7 +20,7 @@ from fedsecmem.crypto.pki import ProvisioningError, TlsMaterial, client_name, tl
 from fedsecmem.errors import UserError
 from fedsecmem.feddymem import GlobalMemory
 from fedsecmem.protocols import federation_pb2 as pb
-from fedsecmem.protocols.wire import Body, BodyBuilder
+from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
 
 MAX_ITEMS = 1 << 26  # values in one global memory array
 
@@ -75,8 +75,6 @@ def put_json(b: BodyBuilder, name: str, value) -> BodyBuilder:
 
 
 def get_json(payload: pb.Payload, name: str, what: str, max_size: int = 1 << 20):
-    from fedsecmem.protocols.wire import WireError
-
     text = Body(payload, what).text(name, max_size)
     try:
         return json.loads(text)

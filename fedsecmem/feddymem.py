@@ -64,15 +64,23 @@ class GlobalMemory:
 GLOBAL_MEMORY_FILE = "global_memory.npz"
 
 
-def save_global_memory(memory: GlobalMemory | None, out) -> None:
-    """The final global memory of a run (``OUT/global_memory.npz``: patches, and images if shared)."""
-    if memory is None or out is None:
+def save_global_memory(memory: GlobalMemory | None, path) -> None:
+    """A global memory as ``.npz`` (patches, and images if shared), written atomically."""
+    if memory is None or path is None:
         return
     from pathlib import Path
 
+    path = Path(path)
     arrays = {"patches": memory.patches} if memory.images is None else {"patches": memory.patches,
                                                                          "images": memory.images}
-    np.savez(Path(out) / GLOBAL_MEMORY_FILE, **arrays)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_global_memory(path) -> GlobalMemory:
+    with np.load(path) as z:
+        return GlobalMemory(z["patches"], z["images"] if "images" in z else None)
 
 
 class FedDyMemClient:

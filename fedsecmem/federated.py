@@ -16,7 +16,7 @@ from fedsecmem.aggregation import Aggregated, average_states, make_aggregator, s
 from fedsecmem.backbone import resolve_device
 from fedsecmem.errors import UserError
 from fedsecmem.privacy import RunPrivacy
-from fedsecmem.feddymem import FedDyMemClient, save_global_memory
+from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import console, task
@@ -127,7 +127,8 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
             advance(1, description=f"{label[:-1]}{eps})" if eps else None)
     if not per_round:
         raise UserError(message)
-    save_global_memory(clients[0].global_memory, ctx.out)
+    if ctx.out is not None:
+        save_global_memory(clients[0].global_memory, ctx.out / GLOBAL_MEMORY_FILE)
     _collect_timings(ctx, clients)
     init = "dp-random-partition" if privacy is not None else cfg.kmeans_init
     return MethodOutput(scores, up, down, len(per_round), cfg.protocol, [len(cl.bank) for cl in clients], per_round,

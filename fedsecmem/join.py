@@ -12,8 +12,6 @@ leaves is listed per task in docs/deployment.md.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import numpy as np
 import torch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsecmem.protocols.secure_kmeans import lloyd_step
+from fedsecmem.protocols.kmeans_party import lloyd_step
 
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -26,6 +26,12 @@ from fedsecmem.protocols.secure_sum import SecureSum
 STATE_FILE = "privacy_state.json"
 
 
+def secagg_threshold(cfg) -> int:
+    """The SecAgg+ threshold t of a run of ``clients.n`` clients (configured, or the default majority)."""
+    a, n = cfg.secure.secagg, cfg.clients.n
+    return a.threshold or default_threshold(n - 1 if a.neighbours is None else min(a.neighbours, n - 1))
+
+
 def min_survivors(cfg) -> int:
     """How many contributions distributed noise counts on (the sum is refused with fewer)."""
     pv, n = cfg.privacy, cfg.clients.n
@@ -34,8 +40,7 @@ def min_survivors(cfg) -> int:
     if pv.min_survivors is not None:
         return pv.min_survivors
     if cfg.protocol == "secagg":
-        a = cfg.secure.secagg
-        return a.threshold or default_threshold(n - 1 if a.neighbours is None else a.neighbours)
+        return secagg_threshold(cfg)
     return n // 2 + 1
 
 

@@ -34,26 +34,22 @@ from fedsecmem.deploy import check_deployable, crash_if_asked, get_json, max_byt
 from fedsecmem.errors import UserError
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.federated import aggregation_summary
-from fedsecmem.feddymem import GlobalMemory, save_global_memory
+from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.plots import round_curve
-from fedsecmem.privacy import STATE_FILE, RunPrivacy
+from fedsecmem.privacy import STATE_FILE, RunPrivacy, secagg_threshold
 from fedsecmem.progress import console, make_progress, task
-from fedsecmem.protocols.coordinator import ClientRefusal, Coordinator
+from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.protocols.grpc_transport import start_server
 from fedsecmem.protocols.network_sum import NetworkCollective
 from fedsecmem.protocols.wire import Body, BodyBuilder
-from fedsecmem.reference import MethodOutput
+from fedsecmem.reference import MethodOutput, timed
 from fedsecmem.runner import results_document, write_results
 
 log = logging.getLogger("fedsecmem.server")
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_MEMORY = "checkpoint_memory.npz"
 FINISH_TIMEOUT_S = 10.0
-
-
-def _alive(replies: dict) -> dict:
-    return {c: r for c, r in replies.items() if not isinstance(r, ClientRefusal)}
 
 
 def _decode_hello(cid, env) -> dict:
@@ -77,12 +73,7 @@ def _decode_scores(cid, env) -> dict:
 
 
 def _save_checkpoint(out: Path, state: dict, memory: GlobalMemory) -> None:
-    arrays = {"patches": memory.patches}
-    if memory.images is not None:
-        arrays["images"] = memory.images
-    tmp = out / (CHECKPOINT_MEMORY + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out / CHECKPOINT_MEMORY)
+    save_global_memory(memory, out / CHECKPOINT_MEMORY)
     tmp = out / (CHECKPOINT + ".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, out / CHECKPOINT)  # last: a checkpoint names a round only once all of it is on disk
@@ -92,10 +83,7 @@ def _load_checkpoint(out: Path) -> tuple[dict, GlobalMemory]:
     path = out / CHECKPOINT
     if not path.exists():
         raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
-    state = json.loads(path.read_text())
-    with np.load(out / CHECKPOINT_MEMORY) as z:
-        memory = GlobalMemory(z["patches"], z["images"] if "images" in z else None)
-    return state, memory
+    return json.loads(path.read_text()), load_global_memory(out / CHECKPOINT_MEMORY)
 
 
 class _Server:
@@ -118,6 +106,7 @@ class _Server:
         self.timings: dict[str, float] = self.ckpt.get("timings", {})
         self.has_memory: set[int] = set()  # clients known to hold the current global memory
         self.privacy: RunPrivacy | None = None
+        self.ss = secure_sum_for(cfg)  # the protocol and its settings (SecAgg+ graph, threshold, fixed point)
 
     # ---- exchanges ------------------------------------------------------------------------------
 
@@ -125,8 +114,8 @@ class _Server:
         dp = self.cfg.deploy
         self.coord.begin_round(round_number)
         console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {dp.address}")
-        got = _alive(self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
-                                         "hello", _decode_hello, dp.register_timeout_s))
+        got = self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
+                                  "hello", _decode_hello, dp.register_timeout_s)
         for c, h in got.items():
             self.hello[c] = h
         if len(self.hello) < self._need():
@@ -135,19 +124,16 @@ class _Server:
         console.print(f"server: clients {sorted(got)} registered")
 
     def _need(self) -> int:
-        if self.cfg.protocol == "secagg":
-            from fedsecmem.protocols.secagg import default_threshold
-
-            a, n = self.cfg.secure.secagg, self.cfg.clients.n
-            return max(2, a.threshold or default_threshold(n - 1 if a.neighbours is None else min(a.neighbours, n - 1)))
-        return self.privacy.noisy.need if self.privacy is not None else 1
+        """Clients a round needs: the SecAgg+ threshold, and the survivors DP noise counts on."""
+        need = secagg_threshold(self.cfg) if self.cfg.protocol == "secagg" else 1
+        return max(need, self.privacy.noisy.need if self.privacy is not None else 1)
 
     def _setup_privacy(self) -> None:
         cfg = self.cfg
         if not cfg.privacy.dp:
             return
         plans = {c: (h["sgd_rate"], h["sgd_steps"]) for c, h in sorted(self.hello.items())}
-        self.privacy = RunPrivacy(cfg, plans, secure_sum_for(cfg))
+        self.privacy = RunPrivacy(cfg, plans, self.ss)
         saved = self.ckpt.get("privacy")
         if saved:  # resume: the same noise, and the budget already spent
             self.privacy.z = self.privacy.noisy.z = float(saved["z"])
@@ -159,15 +145,15 @@ class _Server:
         self.coord.begin_round(r)
         wire_up0, wire_down0 = dict(self.coord.wire_up), dict(self.coord.wire_down)
         targets = sorted(self.hello)
+        resend = put_memory(BodyBuilder(), self.memory).build() if self.memory is not None else None
         bodies = {}
         for c in targets:
-            b = BodyBuilder().int("train", int(r > 1)).float("z", self.privacy.z if self.privacy else 0.0)
-            if self.memory is not None and c not in self.has_memory:
-                put_memory(b, self.memory)  # a client that missed the last memory (rejoined, or resumed server)
-            bodies[c] = b.build()
-        t = time.perf_counter()
-        ready = _alive(self.coord.exchange("round", bodies, "ready", _decode_ready, dp.round_timeout_s))
-        self.timings["client_round_s"] = self.timings.get("client_round_s", 0.0) + time.perf_counter() - t
+            b = BodyBuilder().int("train", int(r > 1)).float("z", self.privacy.z if self.privacy else 0.0).build()
+            if resend is not None and c not in self.has_memory:
+                b.MergeFrom(resend)  # a client that missed the last memory (rejoined, or resumed server)
+            bodies[c] = b
+        with timed(self.timings, "client_round_s"):
+            ready = self.coord.exchange("round", bodies, "ready", _decode_ready, dp.round_timeout_s)
         if self.privacy is not None:
             for c, info in ready.items():
                 if info["trained"]:
@@ -175,27 +161,31 @@ class _Server:
         participants = set(ready)
         if len(participants) < self._need():
             raise ProtocolAbort(f"round {r}: only {len(participants)} clients ready, at least {self._need()} needed")
-        dim = self.hello[targets[0]]["patch_dim"]
-        secagg = cfg.secure.secagg.model_dump()
         noisy = self.privacy.noisy if self.privacy else None
-        t = time.perf_counter()
-        patches = NetworkCollective(self.coord, "patches", participants, dim,
-                                    sum(ready[c]["n_prototypes"] for c in participants), cfg.protocol, secagg,
-                                    dp.stage_timeout_s, noisy)
-        images = None
-        if all(ready[c]["n_images"] > 0 for c in participants) and fc.share_images:
-            images = _ImagesAfter(patches, self.coord, dim_of=self.hello[targets[0]]["image_dim"],
-                                  counts={c: ready[c]["n_images"] for c in participants}, protocol=cfg.protocol,
-                                  secagg=secagg, timeout=dp.stage_timeout_s, noisy=noisy)
-        memory, cost, info = global_memory_over(kmeans_for(cfg, self.privacy.z if self.privacy else None), patches,
-                                                images.collective if images is not None else None)
-        self.timings["aggregation_s"] = self.timings.get("aggregation_s", 0.0) + time.perf_counter() - t
+
+        def collective(name: str, dim: int, counts: dict[int, int], alive: set[int]) -> NetworkCollective:
+            return NetworkCollective(self.coord, name, alive, dim, sum(counts[c] for c in alive), self.ss,
+                                     dp.stage_timeout_s, noisy)
+
+        patches = collective("patches", self.hello[targets[0]]["patch_dim"],
+                             {c: ready[c]["n_prototypes"] for c in participants}, participants)
+        last = [patches]  # the image k-means runs after the patches, over the clients still there
+
+        def images() -> NetworkCollective:
+            last.append(collective("images", self.hello[targets[0]]["image_dim"],
+                                   {c: ready[c]["n_images"] for c in participants}, patches.participants))
+            return last[-1]
+
+        share_images = fc.share_images and all(ready[c]["n_images"] > 0 for c in participants)
+        with timed(self.timings, "aggregation_s"):
+            memory, cost, info = global_memory_over(kmeans_for(cfg, self.privacy.z if self.privacy else None),
+                                                    patches, images if share_images else None)
         self.memory = memory
-        final = images.col.participants if images is not None and images.col is not None else patches.participants
-        t = time.perf_counter()
-        bodies = {c: put_memory(BodyBuilder(), memory).build() for c in sorted(final)}
-        rows = _alive(self.coord.exchange("memory", bodies, "scores", _decode_scores, dp.round_timeout_s))
-        self.timings["client_score_s"] = self.timings.get("client_score_s", 0.0) + time.perf_counter() - t
+        final = last[-1].participants
+        body = put_memory(BodyBuilder(), memory).build()
+        with timed(self.timings, "client_score_s"):
+            rows = self.coord.exchange("memory", {c: body for c in sorted(final)}, "scores", _decode_scores,
+                                       dp.round_timeout_s)
         self.has_memory = set(rows)
         self.rows.update(rows)
         for c in range(cfg.clients.n):
@@ -289,24 +279,8 @@ class _Server:
                                    {"anomaly_maps": None, "auroc_per_round": curve.name if curve else None},
                                    extra=extra)
         write_results(cfg, results, self.out)
-        save_global_memory(self.memory, self.out)
+        save_global_memory(self.memory, self.out / GLOBAL_MEMORY_FILE)
         return results
-
-
-class _ImagesAfter:
-    """The image-embedding k-means runs after the patch k-means, over the clients still there."""
-
-    def __init__(self, patches: NetworkCollective, coord: Coordinator, dim_of: int, counts: dict, protocol: str,
-                 secagg: dict, timeout: float, noisy):
-        self.patches, self.coord, self.dim = patches, coord, dim_of
-        self.counts, self.protocol, self.secagg, self.timeout, self.noisy = counts, protocol, secagg, timeout, noisy
-        self.col: NetworkCollective | None = None
-
-    def collective(self) -> NetworkCollective:
-        alive = self.patches.participants
-        self.col = NetworkCollective(self.coord, "images", alive, self.dim, sum(self.counts[c] for c in alive),
-                                     self.protocol, self.secagg, self.timeout, self.noisy)
-        return self.col
 
 
 def serve(cfg: RunConfig, out: Path, resume: bool = False) -> dict:

@@ -89,7 +89,8 @@ class Coordinator:
     def exchange(self, kind: str, bodies: dict[int, pb.Payload], expect: str,
                  accept: Callable[[int, Envelope], object], timeout: float) -> dict[int, object]:
         """Send ``kind`` tasks and wait (at most ``timeout`` s) for one accepted ``expect`` reply per
-        addressed client; returns client -> what ``accept`` returned (refusals as ``ClientRefusal``)."""
+        addressed client; returns client -> what ``accept`` returned, for the clients that went on (a
+        client that said it cannot, or did not reply in time, is a dropout: absent)."""
         with self._cv:
             self.step += 1
             tasks = {c: Envelope(self.run_id, SERVER_ID, self.round, self.step, kind, b).to_bytes()
@@ -108,7 +109,7 @@ class Coordinator:
             if missing:
                 log.warning("round %d step %d (%s): no reply from clients %s within %.0f s: dropped",
                             self.round, self.step, kind, missing, timeout)
-            return dict(ex.replies)
+            return {c: r for c, r in ex.replies.items() if not isinstance(r, ClientRefusal)}
 
     def close(self) -> None:
         with self._cv:

@@ -92,8 +92,6 @@ class ServerConnection:
         self.stub = pb_grpc.FederationStub(self.channel)
         self.address, self.max_bytes = address, max_bytes
         self.poll_s, self.reconnect_s = poll_s, reconnect_s
-        self.bytes_up = 0
-        self.bytes_down = 0
 
     def _retrying(self, call):
         down_since = None
@@ -123,16 +121,12 @@ class ServerConnection:
             return join_chunks(got, self.max_bytes) if got else None
 
         try:
-            data = self._retrying(call)
+            return self._retrying(call)
         except WireError as exc:
             raise TransportError(f"server sent a bad task: {exc}") from None
-        if data is not None:
-            self.bytes_down += len(data)
-        return data
 
     def push(self, data: bytes) -> tuple[bool, str]:
         reply = self._retrying(lambda: self.stub.Push(chunks(data), timeout=self.poll_s + CALL_MARGIN_S))
-        self.bytes_up += len(data)
         return reply.accepted, reply.reason
 
     def close(self) -> None:

@@ -21,16 +21,16 @@ import numpy as np
 
 from fedsecmem.crypto.fixed_point import FixedPoint
 from fedsecmem.protocols import federation_pb2 as pb
-from fedsecmem.protocols.coordinator import ClientRefusal, Coordinator
+from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.kmeans_party import KMeansParty, Request
-from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
+from fedsecmem.protocols.secagg import SecAggClient, SecAggServer
 from fedsecmem.protocols.secagg_messages import (
     AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, Setup, SharesForYou, UnmaskRequest, UnmaskShares,
 )
 from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
-from fedsecmem.protocols.secure_sum import SumOutcome
+from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome
 from fedsecmem.protocols.wire import (
     SERVER_ID, Body, BodyBuilder, Envelope, WireError, decode_request, decode_secagg, decode_vector,
     encode_request, encode_secagg, encode_vector,
@@ -43,18 +43,18 @@ _TASK_TYPES = {"secagg_keys": NeighbourKeys, "secagg_relay": SharesForYou, "seca
 
 
 class NetworkCollective(Collective):
-    """The participants of one k-means run on points called ``name`` (``patches`` or ``images``)."""
+    """The participants of one k-means run on points called ``name`` (``patches`` or ``images``),
+    summing through ``secure_sum``'s protocol (its settings: SecAgg+ graph, threshold, fixed point)."""
 
     def __init__(self, coord: Coordinator, name: str, participants: set[int], dim: int, n_points: int,
-                 protocol: str, secagg: dict, timeout: float, noisy: NoisySum | None = None,
-                 plain_name: str = "plain"):
-        if protocol not in ("plain", "secagg"):
-            raise ValueError(f"network k-means: protocol {protocol!r} is not available over the network")
+                 secure_sum: SecureSum, timeout: float, noisy: NoisySum | None = None):
+        if secure_sum.name not in ("plain", "secagg"):
+            raise ValueError(f"network k-means: protocol {secure_sum.name!r} is not available over the network")
         self.coord, self.name = coord, name
         self.participants = set(participants)
         self.clients = tuple(sorted(participants))
         self.dim, self.n_points = dim, n_points
-        self.protocol, self.secagg, self.timeout, self.noisy = protocol, secagg, timeout, noisy
+        self.ss, self.protocol, self.timeout, self.noisy = secure_sum, secure_sum.name, timeout, noisy
         self.cost = AggregateCost()
 
     def _task(self, request: Request, extra: pb.Payload | None = None) -> pb.Payload:
@@ -66,13 +66,10 @@ class NetworkCollective(Collective):
             payload.MergeFrom(extra)
         return payload
 
-    def _alive(self, replies: dict[int, object]) -> set[int]:
-        return {c for c, r in replies.items() if not isinstance(r, ClientRefusal)}
-
     def total(self, request: Request) -> np.ndarray:
         length = request.length(self.dim)
         need = self.noisy.need if self.noisy is not None else 1
-        if len(self.participants) < max(need, 1):
+        if len(self.participants) < need:
             raise ProtocolAbort(f"{self.name}: only {len(self.participants)} participants, {need} needed")
         if request.broadcast_values:
             self.cost.broadcast(self.participants, request.broadcast_values)
@@ -86,7 +83,7 @@ class NetworkCollective(Collective):
         bodies = {c: self._task(request) for c in sorted(self.participants)}
         replies = self.coord.exchange("compute", bodies, "vector",
                                       lambda c, env: decode_vector(env.body, length), self.timeout)
-        alive = self._alive(replies)
+        alive = set(replies)
         self.participants = alive
         if len(alive) < need:
             raise ProtocolAbort(f"plain: only {len(alive)} inputs, at least {need} needed")
@@ -96,12 +93,9 @@ class NetworkCollective(Collective):
                           server_seconds=time.perf_counter() - t)
 
     def _secagg(self, request: Request, length: int, need: int) -> SumOutcome:
-        a = self.secagg
         clients = sorted(self.participants)
-        k = a["neighbours"] if a["neighbours"] is None else min(a["neighbours"], len(clients) - 1)
-        params = make_params(clients, length, a["bits"], k, a["threshold"])
-        server = SecAggServer(params, need)
-        fp = FixedPoint(a["bits"], a["frac_bits"], len(clients))
+        server = SecAggServer(self.ss.params(clients, length), need)
+        fp = self.ss.fixed_point(len(clients))
         up = {c: 0 for c in clients}
         down = {c: 0 for c in clients}
         seconds = 0.0
@@ -125,7 +119,7 @@ class NetworkCollective(Collective):
             outgoing = server.close_stage()
             seconds += time.perf_counter() - t
             if task_kind == "secagg_unmask":
-                self.participants = self._alive(replies)
+                self.participants = set(replies)
         total = fp.decode(outgoing)
         return SumOutcome(total, tuple(sorted(server.masked)), up, down, server_seconds=seconds)
 
@@ -149,6 +143,8 @@ class CollectiveMember:
     def handle(self, env: Envelope) -> tuple[str, pb.Payload]:
         if env.kind == "compute":
             return self._compute(env.body)
+        if env.kind not in _TASK_TYPES:
+            raise ProtocolError(f"unknown task {env.kind[:32]!r}")
         if self._secagg is None:
             raise ProtocolError(f"{env.kind} task without a SecAgg+ instance in progress")
         msg = decode_secagg(_TASK_TYPES[env.kind], env.body, SERVER_ID, self.cid, self.max_length)

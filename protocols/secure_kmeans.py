@@ -35,10 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
-from fedsecmem.protocols.kmeans_party import (  # noqa: F401  (client-side steps, re-exported)
-    KMeansParty, Request, Split, apply_splits, fix_signs, lloyd_step, local_cell_stats, local_lloyd_stats,
-    local_moments, local_partition_stats, split_arrays, symmetric,
-)
+from fedsecmem.protocols.kmeans_party import KMeansParty, Request, Split, fix_signs, split_arrays, symmetric
 from fedsecmem.protocols.secure_sum import SecureSum, Traffic
 
 FLOAT_BYTES = 4  # centres and split plans are broadcast as float32

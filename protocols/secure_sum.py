@@ -198,6 +198,11 @@ class SecAggSum(SecureSum):
     def fixed_point(self, parties: int) -> FixedPoint:
         return FixedPoint(self.bits, self.frac_bits, parties)
 
+    def params(self, clients: list[int], length: int):
+        """A fresh SecAgg+ instance for ``clients`` (the graph degree capped at n - 1)."""
+        k = self.neighbours if self.neighbours is None else min(self.neighbours, len(clients) - 1)
+        return make_params(sorted(clients), length, self.bits, k, self.threshold)
+
     def sum(self, inputs, drop=None, min_included: int = 1) -> SumOutcome:
         length = _check_inputs(inputs)
         drop = _drops(drop)
@@ -207,8 +212,7 @@ class SecAggSum(SecureSum):
         t = time.perf_counter()
         encoded = {c: fp.encode(inputs[c], self.rounding) for c in clients}  # refuses overflow up front
         meter.client_seconds += time.perf_counter() - t
-        k = self.neighbours if self.neighbours is None else min(self.neighbours, len(clients) - 1)
-        params = make_params(clients, length, self.bits, k, self.threshold)
+        params = self.params(clients, length)
         t = time.perf_counter()
         server = SecAggServer(params, min_included)
         meter.server_seconds += time.perf_counter() - t

@@ -17,7 +17,7 @@ from fedsecmem.metric_loss import per_image_metric_loss
 from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum, clip_to_unit
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.protocols.secure_kmeans import local_cell_stats
+from fedsecmem.protocols.kmeans_party import local_cell_stats
 from fedsecmem.protocols.secure_sum import make_secure_sum
 from fedsecmem.reduce import reduce_images
 

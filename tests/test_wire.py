@@ -236,3 +236,13 @@ def test_committed_generated_code_matches_the_proto(tmp_path):
     assert rc == 0
     for name in ("federation_pb2.py", "federation_pb2.pyi", "federation_pb2_grpc.py"):
         assert (pkg / name).read_text() == (root / "protocols" / name).read_text(), f"{name}: run `make proto`"
+
+
+def test_a_client_refuses_an_unknown_task_instead_of_crashing():
+    from fedsecmem.protocols.errors import ProtocolError
+    from fedsecmem.protocols.network_sum import CollectiveMember
+
+    member = CollectiveMember(0, 24, "nearest", 1000)
+    env = Envelope("r", SERVER_ID, 1, 1, "format_disk", pb.Payload())
+    with pytest.raises(ProtocolError, match="unknown task"):
+        member.handle(env)
