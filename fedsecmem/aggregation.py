@@ -25,7 +25,8 @@ from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.secure_kmeans import (
     AggregateCost, Collective, KMeansResult, LocalCollective, dp_kmeans_over, kmeans_over, secure_weighted_average,
 )
-from fedsecmem.protocols.secure_sum import SecureSum, make_secure_sum
+from fedsecmem.protocols.kmeans_party import Request
+from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome, make_secure_sum
 
 
 # What the server saw, in plain words (run summary; docs/secure_aggregation.md has the full table)
@@ -47,6 +48,45 @@ def server_view(aggregation: dict) -> str:
     if noise is not None:
         what = f"noisy {what} ({noise} DP noise)"
     return f"the server saw {_PROTOCOL_VIEW[protocol].format(what=what)}"
+
+
+def threat_model(cfg) -> dict:
+    """Who could see what in a run of ``cfg``, in plain words (ledgers' run_start, privacy report)."""
+    from fedsecmem.privacy import min_survivors, secagg_threshold
+
+    n, protocol = cfg.clients.n, cfg.protocol
+    if cfg.method in ("local", "central"):
+        what = "nothing leaves a client" if cfg.method == "local" else "the server holds every training image"
+        return {"protocol": "none", "server_sees": what, "coalition_sees": what, "dp": "off"}
+    if cfg.method == "feddymem":
+        init = "dp-random-partition" if cfg.privacy.dp else cfg.kmeans_init
+        agg = {"protocol": protocol, "kmeans_init": init, "dp_noise": cfg.privacy.noise if cfg.privacy.dp else None}
+    else:
+        agg = {"protocol": protocol, "kmeans_init": None}
+    out = {"protocol": protocol, "server_sees": server_view(agg)}
+    if protocol == "plain":
+        out["coalition_sees"] = "everything the server sees: every client's contribution in the clear"
+    elif protocol == "secagg":
+        t = secagg_threshold(cfg)
+        out["threshold"] = t
+        out["coalition_sees"] = (f"the server with up to {t - 1} clients (t = {t} of {n}) learns only the sum "
+                                 "of the honest clients' inputs")
+    else:
+        out["coalition_sees"] = ("any one client holds the CKKS secret key: the server with one client could "
+                                 "decrypt every input it received")
+    pv = cfg.privacy
+    if pv.dp and cfg.method == "feddymem":
+        out["dp"] = f"(epsilon, delta) per client for one training image, {pv.noise} Gaussian noise"
+        if pv.noise == "distributed" and protocol == "secagg":
+            m = min_survivors(cfg)
+            t = out["threshold"]
+            # each client adds s^2/(m-1); after a coalition of t-1 subtracts its own, n-t+1 shares remain
+            out["noise_left_with_coalition"] = (n - t + 1) / (m - 1)
+            out["coalition_sees"] += (f"; that sum still carries {(n - t + 1) / (m - 1):.2f}x the calibrated "
+                                      "noise variance")
+    else:
+        out["dp"] = "off"
+    return out
 
 
 @dataclass
@@ -131,16 +171,25 @@ def global_memory_over(kmeans: KMeansOver, patches: Collective,
     return GlobalMemory(res.centres.astype(np.float32), image_centres), cost, info
 
 
-def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum) -> Aggregator:
+SumObserver = Callable[[str, Request, SumOutcome], None]  # ("patches" | "images", request, outcome)
+
+
+def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum, observer: SumObserver | None = None) -> Aggregator:
     """Federated k-means over the secure (or noisy) sum, clients simulated in process: the
-    aggregator never holds a prototype."""
+    aggregator never holds a prototype. ``observer`` sees every sum (a leakage measurement)."""
+
+    def observed(col: LocalCollective, which: str) -> LocalCollective:
+        if observer is not None:
+            col.observer = lambda request, out: observer(which, request, out)
+        return col
 
     def aggregate(contribs: list[Contribution]) -> Aggregated:
-        patches = LocalCollective({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, ss)
+        patches = observed(LocalCollective({i: (c.prototypes, c.weights) for i, c in enumerate(contribs)}, ss),
+                           "patches")
         images = None
         if all(c.images is not None for c in contribs):
-            images = lambda: LocalCollective({i: (c.images, np.ones(len(c.images))) for i, c in enumerate(contribs)},
-                                             ss)
+            images = lambda: observed(LocalCollective({i: (c.images, np.ones(len(c.images)))
+                                                       for i, c in enumerate(contribs)}, ss), "images")
         memory, cost, info = global_memory_over(kmeans, patches, images)
         n = len(contribs)
         return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],
@@ -149,14 +198,15 @@ def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum) -> Aggre
     return aggregate
 
 
-def make_aggregator(cfg, ss: SecureSum, noisy: NoisySum | None = None) -> Aggregator:
+def make_aggregator(cfg, ss: SecureSum, noisy: NoisySum | None = None,
+                    observer: SumObserver | None = None) -> Aggregator:
     """The round's aggregation: private k-means when a ``NoisySum`` is given, else as configured."""
     fc = cfg.feddymem
     if noisy is not None:
-        return collective_aggregator(kmeans_for(cfg, noisy.z), noisy)
+        return collective_aggregator(kmeans_for(cfg, noisy.z), noisy, observer)
     if cfg.kmeans_init == "kmeans++":
         return upload_kmeans_aggregator(fc.global_k, fc.global_k_images, fc.kmeans_iters, cfg.seed)
-    return collective_aggregator(kmeans_for(cfg), ss)
+    return collective_aggregator(kmeans_for(cfg), ss, observer)
 
 
 def average_states(states: list[dict], weights: list[float], ss: SecureSum) -> tuple[dict, Aggregated]:

@@ -1,5 +1,6 @@
 """Command line: ``fedsecmem run CONFIG [--out DIR] [--set key=value ...]``, ``fedsecmem table DIR ...``,
-and the deployment commands ``provision``, ``serve`` and ``join``.
+the deployment commands ``provision``, ``serve`` and ``join``, ``audit verify|report RUN_DIR`` and
+``sweep CONFIG``.
 
 Bad input ends with a one-line ``error: ...`` and exit code 2.
 """
@@ -121,7 +122,71 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
         else:
             s.add_argument("--client-id", type=int, required=True, help="this client's id (0..clients.n-1)")
+            s.add_argument("--out", default=None, help="this client's folder for its ledger (default: runs/<name>)")
+    au = sub.add_parser("audit", help="verify a run's ledgers or write its privacy report")
+    asub = au.add_subparsers(dest="audit_command", required=True)
+    for name, helptext in (("verify", "check every ledger's chain and signatures and cross-check messages"),
+                           ("report", "write report.html and report.json into the run folder")):
+        a = asub.add_parser(name, help=helptext)
+        a.add_argument("run_dir", help="run folder (with results.json and ledger/)")
+        a.add_argument("--keys", default=None, metavar="PROVISION_DIR",
+                       help="take the parties' public keys from this `fedsecmem provision` folder "
+                            "(default: the run's ledger/keys.json)")
+    sw = sub.add_parser("sweep", help="leakage against utility over epsilons and protocols")
+    sw.add_argument("config", help="YAML configuration file (method feddymem)")
+    sw.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated; inf = DP off")
+    sw.add_argument("--protocols", default="plain,secagg", help="comma-separated, of plain, secagg, ckks")
+    sw.add_argument("--out", default=None, help="output folder (default: runs/sweep-<name>)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value in every run (repeatable)")
+    sw.add_argument("--inf-set", dest="inf_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value in the runs without DP only, e.g. a larger global memory")
     return p
+
+
+def _keys_from(provision_dir: str | None, run_dir: Path):
+    """Public keys of the run's parties from a provisioning folder, or None (use keys.json)."""
+    if provision_dir is None:
+        return None
+    from fedsecmem.audits.ledger import LEDGER_DIR
+    from fedsecmem.crypto.pki import ProvisioningError, verify_key
+
+    try:
+        return {f.stem: verify_key(Path(provision_dir), f.stem) for f in sorted((run_dir / LEDGER_DIR).glob("*.jsonl"))}
+    except ProvisioningError as exc:
+        raise UserError(f"--keys: {exc}") from None
+
+
+def _audit(args) -> int:
+    from fedsecmem.progress import console
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"audit: no run folder {run_dir}")
+    keys = _keys_from(args.keys, run_dir)
+    if args.audit_command == "verify":
+        from fedsecmem.audits.ledger import verify_run
+
+        v = verify_run(run_dir, keys)
+        for p in v.problems:
+            console.print(f"[bold red]{p}", highlight=False)
+        lines = sum(v.parties.values())
+        if v.ok:
+            console.print(f"ledgers verified: {len(v.parties)} parties, {lines} lines, {v.messages_matched} "
+                          f"messages matched; key fingerprint {v.key_fingerprint}", highlight=False)
+            return 0
+        console.print(f"[bold red]ledger verification FAILED: {len(v.problems)} problems", highlight=False)
+        return 1
+    from fedsecmem.audits.report import ReportError, write_report
+
+    try:
+        j, h, report = write_report(run_dir, keys)
+    except ReportError as exc:
+        raise UserError(f"audit report: {exc}") from None
+    lg = report["ledger"]
+    state = "no ledgers" if lg is None else ("ledgers verified" if lg["ok"] else "LEDGER VERIFICATION FAILED")
+    console.print(f"privacy report: {h} ({state}); data: {j}", highlight=False)
+    return 0
 
 
 def _provision(args) -> None:
@@ -168,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             from fedsecmem.config import load_config
             from fedsecmem.join import join
 
-            join(load_config(args.config, args.overrides), args.client_id)
+            join(load_config(args.config, args.overrides), args.client_id, Path(args.out) if args.out else None)
+        elif args.command == "audit":
+            return _audit(args)
+        elif args.command == "sweep":
+            from fedsecmem.sweep import sweep_command
+
+            sweep_command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -199,6 +199,22 @@ class OutputConfig(Strict):
     )
 
 
+class AuditConfig(Strict):
+    """Ledgers and leakage measurement (docs/audits.md)."""
+
+    ledger: bool = Field(True, description="every party keeps a signed, hash-chained ledger in OUT/ledger")
+    leakage: bool = Field(False, description="membership inference against each adversary's view (feddymem)")
+    shadows: int = Field(8, ge=2, description="LiRA shadow releases per client (even)")
+    fpr: float = Field(0.01, gt=0, lt=1, description="the low false-positive rate TPR is reported at")
+    bootstrap: int = Field(1000, ge=50, description="bootstrap resamples for the confidence intervals")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AuditConfig":
+        if self.shadows % 2:
+            raise ValueError(f"shadows: {self.shadows} must be even (complementary halves)")
+        return self
+
+
 class DeployConfig(Strict):
     """Running across processes or machines (``fedsecmem serve`` / ``fedsecmem join``)."""
 
@@ -237,6 +253,7 @@ class RunConfig(Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "RunConfig":

@@ -69,10 +69,22 @@ def aggregation_summary(cfg, init: str | None, dp_noise: str | None = None) -> d
     return out
 
 
+def _tapped(ctx: MethodContext, ss):
+    """The secure sum, with the run's ledgers recording its messages."""
+    if ctx.ledgers is not None:
+        ss.tap = ctx.ledgers.tap
+    return ss
+
+
+def _begin_round(ctx: MethodContext, r: int) -> None:
+    if ctx.ledgers is not None:
+        ctx.ledgers.begin_round(r)
+
+
 def run_feddymem(ctx: MethodContext) -> MethodOutput:
     cfg, fc, pv = ctx.cfg, ctx.cfg.feddymem, ctx.cfg.privacy
     clients = _make_clients(ctx, fc.use_generator)
-    ss = secure_sum_for(cfg)
+    ss = _tapped(ctx, secure_sum_for(cfg))
     privacy = None
     if pv.dp:  # no generator, no DP-SGD: nothing to charge for it
         plans = {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
@@ -87,7 +99,8 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
 
 def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, privacy) -> MethodOutput:
     cfg, fc, pv = ctx.cfg, ctx.cfg.feddymem, ctx.cfg.privacy
-    aggregate = make_aggregator(cfg, ss, privacy.noisy if privacy else None)
+    aggregate = make_aggregator(cfg, ss, privacy.noisy if privacy else None,
+                                ctx.leakage.on_sum if ctx.leakage is not None else None)
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
@@ -99,6 +112,7 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
                 if message is not None:  # before any DP-SGD step or release of this round
                     console.print(f"[bold yellow]{message}")
                     break
+            _begin_round(ctx, r + 1)
             if r > 0:  # train towards the last global memory, then rebuild
                 with timed(ctx.timings, "generator_train_s"):
                     if privacy is not None and fc.use_generator:
@@ -112,11 +126,16 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
                 per_round[-1]["loss"] = float(np.mean(loss))
             with timed(ctx.timings, "memory_rebuild_s"):
                 contribs = [cl.rebuild() for cl in clients]
+            last = r == fc.rounds - 1
+            if ctx.leakage is not None and last:  # what the adversaries see in the final round
+                ctx.leakage.arm(clients, contribs, privacy.z if privacy is not None else None)
             with timed(ctx.timings, "aggregation_s"):
                 agg = aggregate(contribs)
             summary = _record(ctx, agg, up, down)
             if privacy is not None:
                 summary["epsilon"] = privacy.end_round(ctx.out)
+                if ctx.ledgers is not None:
+                    ctx.ledgers.privacy(r + 1, privacy.per_round[-1], privacy.z, pv.delta)
             for cl in clients:
                 cl.receive(agg.memory)
             with timed(ctx.timings, "score_s"):
@@ -140,7 +159,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
     clients = _make_clients(ctx, True)
-    ss = secure_sum_for(cfg, plain_wire="float32")
+    ss = _tapped(ctx, secure_sum_for(cfg, plain_wire="float32"))
     global_state = copy.deepcopy(clients[0].generator.state_dict())
     up = [[] for _ in clients]
     down = [[] for _ in clients]
@@ -151,6 +170,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
             cl.rebuild_bank()
     with task(ctx.progress, f"{name} rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
+            _begin_round(ctx, r + 1)
             with timed(ctx.timings, "generator_train_s"):
                 for cl in clients:
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank

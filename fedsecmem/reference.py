@@ -27,6 +27,8 @@ class MethodContext:
     progress: object = None
     timings: dict = field(default_factory=dict)
     out: Path | None = None  # the run folder (state saved during the run, e.g. the privacy accountant)
+    ledgers: object = None  # RunLedgers: the parties' signed records (fedsecmem.ledgers)
+    leakage: object = None  # LeakageViews: what each adversary saw, for the membership inference
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import secrets
 import resource
 import time
 from pathlib import Path
@@ -30,8 +31,15 @@ from fedsecmem.evaluate import evaluate_client, mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
+from fedsecmem.aggregation import threat_model
+from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
 from fedsecmem.federated import FEDERATED_METHODS
+from fedsecmem.feddymem import GLOBAL_MEMORY_FILE
+from fedsecmem.leakage import LeakageViews, measure, roc_plot, strip_scores
+from fedsecmem.ledgers import RunLedgers, file_digest
 from fedsecmem.reference import REFERENCE_METHODS, MethodContext
+
+LEAKAGE_PNG = "leakage_roc.png"
 from fedsecmem.scoring import anomaly_maps
 
 
@@ -86,13 +94,29 @@ def run(cfg: RunConfig, out: Path) -> dict:
         else:
             train_emb, test_emb, cached_timings = cached
             timings.update(cached_timings)
-        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out)
+        ledgers = RunLedgers(out, cfg.clients.n) if cfg.audit.ledger else None
+        run_id = secrets.token_hex(8)
+        if ledgers is not None:
+            ledgers.start(cfg, run_id)
+        leakage = LeakageViews(cfg) if cfg.audit.leakage and cfg.method == "feddymem" else None
+        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out, ledgers, leakage)
         t = time.perf_counter()
         try:
             output = METHODS[cfg.method](ctx)
         except (OverflowRisk, ProtocolAbort) as exc:  # refused before anything was revealed
+            _end_ledgers(ledgers, f"failed: {exc}")
             raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
+        except BaseException as exc:
+            _end_ledgers(ledgers, f"failed: {type(exc).__name__}: {exc}")
+            raise
         timings["method_s"] = time.perf_counter() - t
+        leak = None
+        if leakage is not None and leakage.armed:
+            t = time.perf_counter()
+            with task(progress, "membership inference", len(clients)) as advance:
+                leak = measure(cfg, clients, leakage.clients, test_emb, leakage,
+                               leakage.clients[0].global_memory.patches, advance)
+            timings["leakage_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     per_client: list[dict] = []
@@ -106,12 +130,29 @@ def run(cfg: RunConfig, out: Path) -> dict:
     pooled = _pooled_auroc(clients, output) if cfg.method == "central" else {}
     maps_png = _save_map_grid(cfg, clients, output, out)
     curve_png = round_curve(output.per_round, out / "auroc_per_round.png") if len(output.per_round) > 1 else None
-    results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device),
-                               {"anomaly_maps": maps_png.name if maps_png else None,
-                                "auroc_per_round": curve_png.name if curve_png else None},
-                               pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test))
+    extra = {"run_id": run_id, "threat_model": threat_model(cfg)}
+    files = {"anomaly_maps": maps_png.name if maps_png else None,
+             "auroc_per_round": curve_png.name if curve_png else None}
+    if leak is not None:
+        files["leakage_roc"] = roc_plot(leak, out / LEAKAGE_PNG).name
+        extra["leakage"] = strip_scores(leak)
+    if ledgers is not None:
+        extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
+                           "parties": len(ledgers.all())}
+        memory = out / GLOBAL_MEMORY_FILE
+        _end_ledgers(ledgers, "completed", global_memory_sha256=file_digest(memory) if cfg.method == "feddymem"
+                     else None, auroc_image=mean_defined(per_client, "auroc_image"),
+                     epsilon=(output.privacy or {}).get("epsilon"))
+    results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device), files,
+                               pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test),
+                               extra=extra)
     write_results(cfg, results, out)
     return results
+
+
+def _end_ledgers(ledgers, status: str, **fields) -> None:
+    if ledgers is not None:
+        ledgers.end(status, **fields)
 
 
 def write_results(cfg: RunConfig, results: dict, out: Path) -> None:

@@ -69,6 +69,11 @@ class NoisySum:
         self.name = secure_sum.name
         self.on_release = on_release
 
+    @property
+    def tap(self):
+        """The wrapped protocol's message tap (the noise is added before anything is sent)."""
+        return self.ss.tap
+
     def sigma_lattice(self, dim: int) -> float:
         return self.z * lattice_sensitivity(SENSITIVITY, self.frac_bits, dim)
 

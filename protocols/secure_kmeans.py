@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
 from fedsecmem.protocols.kmeans_party import KMeansParty, Request, Split, fix_signs, split_arrays, symmetric
-from fedsecmem.protocols.secure_sum import SecureSum, Traffic
+from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome, Traffic
+from fedsecmem.protocols.wire import BodyBuilder, encode_request
 
 FLOAT_BYTES = 4  # centres and split plans are broadcast as float32
 # A summed cluster weight at or below this is an empty cluster: above CKKS noise (~1e-8 at a 2^40
@@ -139,16 +141,36 @@ class LocalCollective(Collective):
         self.ss = secure_sum
         self.cost = AggregateCost()
         self.broadcasts = secure_sum.name != "ckks"  # with CKKS every client computes the result itself
+        self.observer: Callable[[Request, SumOutcome], None] | None = None  # e.g. a leakage measurement
 
     def total(self, request: Request) -> np.ndarray:
         if self.broadcasts and request.broadcast_values:
             self.cost.broadcast(self.clients, request.broadcast_values)
+        tap = self.ss.tap
+        if tap is not None:
+            data = _Lazy(lambda: encode_request(request, BodyBuilder()).build().SerializeToString(deterministic=True))
+            for c in self.clients:
+                tap("down", c, f"request:{request.op}", data)
         t = time.perf_counter()
         values = {c: p.answer(request) for c, p in self.parties.items()}
         self.cost.client_seconds += time.perf_counter() - t
         out = self.ss.sum(values)
         self.cost.add(out)
+        if self.observer is not None:
+            self.observer(request, out)
         return out.total
+
+
+class _Lazy:
+    """Bytes made once, on first call."""
+
+    def __init__(self, make: Callable[[], bytes]):
+        self.make, self.value = make, None
+
+    def __call__(self) -> bytes:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
 
 
 def kmeans_over(col: Collective, k: int, iters: int = 20, tol: float = 1e-6, pca_dims: int = 16) -> KMeansResult:

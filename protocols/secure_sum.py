@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -27,6 +27,29 @@ from fedsecmem.protocols.secagg_messages import SESSION_BYTES
 
 DROP_STAGES = ("advertise", "share", "mask", "unmask")
 
+Tap = Callable[[str, int, str, Callable[[], bytes]], None]
+"""Sees every message of a sum as it would cross the network: ``(direction, client, stage, data)``
+with direction ``"up"`` (client to server) or ``"down"``, and ``data()`` its exact bytes (made only
+when asked: a ledger hashes them, nothing else needs them)."""
+
+
+def message_bytes(msg) -> bytes:
+    """The bytes a protocol message travels as: SecAgg+ messages in their wire encoding, CKKS
+    messages as their fields and ciphertext chunks, vectors as their raw values."""
+    if isinstance(msg, np.ndarray):
+        return np.ascontiguousarray(msg).tobytes()
+    if hasattr(msg, "chunks"):  # CKKS
+        head = [msg.session, msg.key_fingerprint]
+        return b"".join(head + list(msg.chunks))
+    from fedsecmem.protocols.wire import encode_secagg
+
+    return encode_secagg(msg).SerializeToString(deterministic=True)
+
+
+def _tapped(tap: Tap | None, direction: str, cid: int, stage: str, msg) -> None:
+    if tap is not None:
+        tap(direction, cid, stage, lambda: message_bytes(msg))
+
 
 @dataclass
 class SumOutcome:
@@ -37,6 +60,7 @@ class SumOutcome:
     client_seconds: float = 0.0  # all clients together
     server_seconds: float = 0.0
     visible_to: str = "server"  # who learns the sum: "server" or "clients"
+    seen: dict[int, np.ndarray] | None = None  # each input as the server received it (plain only)
 
 
 @dataclass
@@ -87,6 +111,7 @@ def _drops(drop: Mapping[str, Iterable[int]] | None) -> dict[str, set[int]]:
 
 class SecureSum:
     name = "abstract"
+    tap: Tap | None = None  # set by whoever keeps a ledger of the messages
 
     def sum(self, inputs: Mapping[int, np.ndarray], drop: Mapping[str, Iterable[int]] | None = None,
             min_included: int = 1) -> SumOutcome:
@@ -115,10 +140,13 @@ class PlainSum(SecureSum):
         if len(included) < min_included:
             raise ProtocolAbort(f"plain: only {len(included)} inputs, at least {min_included} needed")
         # the sum is taken in float64 over what travels
-        total = np.sum([np.asarray(inputs[c], self.wire).ravel().astype(np.float64) for c in included], axis=0)
+        sent = {c: np.asarray(inputs[c], self.wire).ravel() for c in included}
+        for c in included:
+            _tapped(self.tap, "up", c, "plain", sent[c])
+        total = np.sum([sent[c].astype(np.float64) for c in included], axis=0)
         up = {c: np.asarray(inputs[c]).size * self.wire.itemsize for c in included}
         return SumOutcome(total, included, up, {c: 0 for c in included},
-                          server_seconds=time.perf_counter() - t)
+                          server_seconds=time.perf_counter() - t, seen=sent)
 
 
 @dataclass
@@ -133,18 +161,19 @@ class SecAggRun:
 
 
 def drive_secagg(server: SecAggServer, encoded: Mapping[int, np.ndarray], drop: Mapping[str, set[int]] | None = None,
-                 meter: Traffic | None = None) -> SecAggRun:
+                 meter: Traffic | None = None, tap: Tap | None = None) -> SecAggRun:
     """Run every stage of ``server``'s instance with one client state machine per input, in process.
 
     ``drop[stage]``: clients that vanish before sending at that stage. A client that refuses to go
     on (``ProtocolAbort``) is, to the server, a client that dropped out. ``meter`` (optional) counts
-    bytes and client/server seconds."""
+    bytes and client/server seconds; ``tap`` (optional) sees every message."""
     drop = drop or {}
     meter = meter if meter is not None else Traffic()
     setups = server.setups()
     machines = {}
     for c in sorted(encoded):
         meter.send_down(c, setups[c].nbytes)
+        _tapped(tap, "down", c, "setup", setups[c])
         t = time.perf_counter()
         machines[c] = SecAggClient(c, setups[c])
         meter.client_seconds += time.perf_counter() - t
@@ -171,6 +200,7 @@ def drive_secagg(server: SecAggServer, encoded: Mapping[int, np.ndarray], drop: 
                 meter.client_seconds += time.perf_counter() - t
             transcript.append(msg)
             meter.send_up(c, msg.nbytes)
+            _tapped(tap, "up", c, stage, msg)
             t = time.perf_counter()
             server.receive(msg)
             meter.server_seconds += time.perf_counter() - t
@@ -182,6 +212,7 @@ def drive_secagg(server: SecAggServer, encoded: Mapping[int, np.ndarray], drop: 
             outgoing = result
             for c, msg in outgoing.items():
                 meter.send_down(c, msg.nbytes)
+                _tapped(tap, "down", c, stage, msg)
     return SecAggRun(result, machines, transcript, close_seconds)
 
 
@@ -216,7 +247,7 @@ class SecAggSum(SecureSum):
         t = time.perf_counter()
         server = SecAggServer(params, min_included)
         meter.server_seconds += time.perf_counter() - t
-        result = drive_secagg(server, encoded, drop, meter).total
+        result = drive_secagg(server, encoded, drop, meter, self.tap).total
         total = fp.decode(result)
         return SumOutcome(total, tuple(sorted(server.masked)), meter.bytes_up, meter.bytes_down,
                           meter.client_seconds, meter.server_seconds)
@@ -261,6 +292,7 @@ class CkksSum(SecureSum):
             msg = self.client(c).encrypt(session, inputs[c], len(clients))
             meter.client_seconds += time.perf_counter() - t
             meter.send_up(c, msg.nbytes)
+            _tapped(self.tap, "up", c, "encrypted_input", msg)
             t = time.perf_counter()
             server.receive(msg)
             meter.server_seconds += time.perf_counter() - t
@@ -276,6 +308,7 @@ class CkksSum(SecureSum):
             if c in drop.get("unmask", set()):
                 continue
             meter.send_down(c, result.nbytes)
+            _tapped(self.tap, "down", c, "encrypted_sum", result)
             t = time.perf_counter()
             total = self.client(c).decrypt(result, length)
             meter.client_seconds += time.perf_counter() - t

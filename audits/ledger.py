@@ -1,0 +1,286 @@
+"""Signed, hash-chained ledgers: each party's own record of what it did, sent and received.
+
+Every party (``server``, ``client-0``, ...) appends one JSON line per event to
+``RUN_DIR/ledger/<party>.jsonl``. A line holds ``seq`` (0, 1, ...), the
+event's fields, ``prev`` (SHA-256 of the previous line's exact text; 64 zeros
+for the first) and ``sig``: an Ed25519 signature by the party's key over the
+line without ``sig`` (canonical JSON: sorted keys, no spaces). Messages are
+recorded by the SHA-256 of their exact bytes and their size, never their
+content.
+
+Threat model. What ``verify`` proves: given the parties' public keys from a
+source the auditor trusts (``fedsecmem provision``'s ``*.sign.pub``), nobody
+without a party's private key can edit, insert, delete or reorder lines of its
+ledger or cut its end (the last line must be ``run_end``) without it being
+reported with the line number; and the cross-check reports every message one
+side recorded and the other did not (a party that lies about a message it
+sent or received is caught unless both ends lie the same way, i.e. collude).
+What it does not prove: that a party recorded everything it did (a party may
+omit events it controls alone), or anything once a private key has leaked.
+In simulation the simulator makes one key per party per run and writes the
+public keys to ``ledger/keys.json`` in the same folder, so whoever can
+rewrite the folder can re-sign it: simulated ledgers show consistency, not
+provenance; compare ``keys.json``'s fingerprint with one recorded elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+LEDGER_DIR = "ledger"
+KEYS_FILE = "keys.json"
+GENESIS = "0" * 64
+SERVER = "server"
+
+
+def canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def public_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def key_fingerprint(keys: dict[str, str]) -> str:
+    """SHA-256 over the parties' public keys: one value to record outside the run folder."""
+    return sha256(canonical(keys))
+
+
+class Ledger:
+    """One party's append-only ledger. Opening an existing file continues its chain (a party that
+    restarts keeps one ledger)."""
+
+    def __init__(self, path: Path, party: str, key: Ed25519PrivateKey):
+        self.path, self.party, self.key = Path(path), party, key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.seq, self.prev = 0, GENESIS
+        if self.path.exists():
+            lines = self.path.read_bytes().splitlines()
+            if lines:
+                self.seq = len(lines)
+                self.prev = sha256(lines[-1])
+        self._fh = open(self.path, "ab")
+
+    def append(self, event: str, **fields) -> dict:
+        record = {"seq": self.seq, "party": self.party, "event": event,
+                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+                  **fields, "prev": self.prev}
+        record["sig"] = base64.b64encode(self.key.sign(canonical(record))).decode()
+        line = canonical(record)
+        self._fh.write(line + b"\n")
+        self._fh.flush()
+        self.seq += 1
+        self.prev = sha256(line)
+        return record
+
+    def message(self, direction: str, peer: str, stage: str, data: bytes, **fields) -> dict:
+        """A message this party sent (``direction="sent"``) to or received from ``peer``."""
+        return self.append("message", dir=direction, peer=peer, stage=stage, sha256=sha256(data),
+                           bytes=len(data), **fields)
+
+    def sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
+
+
+def write_keys(run_dir: Path, keys: dict[str, Ed25519PublicKey]) -> dict[str, str]:
+    """``RUN_DIR/ledger/keys.json``: party -> raw public key (hex)."""
+    out = {p: public_hex(k) for p, k in sorted(keys.items())}
+    d = Path(run_dir) / LEDGER_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (KEYS_FILE + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, d / KEYS_FILE)
+    return out
+
+
+def read_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+    raw = json.loads(Path(path).read_text())
+    return {p: Ed25519PublicKey.from_public_bytes(bytes.fromhex(h)) for p, h in raw.items()}
+
+
+# ---- verification -------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    file: str
+    line: int | None  # 1-based; None for the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Entry:
+    """A verified line, kept for the cross-check."""
+
+    line: int
+    record: dict
+
+
+@dataclass
+class Verification:
+    problems: list[Problem] = field(default_factory=list)
+    parties: dict[str, int] = field(default_factory=dict)  # party -> lines
+    messages_matched: int = 0
+    key_fingerprint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict:
+        return {"ok": self.ok, "parties": self.parties, "messages_matched": self.messages_matched,
+                "problems": [str(p) for p in self.problems], "key_fingerprint": self.key_fingerprint}
+
+
+def verify_ledger(path: Path, party: str, key: Ed25519PublicKey | None) -> tuple[list[Entry], list[Problem]]:
+    """Check one ledger's lines, chain, sequence, party, signatures and end; return its entries."""
+    name = Path(path).name
+    problems: list[Problem] = []
+    entries: list[Entry] = []
+    if key is None:
+        return entries, [Problem(name, None, f"no public key for party {party!r}")]
+    prev = GENESIS
+    lines = Path(path).read_bytes().splitlines()
+    if not lines:
+        return entries, [Problem(name, None, "empty ledger")]
+    for i, line in enumerate(lines):
+        n = i + 1
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            problems.append(Problem(name, n, "not a JSON record (edited or corrupted)"))
+            prev = sha256(line)
+            continue
+        sig = rec.pop("sig", None)
+        try:
+            key.verify(base64.b64decode(sig or "", validate=True), canonical(rec))
+        except (InvalidSignature, ValueError, TypeError):
+            problems.append(Problem(name, n, f"signature does not verify under {party}'s key (line edited)"))
+        if rec.get("prev") != prev:
+            problems.append(Problem(name, n, "hash chain broken: 'prev' is not the hash of the line before "
+                                             "(a line was deleted, inserted or reordered here)"))
+        if rec.get("seq") != i:
+            problems.append(Problem(name, n, f"sequence number {rec.get('seq')!r}, expected {i} "
+                                             "(lines deleted or reordered)"))
+        if rec.get("party") != party:
+            problems.append(Problem(name, n, f"party {rec.get('party')!r} in {party}'s ledger"))
+        entries.append(Entry(n, rec))
+        prev = sha256(line)
+    if entries and entries[0].record.get("event") != "run_start":
+        problems.append(Problem(name, 1, "does not start with run_start"))
+    if entries and entries[-1].record.get("event") != "run_end":
+        problems.append(Problem(name, len(lines), "does not end with run_end (lines cut from the end, or the "
+                                                   "party stopped mid-run)"))
+    return entries, problems
+
+
+def _message_index(entries: list[Entry], direction: str) -> dict[tuple[str, str], list[Entry]]:
+    """(peer, sha256) -> lines recording a message in ``direction``."""
+    out: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        r = e.record
+        if r.get("event") == "message" and r.get("dir") == direction:
+            out[(r.get("peer"), r.get("sha256"))].append(e)
+    return out
+
+
+def cross_check(ledgers: dict[str, list[Entry]]) -> tuple[list[Problem], int]:
+    """Every message a client recorded sending the server recorded receiving (same digest), and
+    every task the server recorded sending its client recorded receiving; and the other way round.
+    A message delivered twice (a retried download) counts once."""
+    problems: list[Problem] = []
+    matched = 0
+    server = ledgers.get(SERVER)
+    if server is None:
+        return [Problem(f"{SERVER}.jsonl", None, "server ledger missing: messages cannot be cross-checked")], 0
+    s_sent, s_recv = _message_index(server, "sent"), _message_index(server, "received")
+    peers = {peer for peer, _ in list(s_sent) + list(s_recv)}
+    for peer in sorted(peers - set(ledgers)):
+        problems.append(Problem(f"{peer}.jsonl", None, "missing: the server exchanged messages with this party"))
+    for party, entries in sorted(ledgers.items()):
+        if party == SERVER:
+            continue
+        c_sent, c_recv = _message_index(entries, "sent"), _message_index(entries, "received")
+        for mine, theirs, what in ((c_sent, s_recv, "sent to the server, which has no record of receiving it"),
+                                   (c_recv, s_sent, "received from the server, which has no record of sending it")):
+            for (peer, digest), lines in mine.items():
+                if (party, digest) in theirs:
+                    matched += 1
+                else:
+                    problems.append(Problem(f"{party}.jsonl", lines[0].line, f"message {digest[:16]}... {what}"))
+        for mine, theirs, what in ((s_recv, c_sent, f"received from {party}, which has no record of sending it"),
+                                   (s_sent, c_recv, f"sent to {party}, which has no record of receiving it")):
+            for (peer, digest), lines in mine.items():
+                if peer == party and (SERVER, digest) not in theirs:
+                    problems.append(Problem(f"{SERVER}.jsonl", lines[0].line, f"message {digest[:16]}... {what}"))
+    return problems, matched
+
+
+def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -> Verification:
+    """Verify every ledger in ``RUN_DIR/ledger`` (keys from ``keys`` or the folder's keys.json) and
+    cross-check clients against the server."""
+    d = Path(run_dir) / LEDGER_DIR
+    result = Verification()
+    if not d.is_dir():
+        result.problems.append(Problem(str(d), None, "no ledger folder"))
+        return result
+    if keys is None:
+        kf = d / KEYS_FILE
+        if not kf.is_file():
+            result.problems.append(Problem(KEYS_FILE, None, "missing: give the parties' public keys (--keys)"))
+            return result
+        try:
+            keys = read_keys(kf)
+        except (ValueError, TypeError, KeyError) as exc:
+            result.problems.append(Problem(KEYS_FILE, None, f"unreadable: {exc}"))
+            return result
+    result.key_fingerprint = key_fingerprint({p: public_hex(k) for p, k in sorted(keys.items())})
+    ledgers: dict[str, list[Entry]] = {}
+    files = sorted(d.glob("*.jsonl"))
+    if not files:
+        result.problems.append(Problem(str(d), None, "no ledgers"))
+        return result
+    for f in files:
+        party = f.stem
+        entries, problems = verify_ledger(f, party, keys.get(party))
+        result.problems.extend(problems)
+        result.parties[party] = len(entries)
+        ledgers[party] = entries
+    problems, result.messages_matched = cross_check(ledgers)
+    result.problems.extend(problems)
+    return result
+
+
+def events(run_dir: Path, party: str, event: str | None = None) -> list[dict]:
+    """The records of one party's ledger (optionally one kind of event), unverified."""
+    path = Path(run_dir) / LEDGER_DIR / f"{party}.jsonl"
+    if not path.is_file():
+        return []
+    out = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return [r for r in out if event is None or r.get("event") == event]

@@ -1,0 +1,93 @@
+"""The ledgers of a run: which party records what, with whose key (``fedsecmem.audits.ledger``).
+
+In simulation every party's ledger is kept by the simulator with a fresh
+Ed25519 key per party per run (public keys in ``ledger/keys.json``); a
+deployed server and each deployed client keep their own ledger with the
+signing key ``fedsecmem provision`` gave them. Message events come from the
+protocols' taps (simulation) or the coordinator and the client loop
+(deployment), always over the exact bytes of the message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedsecmem import __version__
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, Ledger, sha256, write_keys
+from fedsecmem.crypto.pki import client_name
+
+
+def config_digest(cfg) -> str:
+    return sha256(json.dumps(json.loads(cfg.model_dump_json()), sort_keys=True).encode())
+
+
+def file_digest(path: Path) -> str | None:
+    path = Path(path)
+    return sha256(path.read_bytes()) if path.is_file() else None
+
+
+def run_start_fields(cfg, run_id: str) -> dict:
+    from fedsecmem.aggregation import threat_model
+
+    return {"run_id": run_id, "config_sha256": config_digest(cfg), "code_version": __version__,
+            "method": cfg.method, "protocol": cfg.protocol, "clients": cfg.clients.n,
+            "threat_model": threat_model(cfg)}
+
+
+class RunLedgers:
+    """The simulator's ledgers: the server's and every client's, one key each for this run."""
+
+    def __init__(self, out: Path, n_clients: int):
+        d = Path(out) / LEDGER_DIR
+        if d.exists():  # a new run in an old folder: new keys, new ledgers
+            shutil.rmtree(d)
+        keys = {p: Ed25519PrivateKey.generate() for p in [SERVER] + [client_name(c) for c in range(n_clients)]}
+        self.public = write_keys(out, {p: k.public_key() for p, k in keys.items()})
+        self.server = Ledger(d / f"{SERVER}.jsonl", SERVER, keys[SERVER])
+        self.clients = [Ledger(d / f"{client_name(c)}.jsonl", client_name(c), keys[client_name(c)])
+                        for c in range(n_clients)]
+        self.round = 0
+
+    def all(self) -> list[Ledger]:
+        return [self.server] + self.clients
+
+    def start(self, cfg, run_id: str) -> None:
+        fields = run_start_fields(cfg, run_id)
+        for led in self.all():
+            led.append("run_start", **fields)
+
+    def begin_round(self, r: int) -> None:
+        self.round = r
+        for led in self.all():
+            led.append("round_start", round=r)
+
+    def tap(self, direction: str, cid: int, stage: str, data) -> None:
+        """A protocol message between client ``cid`` and the server, recorded at both ends."""
+        body = data()
+        client = self.clients[cid]
+        if direction == "up":
+            client.message("sent", SERVER, stage, body, round=self.round)
+            self.server.message("received", client.party, stage, body, round=self.round)
+        else:
+            self.server.message("sent", client.party, stage, body, round=self.round)
+            client.message("received", SERVER, stage, body, round=self.round)
+
+    def privacy(self, r: int, per_client: dict[int, float], z: float, delta: float) -> None:
+        """Epsilon spent after round ``r``: the server records all, each client its own."""
+        eps = {str(c): (e if e != float("inf") else None) for c, e in per_client.items()}
+        self.server.append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=eps)
+        for c, e in eps.items():
+            self.clients[int(c)].append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=e)
+
+    def dropouts(self, r: int, clients: list[int]) -> None:
+        if clients:
+            self.server.append("dropout", round=r, clients=sorted(clients))
+
+    def end(self, status: str, **fields) -> None:
+        for led in self.all():
+            led.append("run_end", status=status, **fields)
+            led.close()
