@@ -69,11 +69,16 @@ class Ledger:
         self.path, self.party, self.key = Path(path), party, key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.seq, self.prev = 0, GENESIS
+        self.last: dict | None = None  # the last record already in the file
         if self.path.exists():
             lines = self.path.read_bytes().splitlines()
             if lines:
                 self.seq = len(lines)
                 self.prev = sha256(lines[-1])
+                try:
+                    self.last = json.loads(lines[-1])
+                except ValueError:
+                    self.last = None
         self._fh = open(self.path, "ab")
 
     def append(self, event: str, **fields) -> dict:
@@ -86,6 +91,7 @@ class Ledger:
         self._fh.flush()
         self.seq += 1
         self.prev = sha256(line)
+        self.last = record
         return record
 
     def message(self, direction: str, peer: str, stage: str, data: bytes, **fields) -> dict:

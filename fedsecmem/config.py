@@ -205,6 +205,8 @@ class AuditConfig(Strict):
     ledger: bool = Field(True, description="every party keeps a signed, hash-chained ledger in OUT/ledger")
     leakage: bool = Field(False, description="membership inference against each adversary's view (feddymem)")
     shadows: int = Field(8, ge=2, description="LiRA shadow releases per client (even)")
+    holdout_fraction: float = Field(0.25, gt=0, lt=1, description="share of each client's training images "
+                                    "withheld from training as non-members (only with leakage)")
     fpr: float = Field(0.01, gt=0, lt=1, description="the low false-positive rate TPR is reported at")
     bootstrap: int = Field(1000, ge=50, description="bootstrap resamples for the confidence intervals")
 

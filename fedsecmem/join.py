@@ -12,6 +12,8 @@ leaves is listed per task in docs/deployment.md.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -23,7 +25,9 @@ from fedsecmem.data.partition import partition
 from fedsecmem.crypto.pki import client_name
 from fedsecmem.deploy import check_deployable, client_tls, crash_if_asked, get_memory, max_bytes, put_json
 from fedsecmem.errors import UserError
+from fedsecmem.audits.ledger import SERVER
 from fedsecmem.evaluate import evaluate_client
+from fedsecmem.ledgers import begin, party_ledger
 from fedsecmem.feddymem import FedDyMemClient
 from fedsecmem.metrics import auroc
 from fedsecmem.privacy import min_survivors
@@ -141,9 +145,9 @@ class FedDyMemMember:
         return put_json(BodyBuilder(), "row", row).build()
 
 
-def join(cfg: RunConfig, cid: int) -> int:
-    """Take part in the run served at ``cfg.deploy.address`` as client ``cid``; returns the rounds
-    this client scored."""
+def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
+    """Take part in the run served at ``cfg.deploy.address`` as client ``cid``, keeping this
+    client's ledger in ``out/ledger`` (default ``runs/<name>``); returns the rounds it scored."""
     check_deployable(cfg)
     if not 0 <= cid < cfg.clients.n:
         raise UserError(f"--client-id: {cid} is not one of this run's clients 0..{cfg.clients.n - 1}")
@@ -151,8 +155,10 @@ def join(cfg: RunConfig, cid: int) -> int:
     dp = cfg.deploy
     with make_progress() as progress:
         me = FedDyMemMember(cfg, cid, progress)
+    ledger = party_ledger(out if out is not None else Path("runs") / cfg.name, client_name(cid), dp.certs)
     conn = ServerConnection(dp.address, tls, max_bytes(cfg), dp.poll_s, dp.reconnect_s)
     run_id, done, scored = None, (0, 0), 0
+    status = "failed"
     console.print(f"client {cid}: connecting to {dp.address}")
     try:
         while True:
@@ -165,8 +171,10 @@ def join(cfg: RunConfig, cid: int) -> int:
                 raise UserError(f"client {cid}: the server sent a malformed task: {exc}") from None
             if run_id is None:
                 run_id = env.run_id
+                begin(ledger, cfg, run_id)
             elif env.run_id != run_id:
                 raise UserError(f"client {cid}: the server started another run ({env.run_id}); rejoin to take part")
+            ledger.message("received", SERVER, env.kind, data, round=env.round, step=env.step)
             crash_if_asked(client_name(cid), kind=env.kind, round=env.round)
             try:
                 kind, body = me.handle(env)
@@ -175,6 +183,7 @@ def join(cfg: RunConfig, cid: int) -> int:
                 kind, body = ERROR_KIND, BodyBuilder().text("reason", str(exc)[:900]).build()
             reply = Envelope(env.run_id, cid, env.round, env.step, kind, body).to_bytes()
             ok, reason = conn.push(reply)
+            ledger.message("sent", SERVER, kind, reply, round=env.round, step=env.step, accepted=ok)
             if not ok and "second reply" not in reason:
                 console.print(f"[yellow]client {cid}: server refused {kind} (round {env.round} step {env.step}): {reason}")
             done = (env.round, env.step)
@@ -183,8 +192,13 @@ def join(cfg: RunConfig, cid: int) -> int:
                 console.print(f"client {cid}: round {env.round} scored")
             if env.kind == "finish":
                 console.print(f"client {cid}: run {run_id} finished")
+                status = "completed"
                 return scored
     except TransportError as exc:
+        status = f"failed: {exc}"
         raise UserError(f"client {cid}: {exc}") from None
     finally:
         conn.close()
+        if run_id is not None:
+            ledger.append("run_end", status=status)
+        ledger.close()

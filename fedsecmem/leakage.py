@@ -10,8 +10,12 @@ Views, recorded in the final round:
 - ``global_memory``: the final global memory, which every client (and anyone
   it leaks to) holds.
 
-Candidates of client c: its training images (members) and its held-out
-normal test images of the same products (non-members), embedded in c's final
+Candidates of client c: its training images (members) and non-members drawn
+from the same distribution: a share (``audit.holdout_fraction``) of c's
+training images withheld from training before the run starts. (Test images
+are no non-members: on textures they come from another region of each source
+and are not augmented, so an attack would detect the shift, not membership.)
+All are embedded in c's final
 memory space: we give the attacker c's generator, which a server never holds,
 so the figures bound what a server could do from above. Two attacks:
 - ``distance``: minus the mean distance of an image's patches to the nearest
@@ -30,6 +34,7 @@ and TPR at 1% FPR with bootstrap intervals.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +98,10 @@ class LeakageViews:
         if cfg.protocol == "plain":
             if self.per_client:
                 out["plain_server"] = {c: np.concatenate(v) for c, v in self.per_client.items()}
-            else:  # faithful mode: the uploads themselves
+            else:  # faithful mode: the uploads themselves, image embeddings included
                 out["plain_server"] = {c: k.prototypes for c, k in enumerate(self.contribs)}
-            if all(k.images is not None for k in self.contribs):
-                out["plain_server_images"] = {c: k.images for c, k in enumerate(self.contribs)}
+                if all(k.images is not None for k in self.contribs):
+                    out["plain_server_images"] = {c: k.images for c, k in enumerate(self.contribs)}
         if cfg.protocol == "secagg" and self.aggregate:
             out["secagg_server"] = np.concatenate(self.aggregate)
         out["global_memory"] = np.asarray(global_patches)
@@ -110,36 +115,51 @@ def _mean_nn(bank_items: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return dist.reshape(n, p).mean(1)
 
 
+def hold_out(clients: list, fraction: float, seed: int) -> tuple[list, dict[int, np.ndarray]]:
+    """Withhold ``fraction`` of every client's training images (at least one; the client keeps at
+    least two): the clients to train with, and client -> withheld indices into the train split."""
+    kept, held = [], {}
+    for c in clients:
+        n = len(c.train_index)
+        k = min(max(1, int(round(fraction * n))), n - 2)
+        if k < 1:
+            raise ValueError(f"client {c.client} has {n} training images: too few to withhold non-members")
+        perm = np.random.default_rng(seed + c.client).permutation(n)  # which images: not a secret
+        keep = np.sort(perm[k:])
+        held[c.client] = c.train_index[np.sort(perm[:k])]
+        kept.append(replace(c, train_index=c.train_index[keep], train=c.train.subset(keep)))
+    return kept, held
+
+
 class _Candidates:
     """One client's members and non-members in its memory space, and their prototypes."""
 
-    def __init__(self, cl, test_patches: np.ndarray, test_images: np.ndarray | None, reduce_ratio: int,
+    def __init__(self, cl, held_patches: np.ndarray, held_images: np.ndarray | None, reduce_ratio: int,
                  reduce_iters: int):
         members = cl.memory_space(cl.train.patches)
-        nonmembers = cl.memory_space(test_patches)
+        nonmembers = cl.memory_space(held_patches)
         z = np.concatenate([members, nonmembers])
         n, h, w, d = z.shape
         self.patches = z.reshape(n, h * w, d)
         self.is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
         protos, weights = reduce_images(z, reduce_ratio, reduce_iters)
         self.protos, self.weights = protos, weights  # (n, r, d), (n, r)
-        self.images = (np.concatenate([cl.train.images, test_images])
-                       if cl.train.images is not None and test_images is not None else None)
+        self.images = (np.concatenate([cl.train.images, held_images])
+                       if cl.train.images is not None and held_images is not None else None)
 
 
-def measure(cfg, ctx_clients, clients, test_emb, views: LeakageViews, global_patches: np.ndarray,
-            progress_note=None) -> dict:
-    """Attack every view; scores pooled over clients. ``ctx_clients``: the run's ClientData."""
+def measure(cfg, clients, held: dict[int, np.ndarray], train_emb, views: LeakageViews,
+            global_patches: np.ndarray, progress_note=None) -> dict:
+    """Attack every view; scores pooled over clients. ``held``: client -> withheld training images
+    (indices into ``train_emb``), the non-members."""
     a = cfg.audit
     seen = views.views(global_patches)
     scores: dict[tuple[str, str], tuple[list, list]] = defaultdict(lambda: ([], []))
     k_shared = len(global_patches)
-    for idx, (cl, data) in enumerate(zip(clients, ctx_clients)):
-        normal = np.flatnonzero(data.test.labels == 0)
-        if len(normal) == 0:
-            continue
-        test = test_emb.subset(data.test_index[normal])
-        cand = _Candidates(cl, test.patches, test.images, cfg.feddymem.reduce_ratio, cfg.feddymem.reduce_iters)
+    for idx, cl in enumerate(clients):
+        out_emb = train_emb.subset(held[cl.cid])
+        cand = _Candidates(cl, out_emb.patches, out_emb.images, cfg.feddymem.reduce_ratio,
+                           cfg.feddymem.reduce_iters)
         inclusion = shadow_splits(len(cand.is_member), a.shadows, cfg.seed + idx)
         others = [k for j, k in enumerate(views.contribs) if j != idx]
         other_pts = np.concatenate([k.prototypes for k in others]) if others else np.zeros((0, cand.protos.shape[2]))
@@ -154,11 +174,15 @@ def measure(cfg, ctx_clients, clients, test_emb, views: LeakageViews, global_pat
                 _add(scores[(name, "distance")], stat, cand.is_member)
                 continue
             target = items[idx] if isinstance(items, dict) else items
+            if len(target) == 0:  # nothing survived the noise: the view tells this attacker nothing
+                for attack in ("distance", "lira"):
+                    _add(scores[(name, attack)], np.zeros(len(cand.is_member)), cand.is_member)
+                continue
             observed = -_mean_nn(target, cand.patches)
             _add(scores[(name, "distance")], observed, cand.is_member)
             if name == "plain_server":
                 faithful = cfg.kmeans_init == "kmeans++" and not cfg.privacy.dp
-                k = None if faithful or not views.per_client else len(views.per_client[idx][-1])
+                k = None if faithful or not views.per_client else max(1, len(views.per_client[idx][-1]))
                 shadow = [_release(cand, inc, None, None, k, cfg.seed + j)
                           for j, inc in enumerate(inclusion)]
             else:
@@ -170,7 +194,8 @@ def measure(cfg, ctx_clients, clients, test_emb, views: LeakageViews, global_pat
             _add(scores[(name, "lira")], lira_scores(observed, stats, inclusion), cand.is_member)
         if progress_note is not None:
             progress_note(1)
-    out = {"views": {}, "shadows": a.shadows, "fpr": a.fpr, "attacker": "knows the target client's generator"}
+    out = {"views": {}, "shadows": a.shadows, "fpr": a.fpr, "attacker": "knows the target client's generator",
+           "nonmembers": f"{a.holdout_fraction:g} of each client's training images, withheld from training"}
     for (name, attack), (m, n) in sorted(scores.items()):
         res = evaluate_attack(np.concatenate(m), np.concatenate(n), a.fpr, a.bootstrap, seed=cfg.seed)
         out["views"].setdefault(name, {})[attack] = res.to_dict()

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecmem import __version__
 from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, Ledger, sha256, write_keys
-from fedsecmem.crypto.pki import client_name
+from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
+from fedsecmem.errors import UserError
 
 
 def config_digest(cfg) -> str:
@@ -91,3 +92,54 @@ class RunLedgers:
         for led in self.all():
             led.append("run_end", status=status, **fields)
             led.close()
+
+
+# ---- deployment: each party its own ledger, with its provisioned key ---------------------------
+
+def party_ledger(out: Path, party: str, certs: Path) -> Ledger:
+    """``party``'s ledger in ``OUT/ledger``, signed with its key from ``fedsecmem provision`` (an
+    existing ledger is continued: a restarted party keeps one chain)."""
+    try:
+        key = signing_key(Path(certs), party)
+    except ProvisioningError as exc:
+        raise UserError(f"deploy.certs: {exc}") from None
+    return Ledger(Path(out) / LEDGER_DIR / f"{party}.jsonl", party, key)
+
+
+def write_party_keys(out: Path, certs: Path, n_clients: int) -> dict[str, str]:
+    """``OUT/ledger/keys.json`` from the provisioned public keys of the server and the clients."""
+    try:
+        keys = {p: verify_key(Path(certs), p) for p in [SERVER] + [client_name(c) for c in range(n_clients)]}
+    except ProvisioningError as exc:
+        raise UserError(f"deploy.certs: {exc}") from None
+    return write_keys(out, keys)
+
+
+def begin(ledger: Ledger, cfg, run_id: str) -> None:
+    """``run_start``, or ``resume`` when this ledger's last run (the same run id) did not end."""
+    last = ledger.last
+    if last is not None and last.get("event") != "run_end" and _run_of(ledger) == run_id:
+        ledger.append("resume", run_id=run_id)
+    else:
+        ledger.append("run_start", **run_start_fields(cfg, run_id))
+
+
+def _run_of(ledger: Ledger) -> str | None:
+    """The run id of the last run_start in the ledger's file."""
+    run = None
+    for line in ledger.path.read_bytes().splitlines():
+        if b'"run_start"' in line:
+            try:
+                run = json.loads(line).get("run_id", run)
+            except ValueError:
+                continue
+    return run
+
+
+def coordinator_observer(ledger: Ledger):
+    """The server's record of every message its mailbox delivered or received."""
+
+    def observe(direction: str, cid: int, rnd: int, step: int, kind: str, data: bytes, fields: dict) -> None:
+        ledger.message(direction, client_name(cid), kind, data, round=rnd, step=step, **fields)
+
+    return observe

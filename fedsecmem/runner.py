@@ -35,7 +35,7 @@ from fedsecmem.aggregation import threat_model
 from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
 from fedsecmem.federated import FEDERATED_METHODS
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE
-from fedsecmem.leakage import LeakageViews, measure, roc_plot, strip_scores
+from fedsecmem.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
 from fedsecmem.ledgers import RunLedgers, file_digest
 from fedsecmem.reference import REFERENCE_METHODS, MethodContext
 
@@ -77,6 +77,12 @@ def run(cfg: RunConfig, out: Path) -> dict:
         clients = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)
     except ValueError as exc:
         raise UserError(f"clients.n: {exc}") from None
+    held = None
+    if cfg.audit.leakage and cfg.method == "feddymem":  # non-members for the membership inference
+        try:
+            clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed)
+        except ValueError as exc:
+            raise UserError(f"audit.holdout_fraction: {exc}") from None
     timings["data_s"] = time.perf_counter() - t
 
     device = resolve_device(cfg.backbone.device)
@@ -98,7 +104,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         run_id = secrets.token_hex(8)
         if ledgers is not None:
             ledgers.start(cfg, run_id)
-        leakage = LeakageViews(cfg) if cfg.audit.leakage and cfg.method == "feddymem" else None
+        leakage = LeakageViews(cfg) if held is not None else None
         ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out, ledgers, leakage)
         t = time.perf_counter()
         try:
@@ -114,7 +120,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         if leakage is not None and leakage.armed:
             t = time.perf_counter()
             with task(progress, "membership inference", len(clients)) as advance:
-                leak = measure(cfg, clients, leakage.clients, test_emb, leakage,
+                leak = measure(cfg, leakage.clients, held, train_emb, leakage,
                                leakage.clients[0].global_memory.patches, advance)
             timings["leakage_s"] = time.perf_counter() - t
 

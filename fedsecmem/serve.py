@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for
+from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for, threat_model
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
@@ -35,6 +36,7 @@ from fedsecmem.errors import UserError
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.federated import aggregation_summary
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
+from fedsecmem.ledgers import begin, coordinator_observer, file_digest, party_ledger, write_party_keys
 from fedsecmem.plots import round_curve
 from fedsecmem.privacy import STATE_FILE, RunPrivacy, secagg_threshold
 from fedsecmem.progress import console, make_progress, task
@@ -107,6 +109,9 @@ class _Server:
         self.has_memory: set[int] = set()  # clients known to hold the current global memory
         self.privacy: RunPrivacy | None = None
         self.ss = secure_sum_for(cfg)  # the protocol and its settings (SecAgg+ graph, threshold, fixed point)
+        self.keys = write_party_keys(out, cfg.deploy.certs, n)
+        self.ledger = party_ledger(out, SERVER, cfg.deploy.certs)
+        self.coord.observer = coordinator_observer(self.ledger)
 
     # ---- exchanges ------------------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class _Server:
     def _round(self, r: int) -> dict:
         cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
         self.coord.begin_round(r)
+        self.ledger.append("round_start", round=r)
         wire_up0, wire_down0 = dict(self.coord.wire_up), dict(self.coord.wire_down)
         targets = sorted(self.hello)
         resend = put_memory(BodyBuilder(), self.memory).build() if self.memory is not None else None
@@ -202,8 +208,13 @@ class _Server:
         losses = [ready[c]["loss"] for c in ready if ready[c]["trained"]]
         if losses:
             summary["loss"] = float(np.mean(losses))
+        if summary["dropped"]:
+            self.ledger.append("dropout", round=r, clients=summary["dropped"])
         if self.privacy is not None:
             summary["epsilon"] = self.privacy.end_round(self.out)
+            eps = {str(c): (e if e != float("inf") else None) for c, e in self.privacy.per_round[-1].items()}
+            self.ledger.append("dp", round=r, noise_multiplier=self.privacy.z, delta=cfg.privacy.delta, epsilon=eps)
+        self.ledger.sync()
         return summary
 
     def _checkpoint(self, r: int) -> None:
@@ -223,6 +234,8 @@ class _Server:
         n = cfg.clients.n
         server = start_server(self.coord, dp.address, party_tls(cfg, "server"), dp.poll_s, max_bytes(cfg),
                               workers=2 * n + 8)
+        begin(self.ledger, cfg, self.coord.run_id)
+        status = "failed"
         try:
             self._register(first)
             self._setup_privacy()
@@ -248,11 +261,18 @@ class _Server:
             self.coord.begin_round(fc.rounds + 1)
             self.coord.exchange("finish", {c: BodyBuilder().build() for c in sorted(self.hello)}, "bye",
                                 lambda c, env: True, FINISH_TIMEOUT_S)
+            status = "completed"
+        except UserError as exc:
+            status = f"failed: {exc}"
+            raise
         finally:
             if self.privacy is not None:
                 self.privacy.save(self.out)
             self.coord.close()
             server.stop(grace=1.0)
+            if status != "completed":
+                self.ledger.append("run_end", status=status)
+                self.ledger.close()
         return self._results()
 
     def _results(self) -> dict:
@@ -274,12 +294,19 @@ class _Server:
                                 "refused_messages": dict(self.coord.rejected),
                                 "wire_bytes_up": [self.wire["up"].get(str(c), []) for c in range(n)],
                                 "wire_bytes_down": [self.wire["down"].get(str(c), []) for c in range(n)],
-                                "resumed_after_round": self.ckpt.get("round_done")}}
+                                "resumed_after_round": self.ckpt.get("round_done")},
+                 "run_id": self.coord.run_id, "threat_model": threat_model(cfg),
+                 "ledger": {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(self.keys),
+                            "parties": len(self.keys)}}
         results = results_document(cfg, cfg.data.benchmark, per_client, output, self.timings, self.t_start, "cpu",
                                    {"anomaly_maps": None, "auroc_per_round": curve.name if curve else None},
                                    extra=extra)
-        write_results(cfg, results, self.out)
         save_global_memory(self.memory, self.out / GLOBAL_MEMORY_FILE)
+        self.ledger.append("run_end", status="completed",
+                           global_memory_sha256=file_digest(self.out / GLOBAL_MEMORY_FILE),
+                           auroc_image=results["auroc"]["image"], epsilon=results["privacy"].get("epsilon"))
+        self.ledger.close()
+        write_results(cfg, results, self.out)
         return results
 
 

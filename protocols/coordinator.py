@@ -36,10 +36,16 @@ class ClientRefusal:
     reason: str
 
 
+# Sees every message that reaches or leaves the mailbox, over its exact bytes (a ledger records them):
+# (direction "sent" | "received", client, round, step, kind, data, fields).
+MessageObserver = Callable[[str, int, int, int, str, bytes, dict], None]
+
+
 @dataclass
 class _Exchange:
     round: int
     step: int
+    kind: str
     tasks: dict[int, bytes]
     expect: str
     accept: Callable[[int, Envelope], object]
@@ -58,6 +64,7 @@ class Coordinator:
         self.wire_up: Counter[int] = Counter()  # bytes of accepted envelopes from each client
         self.wire_down: Counter[int] = Counter()  # bytes of tasks delivered to each client
         self.closed = False
+        self.observer: MessageObserver | None = None
         self._open: _Exchange | None = None
         self._cv = threading.Condition()
 
@@ -95,7 +102,7 @@ class Coordinator:
             self.step += 1
             tasks = {c: Envelope(self.run_id, SERVER_ID, self.round, self.step, kind, b).to_bytes()
                      for c, b in bodies.items()}
-            ex = _Exchange(self.round, self.step, tasks, expect, accept)
+            ex = _Exchange(self.round, self.step, kind, tasks, expect, accept)
             self._open = ex
             self._cv.notify_all()
             deadline = time.monotonic() + timeout
@@ -128,6 +135,7 @@ class Coordinator:
                 if (ex is not None and cid in ex.tasks and cid not in ex.replies
                         and (ex.round, ex.step) > (after_round, after_step)):
                     self.wire_down[cid] += len(ex.tasks[cid])
+                    self._observe("sent", cid, ex.round, ex.step, ex.kind, ex.tasks[cid], {})
                     return ex.tasks[cid]
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -145,40 +153,58 @@ class Coordinator:
             try:
                 env = parse_envelope(data)
             except WireError as exc:
-                return self._reject("malformed", f"client {cid}: {exc}")
-            if env.sender != cid:
-                return self._reject("identity", f"client {cid} sent a message signed as client {env.sender}")
-            if env.run_id != self.run_id:
-                return self._reject("stale", f"client {cid}: message of another run {env.run_id[:16]!r}")
-            ex = self._open
-            if ex is None or (env.round, env.step) != (ex.round, ex.step):
-                now = "no exchange open" if ex is None else f"open is round {ex.round} step {ex.step}"
-                return self._reject("stale", f"client {cid}: reply to round {env.round} step {env.step} "
-                                             f"({now}): stale or replayed")
-            if cid not in ex.tasks:
-                return self._reject("unexpected", f"client {cid}: not addressed in round {ex.round} step {ex.step}")
-            if cid in ex.replies:
-                return self._reject("duplicate", f"client {cid}: second reply to round {ex.round} step {ex.step}")
-            if env.kind == ERROR_KIND:
-                try:
-                    reason = Body(env.body, "error").text("reason", 1000)
-                except WireError:
-                    reason = "(no reason given)"
-                log.warning("client %d cannot go on in round %d step %d: %s", cid, ex.round, ex.step, reason)
-                ex.replies[cid] = ClientRefusal(reason)
-                self._cv.notify_all()
-                return True, "noted"
-            if env.kind != ex.expect:
-                return self._reject("wrong-stage", f"client {cid}: {env.kind!r} refused, expecting {ex.expect!r} "
-                                                   f"in round {ex.round} step {ex.step}")
+                env = None
+                ok, reason = self._reject("malformed", f"client {cid}: {exc}")
+            else:
+                ok, reason = self._take(cid, env, len(data))
+            # from an authenticated client, whatever became of it
+            self._observe("received", cid, env.round if env else -1, env.step if env else -1,
+                          env.kind if env else "malformed", data, {"accepted": ok, "reason": reason})
+            return ok, reason
+
+    def _observe(self, *event) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(*event)
+        except Exception:  # a failing record must not take the mailbox down; it is logged
+            log.exception("recording a message failed")
+
+    def _take(self, cid: int, env: Envelope, size: int) -> tuple[bool, str]:
+        """The checks after the envelope decoded (the caller holds the lock)."""
+        if env.sender != cid:
+            return self._reject("identity", f"client {cid} sent a message signed as client {env.sender}")
+        if env.run_id != self.run_id:
+            return self._reject("stale", f"client {cid}: message of another run {env.run_id[:16]!r}")
+        ex = self._open
+        if ex is None or (env.round, env.step) != (ex.round, ex.step):
+            now = "no exchange open" if ex is None else f"open is round {ex.round} step {ex.step}"
+            return self._reject("stale", f"client {cid}: reply to round {env.round} step {env.step} "
+                                         f"({now}): stale or replayed")
+        if cid not in ex.tasks:
+            return self._reject("unexpected", f"client {cid}: not addressed in round {ex.round} step {ex.step}")
+        if cid in ex.replies:
+            return self._reject("duplicate", f"client {cid}: second reply to round {ex.round} step {ex.step}")
+        if env.kind == ERROR_KIND:
             try:
-                result = ex.accept(cid, env)
-            except (WireError, ProtocolError, ValueError) as exc:
-                return self._reject("invalid", f"client {cid}: {exc}")
-            except Exception as exc:  # a bug must not take the server down; it is counted apart
-                log.exception("accepting a %s from client %d failed", env.kind, cid)
-                return self._reject("internal", f"client {cid}: internal error {type(exc).__name__}")
-            ex.replies[cid] = result
-            self.wire_up[cid] += len(data)
+                reason = Body(env.body, "error").text("reason", 1000)
+            except WireError:
+                reason = "(no reason given)"
+            log.warning("client %d cannot go on in round %d step %d: %s", cid, ex.round, ex.step, reason)
+            ex.replies[cid] = ClientRefusal(reason)
             self._cv.notify_all()
-            return True, "accepted"
+            return True, "noted"
+        if env.kind != ex.expect:
+            return self._reject("wrong-stage", f"client {cid}: {env.kind!r} refused, expecting {ex.expect!r} "
+                                               f"in round {ex.round} step {ex.step}")
+        try:
+            result = ex.accept(cid, env)
+        except (WireError, ProtocolError, ValueError) as exc:
+            return self._reject("invalid", f"client {cid}: {exc}")
+        except Exception as exc:  # a bug must not take the server down; it is counted apart
+            log.exception("accepting a %s from client %d failed", env.kind, cid)
+            return self._reject("internal", f"client {cid}: internal error {type(exc).__name__}")
+        ex.replies[cid] = result
+        self.wire_up[cid] += size
+        self._cv.notify_all()
+        return True, "accepted"

@@ -157,8 +157,8 @@ def _run_processes(tmp: Path, cfg: Path, faults: dict | None = None, server_args
     faults = faults or {}
     out = tmp / "server"
     server = _start(["serve", str(cfg), "--out", str(out), *server_args], tmp / "server.log", faults.get("server"))
-    clients = {c: _start(["join", str(cfg), "--client-id", str(c)], tmp / f"client{c}.log", faults.get(c))
-               for c in range(3)}
+    clients = {c: _start(["join", str(cfg), "--client-id", str(c), "--out", str(out)], tmp / f"client{c}.log",
+                         faults.get(c)) for c in range(3)}
     return server, clients, out
 
 
@@ -174,6 +174,15 @@ def test_grpc_run_gives_the_simulators_global_memory(tmp_path, certs, simulated)
     results = yaml.safe_load((out / "results.json").read_text())
     assert results["aggregation"]["transport"] == "grpc" and results["deployment"]["refused_messages"] == {}
     assert all(r["dropped"] == [] for r in results["per_round"])
+    _assert_ledgers_verify(out, certs)
+
+
+def _assert_ledgers_verify(out: Path, certs: Path) -> None:
+    """Every party's ledger verifies under its provisioned key and the messages cross-check."""
+    r = subprocess.run([*FEDSECMEM, "audit", "verify", str(out), "--keys", str(certs)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 parties" in r.stdout and "messages matched" in r.stdout
 
 
 def test_client_killed_mid_round_is_dropped_and_rejoins_next_round(tmp_path, certs):
@@ -182,7 +191,7 @@ def test_client_killed_mid_round_is_dropped_and_rejoins_next_round(tmp_path, cer
     cfg = _config(tmp_path, certs, feddymem__rounds=3, privacy__dp=True, privacy__epsilon=8)
     server, clients, out = _run_processes(tmp_path, cfg, {2: "role=client-2,kind=secagg_relay,round=2"})
     assert _wait(clients[2], tmp_path / "client2.log") == 75  # crashed as asked
-    again = _start(["join", str(cfg), "--client-id", "2"], tmp_path / "client2b.log")
+    again = _start(["join", str(cfg), "--client-id", "2", "--out", str(out)], tmp_path / "client2b.log")
     assert _wait(server, tmp_path / "server.log") == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert _wait(again, tmp_path / "client2b.log") == 0
     results = yaml.safe_load((out / "results.json").read_text())
@@ -191,6 +200,12 @@ def test_client_killed_mid_round_is_dropped_and_rejoins_next_round(tmp_path, cer
     assert rounds[1]["dropped"] == [2]
     assert results["privacy"]["dp"] and 0 < results["privacy"]["epsilon"] <= 8.0
     assert (out / "privacy_state.json").exists()
+    _assert_ledgers_verify(out, certs)  # the crashed client's ledger resumes its chain
+    from fedsecmem.audits.ledger import events
+
+    assert [e["event"] for e in events(out, "client-2") if e["event"] in ("run_start", "resume", "run_end")] == [
+        "run_start", "resume", "run_end"]
+    assert events(out, "server", "dropout")[0]["clients"] == [2]
 
 
 def test_server_killed_after_round_one_resumes_to_the_same_result(tmp_path, certs, simulated):
@@ -208,6 +223,7 @@ def test_server_killed_after_round_one_resumes_to_the_same_result(tmp_path, cert
     got = np.load(out / "global_memory.npz")
     assert np.array_equal(got["patches"], simulated["patches"])
     assert np.array_equal(got["images"], simulated["images"])
+    _assert_ledgers_verify(out, certs)
 
 
 def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, certs):

@@ -1,0 +1,361 @@
+"""Audits: signed hash-chained ledgers (every kind of tampering caught with its line number), the
+privacy report (rendered in headless Chromium), membership inference statistics against known
+answers, and the leakage measurement and sweep on real runs."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedsecmem.audits.ledger import (
+    LEDGER_DIR, Ledger, cross_check, sha256, verify_ledger, verify_run, write_keys,
+)
+from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits, tpr_at_fpr
+from fedsecmem.cli import main
+from fedsecmem.config import config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny-audit", "seed": 0, "method": "feddymem",
+    "data": {"benchmark": "textures", "products": ["brick", "immunohistochemistry", "grass"],
+             "train_per_product": 8, "test_normal_per_product": 4, "test_defect_per_product": 4,
+             "image_size": 64, "crop_size": 64},
+    "clients": {"n": 3, "alpha": 1.0},
+    "protocol": "secagg",
+    "privacy": {"dp": True, "epsilon": 8, "min_survivors": 2},
+    "feddymem": {"rounds": 2, "global_k": 8, "global_k_images": 4},
+    "audit": {"leakage": True, "shadows": 4, "bootstrap": 100},
+    "output": {"embedding_cache": None, "map_examples_per_product": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real simulated run (SecAgg+, DP, leakage on): its folder."""
+    from fedsecmem.runner import run
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    run(config_from_dict(json.loads(json.dumps(TINY))), out)
+    return out
+
+
+def _copy(run: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def _verify_cli(run: Path, capsys) -> tuple[int, str]:
+    code = main(["audit", "verify", str(run)])
+    return code, capsys.readouterr().out
+
+
+# ---- ledgers ------------------------------------------------------------------------------------
+
+def test_a_real_runs_ledgers_verify_and_record_what_happened(tiny_run, capsys):
+    code, out = _verify_cli(tiny_run, capsys)
+    assert code == 0 and "4 parties" in out, out
+    v = verify_run(tiny_run)
+    assert v.ok and v.messages_matched > 100
+    server = [json.loads(x) for x in (tiny_run / LEDGER_DIR / "server.jsonl").read_text().splitlines()]
+    assert server[0]["event"] == "run_start" and server[-1]["event"] == "run_end"
+    assert server[0]["threat_model"]["protocol"] == "secagg"
+    results = json.loads((tiny_run / "results.json").read_text())
+    dp = [e for e in server if e["event"] == "dp"]
+    assert len(dp) == 2 and max(dp[-1]["epsilon"].values()) == pytest.approx(results["privacy"]["epsilon"])
+    assert server[-1]["global_memory_sha256"] == sha256((tiny_run / "global_memory.npz").read_bytes())
+    assert results["ledger"]["key_fingerprint"] == v.key_fingerprint
+    # every SecAgg+ stage of every client is there, at both ends
+    stages = {e["stage"] for e in server if e["event"] == "message" and e["dir"] == "received"}
+    assert {"advertise", "share", "mask", "unmask"} <= stages
+
+
+def test_an_edited_line_is_caught_with_its_line_number(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    path = run / LEDGER_DIR / "client-1.jsonl"
+    lines = _lines(path)
+    i = next(k for k, line in enumerate(lines) if b'"dir":"sent"' in line)
+    rec = json.loads(lines[i])
+    rec["bytes"] += 1
+    lines[i] = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    code, out = _verify_cli(run, capsys)
+    assert code == 1
+    assert f"client-1.jsonl:{i + 1}: signature does not verify" in out
+    assert f"client-1.jsonl:{i + 2}: hash chain broken" in out  # the next line's prev no longer matches
+
+
+def test_a_deleted_line_is_caught(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    path = run / LEDGER_DIR / "server.jsonl"
+    lines = _lines(path)
+    del lines[10]
+    path.write_bytes(b"".join(lines))
+    code, out = _verify_cli(run, capsys)
+    assert code == 1
+    assert "server.jsonl:11: hash chain broken" in out and "server.jsonl:11: sequence number 11, expected 10" in out
+
+
+def test_reordered_lines_are_caught(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    path = run / LEDGER_DIR / "client-0.jsonl"
+    lines = _lines(path)
+    lines[5], lines[6] = lines[6], lines[5]
+    path.write_bytes(b"".join(lines))
+    code, out = _verify_cli(run, capsys)
+    assert code == 1 and "client-0.jsonl:6: hash chain broken" in out and "client-0.jsonl:6: sequence number 6" in out
+
+
+def test_a_cut_end_is_caught(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    path = run / LEDGER_DIR / "client-2.jsonl"
+    lines = _lines(path)
+    path.write_bytes(b"".join(lines[:-1]))
+    code, out = _verify_cli(run, capsys)
+    assert code == 1 and f"client-2.jsonl:{len(lines) - 1}: does not end with run_end" in out
+
+
+def test_a_missing_ledger_and_foreign_keys_are_caught(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    (run / LEDGER_DIR / "client-2.jsonl").unlink()
+    code, out = _verify_cli(run, capsys)
+    assert code == 1 and "client-2.jsonl: missing" in out
+    run2 = _copy(tiny_run, tmp_path / "b")
+    write_keys(run2, {p: Ed25519PrivateKey.generate().public_key() for p in ("server", "client-0", "client-1",
+                                                                             "client-2")})
+    v = verify_run(run2)
+    assert not v.ok and all("signature does not verify" in p.message for p in v.problems)
+
+
+def _signed_pair(tmp: Path, client_digest: bytes, server_digest: bytes):
+    """A server and a client ledger, each validly signed, recording one upload each."""
+    keys = {p: Ed25519PrivateKey.generate() for p in ("server", "client-0")}
+    d = tmp / LEDGER_DIR
+    s = Ledger(d / "server.jsonl", "server", keys["server"])
+    c = Ledger(d / "client-0.jsonl", "client-0", keys["client-0"])
+    for led in (s, c):
+        led.append("run_start", run_id="x")
+    c.message("sent", "server", "mask", client_digest)
+    s.message("received", "client-0", "mask", server_digest)
+    for led in (s, c):
+        led.append("run_end", status="completed")
+        led.close()
+    write_keys(tmp, {p: k.public_key() for p, k in keys.items()})
+
+
+def test_a_message_the_two_sides_record_differently_is_a_mismatch_with_line_numbers(tmp_path):
+    _signed_pair(tmp_path / "same", b"masked vector", b"masked vector")
+    ok = verify_run(tmp_path / "same")
+    assert ok.ok and ok.messages_matched == 1
+    _signed_pair(tmp_path / "diff", b"masked vector", b"another vector")  # both signatures are valid
+    v = verify_run(tmp_path / "diff")
+    text = [str(p) for p in v.problems]
+    assert "client-0.jsonl:2: message" in text[0] and "no record of receiving it" in text[0]
+    assert any(t.startswith("server.jsonl:2: message") and "no record of sending it" in t for t in text)
+
+
+def test_a_restarted_party_continues_its_chain(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "client-0.jsonl"
+    first = Ledger(path, "client-0", key)
+    first.append("run_start", run_id="r")
+    first.close()
+    again = Ledger(path, "client-0", key)
+    again.append("resume", run_id="r")
+    again.append("run_end", status="completed")
+    again.close()
+    entries, problems = verify_ledger(path, "client-0", key.public_key())
+    assert problems == [] and [e.record["seq"] for e in entries] == [0, 1, 2]
+
+
+def test_cross_check_needs_the_server_ledger():
+    problems, matched = cross_check({"client-0": []})
+    assert matched == 0 and "server ledger missing" in problems[0].message
+
+
+# ---- the privacy report ---------------------------------------------------------------------------
+
+def test_report_has_every_section_and_its_numbers_come_from_the_run(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    assert main(["audit", "report", str(run)]) == 0
+    assert "ledgers verified" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert report["dp"]["epsilon_max"] == results["privacy"]["epsilon"]
+    assert report["ledger"]["ok"] and report["utility"]["auroc_image"] == results["auroc"]["image"]
+    assert "SecAgg+" in report["threat_model"]["server_sees"] and "t = 2" in report["threat_model"]["coalition_sees"]
+    html = (run / "report.html").read_text()
+    for heading in ("Who took part", "Protocol and threat model", "Differential privacy", "Traffic", "Utility",
+                    "Ledgers", "Membership inference"):
+        assert heading in html
+    assert html.count("data:image/png;base64,") >= 2 and "src=\"http" not in html  # self-contained
+    # a tampered run's report says so
+    path = run / LEDGER_DIR / "server.jsonl"
+    path.write_bytes(b"".join(_lines(path)[:-1]))
+    assert main(["audit", "report", str(run)]) == 0
+    assert "LEDGER VERIFICATION FAILED" in capsys.readouterr().out
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium_with_every_image(tiny_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("FEDSECMEM_REQUIRE_CHROMIUM"):  # CI installs it: its absence is a failure there
+            pytest.fail("chromium is required (FEDSECMEM_REQUIRE_CHROMIUM is set) but not installed")
+        pytest.skip("chromium not installed (CI installs it and requires it)")
+    run = _copy(tiny_run, tmp_path)
+    assert main(["audit", "report", str(run)]) == 0
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    n = len(list(__import__("re").finditer("data:image/png", (run / "report.html").read_text())))
+    assert f'data-images="{n} ok"' in dom, dom[-500:]
+
+
+def test_audit_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["audit", "verify", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: audit: no run folder {tmp_path / 'nope'}"
+    assert main(["audit", "report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert main(["audit", "verify", str(tmp_path)]) == 1  # a folder without ledgers does not verify
+    assert "no ledger folder" in capsys.readouterr().out
+
+
+# ---- membership inference statistics ---------------------------------------------------------------
+
+def test_attack_metrics_on_known_answers():
+    labels = np.r_[np.ones(4), np.zeros(4)]
+    assert tpr_at_fpr(labels, np.r_[5, 6, 7, 8, 1, 2, 3, 4.0], 0.01) == 1.0
+    assert tpr_at_fpr(labels, np.r_[1, 2, 3, 8, 4, 5, 6, 7.0], 0.01) == 0.25  # one member above every non-member
+    sep = evaluate_attack(np.arange(10.0) + 100, np.arange(10.0), bootstrap=200)
+    assert sep.auc == 1.0 and sep.tpr == 1.0 and sep.auc_ci == pytest.approx((1.0, 1.0))
+    same = evaluate_attack(np.zeros(50), np.zeros(50), bootstrap=200)
+    assert same.auc == 0.5 and same.tpr == 0.0
+    rng = np.random.default_rng(1)
+    r = evaluate_attack(rng.normal(1, 1, 400), rng.normal(0, 1, 400), bootstrap=300)
+    assert 0.70 < r.auc < 0.80  # Phi(1/sqrt 2) = 0.760
+    assert r.auc_ci[0] < r.auc < r.auc_ci[1] and r.auc_ci[1] - r.auc_ci[0] < 0.1
+    with pytest.raises(ValueError, match="members and non-members"):
+        evaluate_attack(np.zeros(0), np.zeros(3))
+
+
+def test_lira_separates_members_when_the_shadows_say_how():
+    rng = np.random.default_rng(0)
+    n, shadows = 200, 16
+    inc = shadow_splits(n, shadows, 0)
+    assert (inc.sum(0) == shadows // 2).all()  # each candidate in exactly half
+    difficulty = rng.normal(0, 3, n)  # per-image offsets a plain threshold cannot see past
+    effect = 1.0
+    stats = difficulty + effect * inc + rng.normal(0, 0.3, (shadows, n))
+    member = rng.random(n) < 0.5
+    observed = difficulty + effect * member + rng.normal(0, 0.3, n)
+    lira = lira_scores(observed, stats, inc)
+    plain = evaluate_attack(observed[member], observed[~member], bootstrap=100).auc
+    calibrated = evaluate_attack(lira[member], lira[~member], bootstrap=100).auc
+    assert calibrated > 0.9 and calibrated > plain + 0.2
+    with pytest.raises(ValueError, match="even"):
+        shadow_splits(10, 3, 0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lira_scores(observed[:5], stats, inc)
+
+
+def test_distance_attack_sees_members_of_a_memory_and_nothing_in_an_independent_one():
+    from fedsecmem.leakage import _mean_nn
+
+    rng = np.random.default_rng(0)
+    members = rng.normal(size=(60, 16, 8)).astype(np.float32)
+    nonmembers = rng.normal(size=(60, 16, 8)).astype(np.float32)
+    other = rng.normal(size=(60, 16, 8)).astype(np.float32)
+    memory = members.reshape(-1, 8)[::2]  # half of the members' patches, as a coreset would keep
+    inside = evaluate_attack(-_mean_nn(memory, members), -_mean_nn(memory, nonmembers), bootstrap=100)
+    assert inside.auc > 0.95
+    unrelated = other.reshape(-1, 8)[::2]
+    outside = evaluate_attack(-_mean_nn(unrelated, members), -_mean_nn(unrelated, nonmembers), bootstrap=100)
+    assert 0.35 < outside.auc < 0.65
+
+
+def test_cell_centres_decodes_what_a_cell_release_reveals():
+    from fedsecmem.leakage import cell_centres
+    from fedsecmem.protocols.kmeans_party import Request, local_cell_stats
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4))
+    w = rng.random(30)
+    labels = rng.integers(0, 3, 30)
+    labels[:3] = [0, 1, 2]
+    vec = local_cell_stats(x, w, labels, 4)  # cell 3 is empty
+    got = cell_centres(Request("cells", {"n": 4}), vec, 4, 1e-9)
+    want = np.stack([(x[labels == c] * w[labels == c, None]).sum(0) / w[labels == c].sum() for c in range(3)])
+    assert np.allclose(got, want)
+    scaled = cell_centres(Request("dp_cells", {"assign": 0}, floats={"clip": 10.0}), local_cell_stats(
+        x, w, np.zeros(30, np.int64), 1), 4, 1e-9)
+    assert np.allclose(scaled[0], 10 * (x * w[:, None]).sum(0) / w.sum())
+
+
+# ---- leakage on a real run, and the sweep -----------------------------------------------------------
+
+def test_leakage_of_a_real_run_uses_withheld_training_images_as_non_members(tiny_run):
+    r = json.loads((tiny_run / "results.json").read_text())
+    lk = r["leakage"]
+    assert set(lk["views"]) == {"secagg_server", "global_memory"}  # a secagg server never sees one client
+    n_train = sum(c["n_train"] for c in r["per_client"])
+    for view in lk["views"].values():
+        for atk in ("distance", "lira"):
+            res = view[atk]
+            assert res["members"] == n_train and res["nonmembers"] == 24 - n_train  # 3 products x 8 images
+            assert 0 <= res["auc_ci"][0] <= res["auc"] <= res["auc_ci"][1] <= 1
+    assert (tiny_run / "leakage_roc.png").stat().st_size > 1000
+
+
+def test_plain_server_view_leaks_membership(tmp_path):
+    """Without DP, the faithful plain server holds every client's prototypes: members stand out."""
+    from fedsecmem.runner import run
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg.update(protocol="plain", privacy={"dp": False})
+    cfg["feddymem"].update(global_k=32, rounds=1)
+    r = run(config_from_dict(cfg), tmp_path / "plain")
+    views = r["leakage"]["views"]
+    assert {"plain_server", "plain_server_images", "global_memory"} <= set(views)
+    assert views["plain_server"]["distance"]["auc"] > 0.9
+    assert views["plain_server_images"]["distance"]["auc"] == 1.0  # raw image embeddings: exact matches
+
+
+def test_sweep_writes_table_plot_and_rows(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    tiny = json.loads(json.dumps(TINY))
+    tiny["feddymem"]["rounds"] = 1
+    cfg.write_text(json.dumps(tiny))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(cfg), "--epsilons", "8,inf", "--protocols", "secagg", "--out", str(out),
+                 "--inf-set", "feddymem.global_k=16"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["protocol"], r["epsilon_target"]) for r in rows] == [("secagg", 8.0), ("secagg", None)]
+    assert rows[0]["epsilon_spent"] <= 8.0 and rows[1]["epsilon_spent"] is None
+    assert all(0 <= r["mia_auc_server"] <= 1 and 0 <= r["mia_auc_global"] <= 1 for r in rows)
+    assert json.loads((out / "secagg_epsinf" / "results.json").read_text())["leakage"]
+    assert load_config(out / "secagg_epsinf" / "config.yaml").feddymem.global_k == 16  # --inf-set: no-DP run only
+    assert load_config(out / "secagg_eps8" / "config.yaml").feddymem.global_k == 8
+    assert "| secagg | 8 |" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilons", "1,abc"], "--epsilons: 'abc' is not a number or inf"),
+    (["--epsilons", "-1"], "--epsilons: '-1' must be a positive number"),
+    (["--protocols", "plain,https"], "--protocols: unknown ['https']"),
+])
+def test_sweep_refuses_bad_arguments_in_one_line(args, message, capsys):
+    assert main(["sweep", str(ROOT / "configs/quickstart.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
