@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same
-# without DP and the two references.
+# without DP and the two references; then the private run's ledgers are verified and its privacy
+# report (membership inference included) written.
 run: $(STAMP)
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem_dp
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem --set privacy.dp=false \
@@ -27,6 +28,8 @@ run: $(STAMP)
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/local --set method=local
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
 	$(VENV)/bin/fedsecmem table $(RUN_DIR)/feddymem_dp $(RUN_DIR)/feddymem $(RUN_DIR)/local $(RUN_DIR)/central
+	$(VENV)/bin/fedsecmem audit verify $(RUN_DIR)/feddymem_dp
+	$(VENV)/bin/fedsecmem audit report $(RUN_DIR)/feddymem_dp
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -31,6 +31,19 @@ def _epsilon(privacy: dict) -> str:
     return "inf" if eps is None else f"{eps:.2f}"
 
 
+def _leak(leakage: dict | None) -> str:
+    """Strongest attack's AUC on the server's view and on the global memory, e.g. '0.53/0.52'."""
+    if not leakage:
+        return "-"
+    views = leakage["views"]
+
+    def best(names):
+        aucs = [r["auc"] for n in names if n in views for r in views[n].values()]
+        return f"{max(aucs):.2f}" if aucs else "-"
+
+    return f"{best(('plain_server', 'plain_server_images', 'secagg_server'))}/{best(('global_memory',))}"
+
+
 def print_run_summary(results: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -61,6 +74,10 @@ def print_run_summary(results: dict, out: Path) -> None:
         eps += f" (delta {pv['delta']:g}, max over clients)"
         if pv.get("stopped"):
             console.print(f"[bold yellow]stopped by the privacy budget before round {pv['stopped']['round']}")
+    lk = results.get("leakage")
+    if lk:
+        best = ", ".join(f"{v} {max(r['auc'] for r in atks.values()):.3f}" for v, atks in lk["views"].items())
+        console.print(f"membership inference AUC (strongest attack; 0.5 = nothing learned): {best}", highlight=False)
     console.print(f"auroc.image ({a['primary_score']} score) = {_fmt(a['image'])}   "
                   f"epsilon = {'n/a (DP off)' if eps == '-' else eps}   "
                   f"wall = {results['wall_seconds']:.1f} s   results: {out / 'results.json'}")
@@ -73,7 +90,7 @@ def print_comparison(dirs: list[Path]) -> None:
 
     t = Table(title="comparison")
     for col in ("run", "method", "protocol", "img AUROC", "img AUROC (patch)", "img AUROC (kNN)",
-                "pixel AUROC", "PRO", "MB up/client", "epsilon", "wall s"):
+                "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
         t.add_column(col, justify="left" if col in ("run", "method", "protocol") else "right")
     for d in dirs:
         path = d / "results.json" if d.is_dir() else d
@@ -86,7 +103,7 @@ def print_comparison(dirs: list[Path]) -> None:
             mean_up = sum(sum(x) for x in up) / max(1, len(up))
             t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("image_patch_max")),
                       _fmt(a.get("image_knn")), _fmt(a["pixel"]), _fmt(a.get("pro")), _mb(mean_up),
-                      _epsilon(r["privacy"]), f"{r['wall_seconds']:.0f}")
+                      _epsilon(r["privacy"]), _leak(r.get("leakage")), f"{r['wall_seconds']:.0f}")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"table: {path} is not a fedsecmem results file ({exc})") from None
     console.print(t)

@@ -203,7 +203,8 @@ class AuditConfig(Strict):
     """Ledgers and leakage measurement (docs/audits.md)."""
 
     ledger: bool = Field(True, description="every party keeps a signed, hash-chained ledger in OUT/ledger")
-    leakage: bool = Field(False, description="membership inference against each adversary's view (feddymem)")
+    leakage: bool = Field(False, description="membership inference against each adversary's view (feddymem; "
+                          "every method then trains without the withheld images, for like-for-like tables)")
     shadows: int = Field(8, ge=2, description="LiRA shadow releases per client (even)")
     holdout_fraction: float = Field(0.25, gt=0, lt=1, description="share of each client's training images "
                                     "withheld from training as non-members (only with leakage)")

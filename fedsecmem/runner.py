@@ -78,7 +78,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
     except ValueError as exc:
         raise UserError(f"clients.n: {exc}") from None
     held = None
-    if cfg.audit.leakage and cfg.method == "feddymem":  # non-members for the membership inference
+    if cfg.audit.leakage:  # non-members for the membership inference (every method: same training data)
         try:
             clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed)
         except ValueError as exc:
@@ -104,7 +104,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         run_id = secrets.token_hex(8)
         if ledgers is not None:
             ledgers.start(cfg, run_id)
-        leakage = LeakageViews(cfg) if held is not None else None
+        leakage = LeakageViews(cfg) if held is not None and cfg.method == "feddymem" else None
         ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out, ledgers, leakage)
         t = time.perf_counter()
         try:

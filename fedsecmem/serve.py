@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for, threat_model
-from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint, sha256
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
@@ -112,6 +112,8 @@ class _Server:
         self.keys = write_party_keys(out, cfg.deploy.certs, n)
         self.ledger = party_ledger(out, SERVER, cfg.deploy.certs)
         self.coord.observer = coordinator_observer(self.ledger)
+        if resume:
+            self._check_ledger(self.ckpt.get("ledger"))
 
     # ---- exchanges ------------------------------------------------------------------------------
 
@@ -217,8 +219,20 @@ class _Server:
         self.ledger.sync()
         return summary
 
+    def _check_ledger(self, position: dict | None) -> None:
+        """On resume: the server's ledger still holds the line the checkpoint was taken at."""
+        if not position:
+            return
+        lines = self.ledger.path.read_bytes().splitlines() if self.ledger.path.exists() else []
+        seq, prev = int(position["seq"]), position["prev"]
+        if len(lines) < seq or (seq > 0 and sha256(lines[seq - 1]) != prev):
+            raise UserError(f"--resume: {self.ledger.path} does not match the checkpoint (it had {seq} lines "
+                            f"ending in {prev[:16]}...; now {len(lines)}): the ledger was cut or edited")
+
     def _checkpoint(self, r: int) -> None:
+        self.ledger.sync()
         state = {"run_id": self.coord.run_id, "round_done": r, "hello": self.hello, "rows": self.rows,
+                 "ledger": {"seq": self.ledger.seq, "prev": self.ledger.prev},
                  "per_round": self.per_round, "bytes_up": self.up, "bytes_down": self.down, "wire": self.wire,
                  "timings": self.timings}
         if self.privacy is not None:

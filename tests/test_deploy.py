@@ -214,6 +214,13 @@ def test_server_killed_after_round_one_resumes_to_the_same_result(tmp_path, cert
     assert _wait(server, tmp_path / "server.log") == 75
     assert (out / "checkpoint.json").exists() and not (out / "results.json").exists()
     time.sleep(1)
+    ledger = out / "ledger" / "server.jsonl"
+    kept = ledger.read_bytes()
+    ledger.write_bytes(b"".join(kept.splitlines(keepends=True)[:5]))  # cut behind the checkpoint's back
+    cut = subprocess.run([*FEDSECMEM, "serve", str(cfg), "--out", str(out), "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 2 and "does not match the checkpoint" in cut.stderr, cut.stderr
+    ledger.write_bytes(kept)
     resumed = _start(["serve", str(cfg), "--out", str(out), "--resume"], tmp_path / "resumed.log")
     assert _wait(resumed, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     for c, p in clients.items():
