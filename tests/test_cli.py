@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
     "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
-    "data.crop_size=64", "clients.n=2", "clients.alpha=1.0", "output.embedding_cache=null",
+    "data.crop_size=64", "clients.n=2", "clients.alpha=1.0", "output.embedding_cache=null", "audit.leakage=false",
 ]
 
 

@@ -11,7 +11,7 @@ from fedsecmem.runner import run
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.products=[brick]", "data.train_per_product=4", "data.test_normal_per_product=2",
         "data.test_defect_per_product=2", "data.image_size=64", "data.crop_size=64", "clients.n=1",
-        "method=local", "output.embedding_cache=null"]
+        "method=local", "output.embedding_cache=null", "audit.leakage=false"]
 
 
 def test_cached_run_matches_fresh_run(tmp_path):

@@ -96,7 +96,7 @@ def _tiny(method, tmp_path, extra=()):
         f"method={method}", "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
         "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
         "data.crop_size=64", "clients.n=2", "feddymem.rounds=2", "feddymem.global_k=32",
-        "output.embedding_cache=null", "protocol=plain", "privacy.dp=false", *extra])
+        "output.embedding_cache=null", "protocol=plain", "privacy.dp=false", "audit.leakage=false", *extra])
     return run(cfg, tmp_path / method)
 
 

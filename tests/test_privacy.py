@@ -155,7 +155,7 @@ def _tiny_dp(tmp_path, *extra):
         "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
         "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",
         "data.crop_size=64", "clients.n=3", "feddymem.rounds=2", "feddymem.global_k=8",
-        "feddymem.global_k_images=4", "output.embedding_cache=null", "protocol=secagg", "privacy.dp=true",
+        "feddymem.global_k_images=4", "output.embedding_cache=null", "audit.leakage=false", "protocol=secagg", "privacy.dp=true",
         "privacy.epsilon=null",
         *extra])
     return run(cfg, tmp_path)
