@@ -101,3 +101,20 @@ def lira_scores(observed: np.ndarray, shadow_stats: np.ndarray, inclusion: np.nd
     # one pooled variance per candidate (the paper's fixed-variance variant: stabler with few shadows)
     var = np.maximum((var_in + var_out) / 2, VAR_FLOOR)
     return ((obs - mu_out) ** 2 - (obs - mu_in) ** 2) / (2 * var)
+
+
+def dp_tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
+    """The most any attack can reach at false-positive rate ``fpr`` against an (epsilon, delta)-DP
+    mechanism (the hypothesis-testing view of DP, Kairouz et al. 2015):
+    TPR <= min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta - FPR))."""
+    e = np.exp(epsilon)
+    return float(np.clip(np.minimum(e * fpr + delta, 1 - (1 - delta - fpr) / e), 0.0, 1.0))
+
+
+def dp_auc_bound(epsilon: float, delta: float, grid: int = 100_001) -> float:
+    """The largest AUC any attack can have against an (epsilon, delta)-DP mechanism: the area under
+    ``dp_tpr_bound`` (e^eps / (1 + e^eps) when delta = 0)."""
+    x = np.linspace(0.0, 1.0, grid)
+    e = np.exp(epsilon)
+    y = np.clip(np.minimum(e * x + delta, 1 - (1 - delta - x) / e), 0.0, 1.0)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)))

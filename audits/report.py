@@ -212,6 +212,11 @@ def render_html(report: dict, run_dir: Path) -> str:
                      f"The attacker {html.escape(lk.get('attacker', ''))}; LiRA uses {lk.get('shadows')} shadow "
                      f"releases per client. 95% bootstrap intervals.</p>")
         parts.append(_table(["view", "attack", "AUC", f"TPR at {fpr:g} FPR", "members", "non-members"], rows))
+        bound = lk.get("dp_bound")
+        if bound:
+            parts.append(f"<p>What (epsilon {bound['epsilon']:.2f}, delta {bound['delta']:g})-DP alone promises "
+                         f"against any attack: AUC at most {bound['auc']:.3f}, TPR at {fpr:g} FPR at most "
+                         f"{bound['tpr']:.3f}.</p>")
         roc = run_dir / "leakage_roc.png"
         if roc.is_file():
             parts.append(_img(_png_uri(roc.read_bytes()), "membership inference ROC"))

@@ -33,6 +33,7 @@ from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
 from fedsecmem.aggregation import threat_model
 from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
+from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
 from fedsecmem.federated import FEDERATED_METHODS
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE
 from fedsecmem.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
@@ -142,6 +143,11 @@ def run(cfg: RunConfig, out: Path) -> dict:
     if leak is not None:
         files["leakage_roc"] = roc_plot(leak, out / LEAKAGE_PNG).name
         extra["leakage"] = strip_scores(leak)
+        eps = (output.privacy or {}).get("epsilon")
+        if eps is not None:  # what the guarantee alone promises against any attack
+            extra["leakage"]["dp_bound"] = {"epsilon": eps, "delta": cfg.privacy.delta,
+                                            "auc": dp_auc_bound(eps, cfg.privacy.delta),
+                                            "tpr": dp_tpr_bound(eps, cfg.privacy.delta, cfg.audit.fpr)}
     if ledgers is not None:
         extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
                            "parties": len(ledgers.all())}

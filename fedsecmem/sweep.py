@@ -78,15 +78,18 @@ def table_markdown(rows: list[dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     out = ["| protocol | epsilon (target) | epsilon spent | image AUROC | MIA AUC, server's view | "
-           "MIA AUC, global memory | TPR@1%FPR, server's view |", "|---|---|---|---|---|---|---|"]
+           "MIA AUC, global memory | TPR@1%FPR, server's view | DP bound: AUC / TPR@1%FPR |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tpr = None
         lk, view = r["leakage"], r["server_view"]
         if lk and view in lk["views"]:
             tpr = max(v[f"tpr_at_{lk['fpr']:g}_fpr"] for v in lk["views"][view].values())
+        bound = (lk or {}).get("dp_bound")
+        b = f"{bound['auc']:.3f} / {bound['tpr']:.3f}" if bound else "none"
         out.append(f"| {r['protocol']} | {'inf (no DP)' if r['epsilon_target'] is None else f(r['epsilon_target'], 'g')} "
                    f"| {f(r['epsilon_spent'], '.2f')} | {f(r['auroc_image'])} | {f(r['mia_auc_server'])} | "
-                   f"{f(r['mia_auc_global'])} | {f(tpr)} |")
+                   f"{f(r['mia_auc_global'])} | {f(tpr)} | {b} |")
     return "\n".join(out) + "\n"
 
 

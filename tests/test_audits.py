@@ -316,6 +316,8 @@ def test_leakage_of_a_real_run_uses_withheld_training_images_as_non_members(tiny
             assert res["members"] == n_train and res["nonmembers"] == 24 - n_train  # 3 products x 8 images
             assert 0 <= res["auc_ci"][0] <= res["auc"] <= res["auc_ci"][1] <= 1
     assert (tiny_run / "leakage_roc.png").stat().st_size > 1000
+    bound = lk["dp_bound"]
+    assert bound["epsilon"] == r["privacy"]["epsilon"] and 0.5 < bound["auc"] <= 1 and 0.01 < bound["tpr"] <= 1
 
 
 def test_plain_server_view_leaks_membership(tmp_path):
@@ -359,3 +361,17 @@ def test_sweep_refuses_bad_arguments_in_one_line(args, message, capsys):
     assert main(["sweep", str(ROOT / "configs/quickstart.yaml"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+def test_dp_bounds_on_any_attack():
+    from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
+
+    assert dp_auc_bound(0.0, 0.0) == pytest.approx(0.5)
+    for eps in (0.5, 1.0, 4.0):
+        assert dp_auc_bound(eps, 0.0) == pytest.approx(np.exp(eps) / (1 + np.exp(eps)), abs=1e-6)
+    assert dp_tpr_bound(1.0, 1e-5, 0.01) == pytest.approx(np.e * 0.01 + 1e-5)
+    assert dp_tpr_bound(0.0, 0.0, 0.3) == pytest.approx(0.3) and dp_tpr_bound(20.0, 0.0, 0.01) == pytest.approx(1.0)
+    # a measured attack on a DP run never beats the bound
+    rng = np.random.default_rng(0)
+    r = evaluate_attack(rng.normal(0.2, 1, 300), rng.normal(0, 1, 300), bootstrap=50)
+    assert r.auc < dp_auc_bound(1.0, 1e-5)
