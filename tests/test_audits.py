@@ -375,3 +375,23 @@ def test_dp_bounds_on_any_attack():
     rng = np.random.default_rng(0)
     r = evaluate_attack(rng.normal(0.2, 1, 300), rng.normal(0, 1, 300), bootstrap=50)
     assert r.auc < dp_auc_bound(1.0, 1e-5)
+
+
+def test_the_tap_sees_every_secagg_message_as_the_network_would_carry_it():
+    from fedsecmem.protocols import federation_pb2 as pb
+    from fedsecmem.protocols.secagg_messages import MaskedInput
+    from fedsecmem.protocols.secure_sum import SecAggSum
+    from fedsecmem.protocols.wire import decode_secagg
+
+    ss = SecAggSum()
+    seen = []
+    ss.tap = lambda direction, cid, stage, data: seen.append((direction, cid, stage, data()))
+    inputs = {c: np.full(6, float(c)) for c in range(3)}
+    assert np.allclose(ss.sum(inputs).total, sum(inputs.values()))
+    ups = sorted((c, s) for d, c, s, _ in seen if d == "up")
+    assert ups == sorted((c, s) for c in range(3) for s in ("advertise", "share", "mask", "unmask"))
+    assert sorted(c for d, c, s, _ in seen if s == "setup") == [0, 1, 2]
+    for d, c, s, data in seen:
+        if d == "up" and s == "mask":  # the exact bytes decode to the masked input the server summed
+            msg = decode_secagg(MaskedInput, pb.Payload.FromString(data), c, -1, 6)
+            assert msg.vector.shape == (6,) and msg.vector.dtype == np.uint64

@@ -175,6 +175,11 @@ def test_grpc_run_gives_the_simulators_global_memory(tmp_path, certs, simulated)
     assert results["aggregation"]["transport"] == "grpc" and results["deployment"]["refused_messages"] == {}
     assert all(r["dropped"] == [] for r in results["per_round"])
     _assert_ledgers_verify(out, certs)
+    r = subprocess.run([*FEDSECMEM, "audit", "report", str(out), "--keys", str(certs)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    report = yaml.safe_load((out / "report.json").read_text())
+    assert r.returncode == 0 and report["ledger"]["ok"] and report["run"]["transport"] == "grpc"
+    assert report["ledger"]["messages_matched"] > 50 and len(report["participants"]) == 3
 
 
 def _assert_ledgers_verify(out: Path, certs: Path) -> None:
