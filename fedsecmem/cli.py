@@ -186,7 +186,7 @@ def _audit(args) -> int:
 
         v = verify_run(run_dir, keys)
         for p in v.problems:
-            console.print(f"[bold red]{p}", highlight=False)
+            console.print(str(p), style="bold red", markup=False, highlight=False)
         lines = sum(v.parties.values())
         if v.ok:
             console.print(f"ledgers verified: {len(v.parties)} parties, {lines} lines, {v.messages_matched} "

@@ -44,12 +44,12 @@ from fedsecmem.kmeans import weighted_kmeans
 from fedsecmem.memory import MemoryBank
 from fedsecmem.protocols.dp_release import SENSITIVITY
 from fedsecmem.protocols.kmeans_party import Request
-from fedsecmem.protocols.secure_kmeans import EMPTY_WEIGHT
+from fedsecmem.protocols.secure_kmeans import EMPTY_WEIGHT, NOISE_DEVIATIONS
 from fedsecmem.protocols.secure_sum import SumOutcome
 from fedsecmem.reduce import reduce_images
 
 CELL_OPS = ("cells", "lloyd", "dp_cells")
-NOISE_DEVIATIONS = 3  # a noisy cell weight below this many noise deviations is taken for noise
+SHADOW_KMEANS_ITERS = 10  # Lloyd steps of a shadow release's k-means
 
 
 def cell_centres(request: Request, vector: np.ndarray, dim: int, min_weight: float) -> np.ndarray:
@@ -220,8 +220,6 @@ def _release(cand: _Candidates, include: np.ndarray, other_pts, other_w, k: int 
     centres, _, _ = weighted_kmeans(pts, w, min(k, len(pts)), SHADOW_KMEANS_ITERS, seed)
     return centres
 
-
-SHADOW_KMEANS_ITERS = 10
 
 
 def strip_scores(result: dict) -> dict:

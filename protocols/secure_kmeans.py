@@ -48,6 +48,9 @@ EMPTY_WEIGHT = 1e-6
 # mean squared norm: the variance is E[z^2] - E[z]^2, and the noise of either protocol in that
 # difference is about 1e-7 of E[z^2]; a single point (variance 0) must not look splittable.
 SPLIT_REL_VARIANCE = 1e-5
+# A private release's cell whose noisy weight is under this many noise standard deviations is taken
+# for noise (its centre would be noise).
+NOISE_DEVIATIONS = 3
 
 
 # ---- what the holder of a sum computes --------------------------------------------------------
@@ -251,7 +254,7 @@ def dp_kmeans_over(col: Collective, k: int, z: float, iters: int, clip_norm: flo
     release of D^2 noisy values); 3. ``iters`` Lloyd steps. Cells whose noisy weight is below three
     noise standard deviations are dropped (their centres would be noise)."""
     dim = col.dim
-    min_weight = max(EMPTY_WEIGHT, 3 * z * SENSITIVITY)
+    min_weight = max(EMPTY_WEIGHT, NOISE_DEVIATIONS * z * SENSITIVITY)
 
     def release(ints: dict, arrays: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         req = Request("dp_cells", ints, arrays or {}, {"clip": float(clip_norm)})
