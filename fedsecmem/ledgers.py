@@ -34,9 +34,15 @@ def file_digest(path: Path) -> str | None:
 def run_start_fields(cfg, run_id: str) -> dict:
     from fedsecmem.aggregation import threat_model
 
+    pv = cfg.privacy
+    privacy = {"dp": pv.dp}
+    if pv.dp:
+        privacy.update(delta=pv.delta, epsilon_target=pv.epsilon, noise_multiplier=pv.noise_multiplier,
+                       noise=pv.noise, accountant=pv.accountant, clip_norm=pv.clip_norm,
+                       image_clip_norm=pv.image_clip_norm, sgd_clip=pv.sgd_clip, epsilon_budget=pv.epsilon_budget)
     return {"run_id": run_id, "config_sha256": config_digest(cfg), "code_version": __version__,
             "method": cfg.method, "protocol": cfg.protocol, "clients": cfg.clients.n,
-            "threat_model": threat_model(cfg)}
+            "threat_model": threat_model(cfg), "privacy": privacy}
 
 
 class RunLedgers:

@@ -68,7 +68,7 @@ def test_a_real_runs_ledgers_verify_and_record_what_happened(tiny_run, capsys):
     assert v.ok and v.messages_matched > 100
     server = [json.loads(x) for x in (tiny_run / LEDGER_DIR / "server.jsonl").read_text().splitlines()]
     assert server[0]["event"] == "run_start" and server[-1]["event"] == "run_end"
-    assert server[0]["threat_model"]["protocol"] == "secagg"
+    assert server[0]["threat_model"]["protocol"] == "secagg" and server[0]["privacy"]["epsilon_target"] == 8
     results = json.loads((tiny_run / "results.json").read_text())
     dp = [e for e in server if e["event"] == "dp"]
     assert len(dp) == 2 and max(dp[-1]["epsilon"].values()) == pytest.approx(results["privacy"]["epsilon"])
