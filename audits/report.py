@@ -208,15 +208,16 @@ def render_html(report: dict, run_dir: Path) -> str:
                 rows.append([view, atk, f"{res['auc']:.3f} [{res['auc_ci'][0]:.3f}, {res['auc_ci'][1]:.3f}]",
                              f"{res[f'tpr_at_{fpr:g}_fpr']:.3f} [{res['tpr_ci'][0]:.3f}, {res['tpr_ci'][1]:.3f}]",
                              res["members"], res["nonmembers"]])
-        parts.append(f"<p>Members: training images; non-members: held-out normal images of the same products. "
+        parts.append(f"<p>Members: training images; non-members: "
+                     f"{html.escape(lk.get('nonmembers', 'images of the same distribution not trained on'))}. "
                      f"The attacker {html.escape(lk.get('attacker', ''))}; LiRA uses {lk.get('shadows')} shadow "
-                     f"releases per client. 95% bootstrap intervals.</p>")
+                     f"releases per client. 95% bootstrap intervals; AUC 0.5 and TPR = FPR are chance.</p>")
         parts.append(_table(["view", "attack", "AUC", f"TPR at {fpr:g} FPR", "members", "non-members"], rows))
         bound = lk.get("dp_bound")
         if bound:
             parts.append(f"<p>What (epsilon {bound['epsilon']:.2f}, delta {bound['delta']:g})-DP alone promises "
-                         f"against any attack: AUC at most {bound['auc']:.3f}, TPR at {fpr:g} FPR at most "
-                         f"{bound['tpr']:.3f}.</p>")
+                         f"against any attack: AUC at most {bound['auc']:.4f}, TPR at {fpr:g} FPR at most "
+                         f"{bound['tpr']:.4f}.</p>")
         roc = run_dir / "leakage_roc.png"
         if roc.is_file():
             parts.append(_img(_png_uri(roc.read_bytes()), "membership inference ROC"))
