@@ -21,6 +21,9 @@ FMNIST_NORMAL_CLASSES = (0, 1, 2, 5, 7, 8)
 FMNIST_ANOMALY_CLASSES = (3, 4, 6, 9)
 
 
+FEDERATED = ("feddymem", "fedavg", "fedprox", "fedsm")  # methods that aggregate over a protocol
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -135,6 +138,17 @@ class FedDyMemConfig(Strict):
     prox_mu: float = Field(0.01, ge=0, description="FedProx proximal coefficient (method fedprox)")
 
 
+class FLConfig(Strict):
+    """Parameter-sharing baselines' extras (docs/baselines.md): Weight Scope Alignment and FedSM."""
+
+    wsa_weight: float = Field(0.0, ge=0, description="Weight Scope Alignment on fedavg/fedprox (0 = off)")
+    softpull: float = Field(1.0, ge=0, description="fedsm: SoftPull coefficient lambda pulling each "
+                            "personalized generator towards the global one (0 = local training)")
+    selector_hidden: int = Field(64, ge=1, description="fedsm: hidden width of the model selector")
+    selector_epochs: int = Field(20, ge=1, description="fedsm: local epochs of the selector per round")
+    selector_lr: float = Field(1e-2, gt=0, description="fedsm: the selector's learning rate")
+
+
 class SecAggConfig(Strict):
     """SecAgg+ masking (protocol secagg)."""
 
@@ -243,13 +257,14 @@ class RunConfig(Strict):
 
     name: str = "run"
     seed: int = 0
-    method: Literal["local", "central", "feddymem", "fedavg", "fedprox"] = "local"
+    method: Literal["local", "central", "feddymem", "fedavg", "fedprox", "fedsm"] = "local"
     data: DataConfig = Field(default_factory=DataConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     feddymem: FedDyMemConfig = Field(default_factory=FedDyMemConfig)
+    fl: FLConfig = Field(default_factory=FLConfig)
     protocol: Literal["plain", "secagg", "ckks"] = Field(
         "plain", description="how federated methods aggregate (local and central do not aggregate)")
     secure: SecureConfig = Field(default_factory=SecureConfig)
@@ -264,7 +279,7 @@ class RunConfig(Strict):
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
         pv = self.privacy
-        if pv.dp and self.method in ("feddymem", "fedavg", "fedprox"):  # local and central release nothing
+        if pv.dp and self.method in FEDERATED:  # local and central release nothing
             if self.method != "feddymem":
                 raise ValueError(f"privacy: dp applies to method feddymem, not {self.method}")
             if pv.noise == "distributed" and self.protocol == "plain":
@@ -279,7 +294,7 @@ class RunConfig(Strict):
                 raise ValueError(f"privacy: min_survivors {pv.min_survivors} exceeds clients.n {self.clients.n}")
             if pv.noise == "distributed" and (self.clients.n < 2 or (pv.min_survivors or 2) < 2):
                 raise ValueError("privacy: distributed noise needs at least 2 clients in every sum; use noise: local")
-        if self.protocol == "secagg" and self.method in ("feddymem", "fedavg", "fedprox"):
+        if self.protocol == "secagg" and self.method in FEDERATED:
             a, n = self.secure.secagg, self.clients.n
             if n < 2:
                 raise ValueError("clients: secagg needs at least 2 clients")

@@ -32,6 +32,7 @@ from fedsecmem.memory import MemoryBank, coreset_bank
 from fedsecmem.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
 from fedsecmem.reduce import reduce_images
 from fedsecmem.scoring import Scores, score_embeddings
+from fedsecmem.wsa import Scope, scope_penalty
 
 FLOAT_BYTES = 4
 TARGET_SAMPLE = 50_000  # patches used to measure the spread the generator must keep
@@ -148,12 +149,20 @@ class FedDyMemClient:
             return 0.0
         return self.train_towards(torch.from_numpy(self.global_memory.patches))
 
-    def train_towards(self, targets: torch.Tensor, prox_mu: float = 0.0) -> float:
+    def train_towards(self, targets: torch.Tensor, prox_mu: float = 0.0, wsa: tuple[float, Scope] | None = None,
+                      pull: tuple[float, dict[str, torch.Tensor]] | None = None) -> float:
         """Local epochs of the metric loss towards ``targets`` (memory items), plus FedProx's
-        proximal term ``prox_mu / 2 * ||w - w_start||^2`` when ``prox_mu > 0``. Returns the mean loss."""
+        proximal term ``prox_mu / 2 * ||w - w_start||^2`` when ``prox_mu > 0``, plus Weight Scope
+        Alignment ``weight * scope_penalty`` when ``wsa = (weight, target scope)`` is given. ``pull =
+        (lambda, reference)``: SoftPull, after every optimizer step the proximal map of
+        ``lambda / 2 * ||w - reference||^2`` with step lr: ``w <- (w + lr lambda ref) / (1 + lr lambda)``
+        (0: no pull; as lambda grows, w -> reference). Returns the mean loss."""
         cfg = self.cfg
         gen = self.generator
         anchor = {n: p.detach().clone() for n, p in gen.named_parameters()} if prox_mu > 0 else None
+        if pull is not None:
+            shrink = cfg.lr * pull[0]
+            reference = {n: t.detach().to(self.device, torch.float32) for n, t in pull[1].items()}
         x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1])).to(self.device)
         targets = targets.to(self.device)
         target_std = self.target_std.to(self.device)
@@ -170,9 +179,15 @@ class FedDyMemClient:
                 loss = metric_loss(gen(batch), targets, target_std, cfg.var_weight)
                 if anchor is not None:
                     loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
+                if wsa is not None:
+                    loss = loss + wsa[0] * scope_penalty(gen, wsa[1])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if pull is not None:
+                    with torch.no_grad():
+                        for n, p in gen.named_parameters():
+                            p.copy_((p + shrink * reference[n]) / (1.0 + shrink))
                 total += float(loss.detach())
                 steps += 1
         gen.eval()

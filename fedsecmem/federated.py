@@ -17,6 +17,8 @@ from fedsecmem.backbone import resolve_device
 from fedsecmem.errors import UserError
 from fedsecmem.privacy import RunPrivacy
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
+from fedsecmem.fedsm import FedSM
+from fedsecmem.wsa import scope_of
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import console, task
@@ -155,12 +157,16 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
                         privacy.summary() if privacy is not None else None)
 
 
-def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
-    """FedAvg (mu = 0) / FedProx (mu > 0) of the generator; scoring with each client's own bank."""
+def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: bool = False) -> MethodOutput:
+    """FedAvg (mu = 0) / FedProx (mu > 0) of the generator, with Weight Scope Alignment when
+    ``fl.wsa_weight > 0``; scoring with each client's own bank. ``personalize``: FedSM on top
+    (personalized generators by SoftPull and a federated model selector, ``fedsecmem.fedsm``)."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
     clients = _make_clients(ctx, True)
     ss = _tapped(ctx, secure_sum_for(cfg, plain_wire="float32"))
     global_state = copy.deepcopy(clients[0].generator.state_dict())
+    fedsm = FedSM(ctx, _make_clients(ctx, True), ss) if personalize else None
+    wsa = cfg.fl.wsa_weight if not personalize else 0.0
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
@@ -168,13 +174,16 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
         for cl in clients:  # every client starts from the same generator
             cl.generator.load_state_dict(global_state)
             cl.rebuild_bank()
+        if fedsm is not None:
+            fedsm.start()
     with task(ctx.progress, f"{name} rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
             _begin_round(ctx, r + 1)
+            scope = (wsa, scope_of(global_state)) if wsa > 0 else None  # the round's target scope
             with timed(ctx.timings, "generator_train_s"):
                 for cl in clients:
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank
-                    cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu)
+                    cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu, wsa=scope)
             with timed(ctx.timings, "aggregation_s"):
                 global_state, agg = average_states([cl.generator.state_dict() for cl in clients],
                                                    [len(c.train_index) for c in ctx.clients], ss)
@@ -183,15 +192,24 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str) -> MethodOutput:
                 for cl in clients:  # the bank in the new global space serves scoring and the next round
                     cl.generator.load_state_dict(global_state)
                     cl.rebuild_bank()
+            if fedsm is not None:
+                with timed(ctx.timings, "personalize_s"):
+                    sel = fedsm.round(global_state)
+                for i in range(len(clients)):  # the selector's parameters travel too
+                    up[i][-1] += sel.bytes_up[i]
+                    down[i][-1] += sel.bytes_down[i]
             with timed(ctx.timings, "score_s"):
                 scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", cfg.scoring.image_k)
                           for cl, c in zip(clients, ctx.clients)]
+                if fedsm is not None:
+                    scores, summary["selector_accuracy"] = fedsm.score(scores)
             per_round.append({"round": r + 1, **_round_metrics(ctx, scores), **summary,
                               "loss": float(np.mean([cl.losses[-1] for cl in clients]))})
             advance(1)
     _collect_timings(ctx, clients)
     return MethodOutput(scores, up, down, fc.rounds, cfg.protocol, [len(cl.bank) for cl in clients], per_round,
-                        aggregation_summary(cfg, None))
+                        {**aggregation_summary(cfg, None), "wsa_weight": wsa,
+                         **({"softpull": cfg.fl.softpull} if personalize else {})})
 
 
 def run_fedavg(ctx: MethodContext) -> MethodOutput:
@@ -202,4 +220,8 @@ def run_fedprox(ctx: MethodContext) -> MethodOutput:
     return run_param_sharing(ctx, ctx.cfg.feddymem.prox_mu, "fedprox")
 
 
-FEDERATED_METHODS = {"feddymem": run_feddymem, "fedavg": run_fedavg, "fedprox": run_fedprox}
+def run_fedsm(ctx: MethodContext) -> MethodOutput:
+    return run_param_sharing(ctx, 0.0, "fedsm", personalize=True)
+
+
+FEDERATED_METHODS = {"feddymem": run_feddymem, "fedavg": run_fedavg, "fedprox": run_fedprox, "fedsm": run_fedsm}

@@ -1,0 +1,133 @@
+"""Parameter-sharing baselines: SoftPull's limits (0 = local training, huge = the global model),
+Weight Scope Alignment (weight 0 = the plain baseline; a weight pulls the scopes in), the FedSM
+model selector (beats chance on held-out images), and a FedSM run end to end."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedsecmem.aggregation import average_states
+from fedsecmem.backbone import Embeddings
+from fedsecmem.config import FedDyMemConfig, config_from_dict
+from fedsecmem.errors import UserError
+from fedsecmem.feddymem import FedDyMemClient
+from fedsecmem.fedsm import ModelSelector, pick, train_selector
+from fedsecmem.protocols.secure_sum import PlainSum
+from fedsecmem.scoring import Scores
+from fedsecmem.wsa import scope_of, scope_penalty
+
+
+def _client(seed: int = 3, scale: float = 1.0) -> FedDyMemClient:
+    rng = np.random.default_rng(0)
+    patches = (rng.normal(size=(12, 4, 4, 16)) * scale).astype(np.float32)
+    cfg = FedDyMemConfig(hidden=32, batch_size=64, max_steps_per_epoch=4, local_epochs=2)
+    cl = FedDyMemClient(0, Embeddings(patches, None), cfg, seed, 0.5)
+    cl.rebuild_bank()
+    return cl
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _reference() -> dict:
+    """Another generator's weights: what the global model might be."""
+    other = _client(seed=11, scale=2.0)
+    other.train_towards(torch.from_numpy(other.bank.items * 0.5))
+    return copy.deepcopy(other.generator.state_dict())
+
+
+def test_softpull_zero_is_local_training_and_huge_is_the_global_model():
+    ref = _reference()
+    personal, local = _client(), _client()
+    for _ in range(2):
+        personal.train_towards(torch.from_numpy(personal.bank.items), pull=(0.0, ref))
+        personal.rebuild_bank()
+        local.train_towards(torch.from_numpy(local.bank.items))
+        local.rebuild_bank()
+    assert _states_equal(personal.generator.state_dict(), local.generator.state_dict())
+    pulled = _client()
+    pulled.train_towards(torch.from_numpy(pulled.bank.items), pull=(1e12, ref))
+    for k, v in pulled.generator.state_dict().items():
+        assert torch.allclose(v, ref[k], atol=1e-6), k
+    between = _client()
+    between.train_towards(torch.from_numpy(between.bank.items), pull=(50.0, ref))
+    dist = lambda s: sum(float(((s[k] - ref[k]) ** 2).sum()) for k in ref)  # noqa: E731
+    assert dist(pulled.generator.state_dict()) < dist(between.generator.state_dict()) < dist(local.generator.state_dict())
+
+
+def test_wsa_weight_zero_is_the_plain_baseline_and_a_weight_pulls_scopes_in():
+    target = scope_of(_reference())
+    plain, zero, strong = _client(), _client(), _client()
+    targets = torch.from_numpy(plain.bank.items)
+    plain.train_towards(targets)
+    zero.train_towards(targets, wsa=(0.0, target))
+    assert _states_equal(plain.generator.state_dict(), zero.generator.state_dict())
+    strong.train_towards(targets, wsa=(100.0, target))
+    with torch.no_grad():
+        assert float(scope_penalty(strong.generator, target)) < 0.5 * float(scope_penalty(plain.generator, target))
+    with pytest.raises(ValueError, match="names none"):
+        scope_penalty(plain.generator, {"nothing.weight": (0.0, 1.0)})
+
+
+def test_federated_selector_beats_chance_on_held_out_images():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 2
+
+    def sample(c, n):
+        x = (centres[c] + rng.normal(size=(n, 16))).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    train = [sample(c, 40) for c in range(3)]
+    selector = ModelSelector(16, 16, 3, seed=0)
+    for _ in range(5):  # FedAvg rounds, each client labelling its own images with its id
+        states = []
+        for c in range(3):
+            local = copy.deepcopy(selector)
+            train_selector(local, train[c], c, epochs=10, lr=1e-2)
+            states.append(local.state_dict())
+        state, _ = average_states(states, [40, 40, 40], PlainSum("float64"))
+        selector.load_state_dict(state)
+    held = [sample(c, 100) for c in range(3)]
+    acc = np.mean(np.concatenate([selector.predict(h) == c for c, h in enumerate(held)]))
+    assert acc > 0.6  # chance is 1/3
+
+
+def test_pick_takes_each_images_scores_from_the_chosen_model():
+    a = Scores(np.zeros((3, 2, 2)), np.zeros(3), np.zeros(3))
+    b = Scores(np.ones((3, 2, 2)), np.ones(3), np.ones(3))
+    s = pick(a, b, np.array([True, False, True]))
+    assert s.image_patch.tolist() == [0, 1, 0] and s.patch[1].max() == 1 and s.image_knn.tolist() == [0, 1, 0]
+
+
+TINY = {
+    "name": "tiny-fedsm", "seed": 0, "method": "fedsm",
+    "data": {"benchmark": "textures", "products": ["brick", "immunohistochemistry", "grass"],
+             "train_per_product": 6, "test_normal_per_product": 4, "test_defect_per_product": 4,
+             "image_size": 64, "crop_size": 64},
+    "clients": {"n": 3, "alpha": 0.3},
+    "protocol": "secagg",
+    "feddymem": {"rounds": 2, "max_steps_per_epoch": 5},
+    "fl": {"softpull": 1.0, "selector_epochs": 5},
+    "output": {"embedding_cache": None, "map_examples_per_product": 0},
+}
+
+
+def test_fedsm_run_reports_the_selector_and_counts_its_bytes(tmp_path):
+    from fedsecmem.runner import run
+
+    r = run(config_from_dict(json.loads(json.dumps(TINY))), tmp_path / "fedsm")
+    avg = run(config_from_dict({**json.loads(json.dumps(TINY)), "method": "fedavg"}), tmp_path / "fedavg")
+    assert r["method"] == "fedsm" and r["aggregation"]["softpull"] == 1.0 and len(r["per_round"]) == 2
+    assert all(0.0 <= x["selector_accuracy"] <= 1.0 for x in r["per_round"])
+    assert 0.0 <= r["auroc"]["image"] <= 1.0
+    for mine, theirs in zip(r["comm"]["bytes_up"], avg["comm"]["bytes_up"]):
+        assert all(m > t for m, t in zip(mine, theirs))  # the selector travels too, through SecAgg+
+
+
+def test_dp_is_refused_for_fedsm():
+    with pytest.raises(UserError, match="dp applies to method feddymem, not fedsm"):
+        config_from_dict({**json.loads(json.dumps(TINY)), "privacy": {"dp": True}})
