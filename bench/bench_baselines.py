@@ -5,8 +5,9 @@ bytes per client per round.
 
 Runs are kept under runs/bench and reused (the alpha 0.5 runs of bench_feddymem.py are the same
 runs), so the grid can be filled over several sittings:
-    python bench/bench_baselines.py [textures|fmnist]   # run one benchmark's grid (no table)
-    python bench/bench_baselines.py                     # run what is missing, write the table
+    python bench/bench_baselines.py textures                 # run one benchmark's grid (no table)
+    python bench/bench_baselines.py                          # run what is missing, write the table
+    python bench/bench_baselines.py --table textures         # the table of the benchmarks named
 """
 
 from __future__ import annotations
@@ -72,14 +73,18 @@ def main(benches: tuple[str, ...]) -> None:
               f"+WSA: fl.wsa_weight = {WSA:g}; FedSM: fl.softpull = 1.\n\n"
               "| benchmark | method | MB up per client per round | MB down |\n|---|---|---|---|\n"
             + "\n".join(bytes_rows) + "\n\n(alpha 0.5; bytes do not depend on the skew.)")
-    write_section("baselines", "Memory sharing against parameter sharing, by product skew",
-                  "python bench/bench_baselines.py", body)
+    command = "python bench/bench_baselines.py" + ("" if benches == ("textures", "fmnist")
+                                                   else " --table " + " ".join(benches))
+    write_section("baselines", "Memory sharing against parameter sharing, by product skew", command, body)
     print(body)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        for b in sys.argv[1:]:
+    args = sys.argv[1:]
+    if args and args[0] == "--table":
+        main(tuple(args[1:]) or ("textures", "fmnist"))
+    elif args:
+        for b in args:
             grid(b)
     else:
         main(("textures", "fmnist"))
