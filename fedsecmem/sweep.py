@@ -19,6 +19,7 @@ from fedsecmem.errors import UserError
 PROTOCOLS = ("plain", "secagg", "ckks")
 SERVER_VIEW = {"plain": "plain_server", "secagg": "secagg_server", "ckks": None}
 SWEEP_PNG = "sweep.png"
+MIN_SPAN = 0.05  # of image AUROC shown on the plot's vertical axis
 
 
 def parse_epsilons(text: str) -> list[float | None]:
@@ -113,6 +114,10 @@ def plot(rows: list[dict], path: Path) -> Path:
             for x, y, e in pts:
                 ax.annotate("inf" if e is None else f"{e:g}", (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=colours[proto])
+    ys = [r["auroc_image"] for r in rows if r["auroc_image"] is not None]
+    if ys:  # at least MIN_SPAN of AUROC on the axis: a flat curve should look flat
+        mid, half = (max(ys) + min(ys)) / 2, max((max(ys) - min(ys)) / 2 * 1.15, MIN_SPAN / 2)
+        ax.set_ylim(mid - half, mid + half)
     ax.axvline(0.5, color="k", ls=":", lw=1)
     ax.set_xlabel("membership inference AUC (strongest attack; 0.5 = nothing learned)")
     ax.set_ylabel("image AUROC (utility)")
