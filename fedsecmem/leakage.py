@@ -105,7 +105,8 @@ class LeakageViews:
         if cfg.protocol == "secagg" and self.aggregate:
             out["secagg_server"] = np.concatenate(self.aggregate)
         out["global_memory"] = np.asarray(global_patches)
-        return {k: v for k, v in out.items() if not isinstance(v, np.ndarray) or len(v)}
+        # a view may be empty (every noisy cell under the cut): it is measured, as telling nothing
+        return out
 
 
 def _mean_nn(bank_items: np.ndarray, queries: np.ndarray) -> np.ndarray:

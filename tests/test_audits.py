@@ -395,3 +395,15 @@ def test_the_tap_sees_every_secagg_message_as_the_network_would_carry_it():
         if d == "up" and s == "mask":  # the exact bytes decode to the masked input the server summed
             msg = decode_secagg(MaskedInput, pb.Payload.FromString(data), c, -1, 6)
             assert msg.vector.shape == (6,) and msg.vector.dtype == np.uint64
+
+
+def test_a_view_drowned_in_noise_is_still_measured():
+    """Under DP every cell of a release can fall under the noise cut: the view is then empty, and it
+    must be reported (as telling the attacker nothing), not dropped from the results."""
+    from fedsecmem.config import RunConfig
+    from fedsecmem.leakage import LeakageViews
+
+    v = LeakageViews(RunConfig(protocol="secagg", method="feddymem"))
+    v.aggregate = [np.zeros((0, 4))]
+    views = v.views(np.ones((2, 4)))
+    assert set(views) == {"secagg_server", "global_memory"} and len(views["secagg_server"]) == 0
