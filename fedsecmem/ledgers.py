@@ -45,6 +45,13 @@ def run_start_fields(cfg, run_id: str) -> dict:
             "threat_model": threat_model(cfg), "privacy": privacy}
 
 
+def record_dp(ledger: Ledger, r: int, per_client: dict[int, float], z: float, delta: float) -> dict[str, float | None]:
+    """The ``dp`` event of round ``r`` with every client's epsilon (infinite: null); returns them."""
+    eps = {str(c): (e if e != float("inf") else None) for c, e in per_client.items()}
+    ledger.append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=eps)
+    return eps
+
+
 class RunLedgers:
     """The simulator's ledgers: the server's and every client's, one key each for this run."""
 
@@ -85,8 +92,7 @@ class RunLedgers:
 
     def privacy(self, r: int, per_client: dict[int, float], z: float, delta: float) -> None:
         """Epsilon spent after round ``r``: the server records all, each client its own."""
-        eps = {str(c): (e if e != float("inf") else None) for c, e in per_client.items()}
-        self.server.append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=eps)
+        eps = record_dp(self.server, r, per_client, z, delta)
         for c, e in eps.items():
             self.clients[int(c)].append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=e)
 

@@ -36,7 +36,7 @@ from fedsecmem.errors import UserError
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.federated import aggregation_summary
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
-from fedsecmem.ledgers import begin, coordinator_observer, file_digest, party_ledger, write_party_keys
+from fedsecmem.ledgers import begin, coordinator_observer, file_digest, party_ledger, record_dp, write_party_keys
 from fedsecmem.plots import round_curve
 from fedsecmem.privacy import STATE_FILE, RunPrivacy, secagg_threshold
 from fedsecmem.progress import console, make_progress, task
@@ -214,8 +214,7 @@ class _Server:
             self.ledger.append("dropout", round=r, clients=summary["dropped"])
         if self.privacy is not None:
             summary["epsilon"] = self.privacy.end_round(self.out)
-            eps = {str(c): (e if e != float("inf") else None) for c, e in self.privacy.per_round[-1].items()}
-            self.ledger.append("dp", round=r, noise_multiplier=self.privacy.z, delta=cfg.privacy.delta, epsilon=eps)
+            record_dp(self.ledger, r, self.privacy.per_round[-1], self.privacy.z, cfg.privacy.delta)
         self.ledger.sync()
         return summary
 
