@@ -8,6 +8,7 @@ runs), so the grid can be filled over several sittings:
     python bench/bench_baselines.py textures                 # run one benchmark's grid (no table)
     python bench/bench_baselines.py                          # run what is missing, write the table
     python bench/bench_baselines.py --table textures         # the table of the benchmarks named
+    python bench/bench_baselines.py --sensitivity textures   # SoftPull and WSA weight, alpha 0.5
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from markdown import write_section  # noqa: E402
 SEEDS = (0, 1, 2)
 ALPHAS = (0.1, 0.5, 10.0)
 WSA = 10.0  # fl.wsa_weight of the +WSA rows
+SOFTPULLS = (0.1, 1.0, 10.0, 100.0)  # fl.softpull values of the sensitivity table (1 is the grid's)
+WSA_WEIGHTS = (0.0, 1.0, 10.0, 100.0)  # fl.wsa_weight values of the sensitivity table (0 is FedAvg)
 METHODS = {  # label -> (run-name tag, overrides)
     "FedAvg": ("fedavg", ["method=fedavg"]),
     "FedProx": ("fedprox", ["method=fedprox"]),
@@ -51,6 +54,13 @@ def per_client_round_mb(res: list[dict], key: str) -> float:
     return float(np.mean([np.mean([np.mean(b) for b in r["comm"][key]]) for r in res])) / 1e6
 
 
+def auroc_cell(bench: str, aurocs: list[dict]) -> str:
+    """Image AUROC, with the second score in brackets: pixel AUROC on textures, and on FMNIST-6/4
+    (whose image score is kNN on backbone embeddings, which no generator touches) patch max."""
+    second = "pixel" if bench == "textures" else "image_patch_max"
+    return f"{mean_std([x['image'] for x in aurocs])} ({mean_std([x[second] for x in aurocs])})"
+
+
 def main(benches: tuple[str, ...]) -> None:
     rows, bytes_rows = [], []
     for bench in benches:
@@ -59,16 +69,14 @@ def main(benches: tuple[str, ...]) -> None:
             cells = []
             for alpha in ALPHAS:
                 a = [r["auroc"] for r in g[(label, alpha)]]
-                cell = mean_std([x["image"] for x in a])
-                if bench == "textures":
-                    cell += f" ({mean_std([x['pixel'] for x in a])})"
-                cells.append(cell)
+                cells.append(auroc_cell(bench, a))
             rows.append(f"| {bench} | {label} | " + " | ".join(cells) + " |")
             res = g[(label, 0.5)]
             bytes_rows.append(f"| {bench} | {label} | {per_client_round_mb(res, 'bytes_up'):.3f} | "
                               f"{per_client_round_mb(res, 'bytes_down'):.3f} |")
     body = ("| benchmark | method | alpha 0.1 | alpha 0.5 | alpha 10 |\n|---|---|---|---|---|\n" + "\n".join(rows)
-            + "\n\nImage AUROC (textures: patch max, with pixel AUROC in brackets; FMNIST-6/4: image kNN), "
+            + "\n\nImage AUROC (textures: patch max, with pixel AUROC in brackets; FMNIST-6/4: image kNN on "
+              "backbone embeddings, with the patch-max AUROC, the score the generator shapes, in brackets), "
               f"mean ± std over seeds {', '.join(map(str, SEEDS))} of the mean over 5 clients, 3 rounds; "
               f"+WSA: fl.wsa_weight = {WSA:g}; FedSM: fl.softpull = 1.\n\n"
               "| benchmark | method | MB up per client per round | MB down |\n|---|---|---|---|\n"
@@ -79,9 +87,34 @@ def main(benches: tuple[str, ...]) -> None:
     print(body)
 
 
+def sensitivity(bench: str) -> None:
+    """How much the untuned coefficients matter: FedSM over SoftPull, FedAvg+WSA over its weight."""
+    rows = []
+
+    def row(label: str, res: list[dict]) -> None:
+        rows.append(f"| {label} | {auroc_cell(bench, [r['auroc'] for r in res])} |")
+
+    for lam in SOFTPULLS:
+        tag = "fedsm" if lam == 1.0 else f"fedsm_sp{lam:g}"
+        row(f"FedSM, fl.softpull = {lam:g}", runs(bench, tag, ["method=fedsm", f"fl.softpull={lam}"], 0.5))
+    for w in WSA_WEIGHTS:
+        tag = {0.0: "fedavg", WSA: "fedavg_wsa"}.get(w, f"fedavg_wsa{w:g}")
+        row(f"FedAvg, fl.wsa_weight = {w:g}", runs(bench, tag, ["method=fedavg", f"fl.wsa_weight={w}"], 0.5))
+    body = (f"| {bench}, alpha 0.5 | image AUROC |\n|---|---|\n" + "\n".join(rows)
+            + f"\n\nMean ± std over seeds {', '.join(map(str, SEEDS))}"
+            + (" (pixel AUROC in brackets)" if bench == "textures" else " (patch-max AUROC in brackets)")
+            + "; softpull 1 and wsa_weight 0 / 10 are the grid's runs.")
+    write_section(f"baselines_sensitivity_{bench}", f"FedSM and WSA coefficients on {bench}",
+                  f"python bench/bench_baselines.py --sensitivity {bench}", body)
+    print(body)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args and args[0] == "--table":
+    if args and args[0] == "--sensitivity":
+        for b in args[1:] or ("textures",):
+            sensitivity(b)
+    elif args and args[0] == "--table":
         main(tuple(args[1:]) or ("textures", "fmnist"))
     elif args:
         for b in args:
