@@ -63,7 +63,7 @@ def auroc_cell(bench: str, aurocs: list[dict]) -> str:
 
 
 def main(benches: tuple[str, ...]) -> None:
-    rows, bytes_rows, leads = [], [], []
+    rows, bytes_rows, leads, selector = [], [], [], []
     for bench in benches:
         g = grid(bench)
         lead = []
@@ -72,6 +72,8 @@ def main(benches: tuple[str, ...]) -> None:
             best = max(PARAMETER_SHARING, key=mean.get)
             lead.append(f"{mean['FedDyMem'] - mean[best]:+.3f} (vs {best})")
         leads.append(f"| {bench} | " + " | ".join(lead) + " |")
+        selector.append(f"| {bench} | " + " | ".join(
+            mean_std([r["per_round"][-1]["selector_accuracy"] for r in g[("FedSM", alpha)]]) for alpha in ALPHAS) + " |")
         for label in METHODS:
             cells = []
             for alpha in ALPHAS:
@@ -89,7 +91,10 @@ def main(benches: tuple[str, ...]) -> None:
               "| benchmark | method | MB up per client per round | MB down |\n|---|---|---|---|\n"
             + "\n".join(bytes_rows) + "\n\n(alpha 0.5; bytes do not depend on the skew.)\n\n"
             "FedDyMem's image AUROC minus the best parameter-sharing method's:\n\n"
-            "| benchmark | alpha 0.1 | alpha 0.5 | alpha 10 |\n|---|---|---|---|\n" + "\n".join(leads))
+            "| benchmark | alpha 0.1 | alpha 0.5 | alpha 10 |\n|---|---|---|---|\n" + "\n".join(leads)
+            + "\n\nFedSM's selector: share of test images it gives to the client that owns them (last round; "
+              "chance 0.2 with 5 clients):\n\n"
+              "| benchmark | alpha 0.1 | alpha 0.5 | alpha 10 |\n|---|---|---|---|\n" + "\n".join(selector))
     command = "python bench/bench_baselines.py" + ("" if benches == ("textures", "fmnist")
                                                    else " --table " + " ".join(benches))
     write_section("baselines", "Memory sharing against parameter sharing, by product skew", command, body)
