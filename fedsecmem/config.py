@@ -278,6 +278,8 @@ class RunConfig(Strict):
         if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
+        if self.fl.wsa_weight > 0 and self.method not in ("fedavg", "fedprox"):
+            raise ValueError(f"fl: wsa_weight applies to method fedavg or fedprox, not {self.method}")
         pv = self.privacy
         if pv.dp and self.method in FEDERATED:  # local and central release nothing
             if self.method != "feddymem":

@@ -98,9 +98,7 @@ class FedDyMemClient:
         d = train.patches.shape[-1]
         self.generator = (MemoryGenerator(d, cfg.memory_dim or d, cfg.hidden, seed).to(self.device)
                           if use_generator else None)
-        flat = train.patches.reshape(-1, d)
-        sample = flat[np.random.default_rng(seed).permutation(len(flat))[:TARGET_SAMPLE]]
-        self.target_std = anti_collapse_target(torch.from_numpy(self.memory_space(sample)))
+        self.target_std = self._spread_target()
         self.bank: MemoryBank | None = None
         self.image_bank = MemoryBank(train.images) if train.images is not None else None
         self.global_memory: GlobalMemory | None = None
@@ -108,6 +106,18 @@ class FedDyMemClient:
         self.joint_image_bank: MemoryBank | None = None  # own image embeddings + global image memory
         self.losses: list[float] = []
         self.timings: dict[str, float] = {}  # seconds spent per stage (for the round-time split)
+
+    def _spread_target(self) -> torch.Tensor:
+        """The per-dimension spread the generator must keep, measured in its current space."""
+        flat = self.train.patches.reshape(-1, self.train.patches.shape[-1])
+        sample = flat[np.random.default_rng(self.seed).permutation(len(flat))[:TARGET_SAMPLE]]
+        return anti_collapse_target(torch.from_numpy(self.memory_space(sample)))
+
+    def start_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Take ``state`` as the initial generator (parameter sharing: every model starts from the
+        same one) and re-measure the spread target in its space."""
+        self.generator.load_state_dict(state)
+        self.target_std = self._spread_target()
 
     def memory_space(self, patches: np.ndarray) -> np.ndarray:
         return self.generator.transform(patches) if self.generator is not None else patches

@@ -165,17 +165,18 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
     clients = _make_clients(ctx, True)
     ss = _tapped(ctx, secure_sum_for(cfg, plain_wire="float32"))
     global_state = copy.deepcopy(clients[0].generator.state_dict())
-    fedsm = FedSM(ctx, _make_clients(ctx, True), ss) if personalize else None
-    wsa = cfg.fl.wsa_weight if not personalize else 0.0
+    weights = [len(c.train_index) for c in ctx.clients]
+    fedsm = FedSM(ctx, _make_clients(ctx, True), ss, weights) if personalize else None
+    wsa = cfg.fl.wsa_weight  # config validation: 0 unless fedavg / fedprox
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
     with timed(ctx.timings, "memory_rebuild_s"):
         for cl in clients:  # every client starts from the same generator
-            cl.generator.load_state_dict(global_state)
+            cl.start_from(global_state)
             cl.rebuild_bank()
         if fedsm is not None:
-            fedsm.start()
+            fedsm.start(global_state)
     with task(ctx.progress, f"{name} rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
             _begin_round(ctx, r + 1)
@@ -185,8 +186,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank
                     cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu, wsa=scope)
             with timed(ctx.timings, "aggregation_s"):
-                global_state, agg = average_states([cl.generator.state_dict() for cl in clients],
-                                                   [len(c.train_index) for c in ctx.clients], ss)
+                global_state, agg = average_states([cl.generator.state_dict() for cl in clients], weights, ss)
             summary = _record(ctx, agg, up, down)
             with timed(ctx.timings, "memory_rebuild_s"):
                 for cl in clients:  # the bank in the new global space serves scoring and the next round

@@ -40,8 +40,9 @@ def selector_features(emb: Embeddings) -> np.ndarray:
 class ModelSelector(nn.Module):
     def __init__(self, in_dim: int, hidden: int, n_clients: int, seed: int):
         super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_clients))
+        with torch.random.fork_rng():  # a seeded initialisation that leaves the run's RNG alone
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_clients))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -79,16 +80,17 @@ def pick(personal: Scores, global_: Scores, use_personal: np.ndarray) -> Scores:
 class FedSM:
     """The personalized generators and the selector beside a FedAvg run (``run_param_sharing``)."""
 
-    def __init__(self, ctx, personal: list, ss):
+    def __init__(self, ctx, personal: list, ss, weights: list[float]):
         cfg = ctx.cfg
-        self.ctx, self.fl, self.ss = ctx, cfg.fl, ss
-        self.personal = personal  # one FedDyMemClient per client, same initial generator as the global
+        self.ctx, self.fl, self.ss, self.weights = ctx, cfg.fl, ss, weights
+        self.personal = personal  # one FedDyMemClient per client
         self.features = [selector_features(cl.train) for cl in personal]
         self.selector = ModelSelector(self.features[0].shape[1], self.fl.selector_hidden, len(personal), cfg.seed)
-        self.weights = [len(c.train_index) for c in ctx.clients]
 
-    def start(self) -> None:
+    def start(self, global_state: dict) -> None:
+        """Every personalized generator starts as the initial global generator."""
         for cl in self.personal:
+            cl.start_from(global_state)
             cl.rebuild_bank()
 
     def round(self, global_state: dict) -> Aggregated:

@@ -123,9 +123,33 @@ def test_fedsm_run_reports_the_selector_and_counts_its_bytes(tmp_path):
     avg = run(config_from_dict({**json.loads(json.dumps(TINY)), "method": "fedavg"}), tmp_path / "fedavg")
     assert r["method"] == "fedsm" and r["aggregation"]["softpull"] == 1.0 and len(r["per_round"]) == 2
     assert all(0.0 <= x["selector_accuracy"] <= 1.0 for x in r["per_round"])
-    assert 0.0 <= r["auroc"]["image"] <= 1.0
     for mine, theirs in zip(r["comm"]["bytes_up"], avg["comm"]["bytes_up"]):
         assert all(m > t for m, t in zip(mine, theirs))  # the selector travels too, through SecAgg+
+    # a SoftPull so strong that every personalized generator is the global one: whatever the
+    # selector picks, the scores (and so the AUROC) are FedAvg's
+    held = run(config_from_dict({**json.loads(json.dumps(TINY)), "fl": {"softpull": 1e12, "selector_epochs": 5}}),
+               tmp_path / "fedsm_held")
+    assert held["auroc"]["image"] == pytest.approx(avg["auroc"]["image"], abs=1e-9)
+    assert held["auroc"]["pixel"] == pytest.approx(avg["auroc"]["pixel"], abs=1e-6)
+    assert r["auroc"]["image"] != avg["auroc"]["image"]  # a soft pull does personalize
+
+
+def test_parameter_sharing_clients_start_from_the_global_generator():
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(6, 4, 4, 16)).astype(np.float32)
+    cfg = FedDyMemConfig(hidden=8, memory_dim=8)  # a random projection: the initial space depends on the seed
+    a, b = (FedDyMemClient(i, Embeddings(patches, None), cfg, seed, 0.5) for i, seed in ((0, 1), (1, 2)))
+    assert not torch.allclose(a.target_std, b.target_std)
+    b.start_from(copy.deepcopy(a.generator.state_dict()))
+    assert _states_equal(a.generator.state_dict(), b.generator.state_dict())
+    assert torch.allclose(a.target_std, b.target_std, atol=1e-6)  # the spread target follows the space
+
+
+def test_wsa_is_refused_where_it_does_not_apply():
+    with pytest.raises(UserError, match="wsa_weight applies to method fedavg or fedprox, not fedsm"):
+        config_from_dict({**json.loads(json.dumps(TINY)), "fl": {"wsa_weight": 1.0}})
+    assert config_from_dict({**json.loads(json.dumps(TINY)), "method": "fedprox",
+                             "fl": {"wsa_weight": 1.0}}).fl.wsa_weight == 1.0
 
 
 def test_dp_is_refused_for_fedsm():
