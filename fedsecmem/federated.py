@@ -18,7 +18,7 @@ from fedsecmem.errors import UserError
 from fedsecmem.privacy import RunPrivacy
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
 from fedsecmem.fedsm import FedSM
-from fedsecmem.wsa import scope_of
+from fedsecmem.wsa import split_scope, with_scope
 from fedsecmem.evaluate import mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.progress import console, task
@@ -171,6 +171,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
     up = [[] for _ in clients]
     down = [[] for _ in clients]
     per_round, scores = [], []
+    scope = None  # WSA's target: the fused scope of the last round's client models
     with timed(ctx.timings, "memory_rebuild_s"):
         for cl in clients:  # every client starts from the same generator
             cl.start_from(global_state)
@@ -180,13 +181,18 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
     with task(ctx.progress, f"{name} rounds ({cfg.protocol})", fc.rounds) as advance:
         for r in range(fc.rounds):
             _begin_round(ctx, r + 1)
-            scope = (wsa, scope_of(global_state)) if wsa > 0 else None  # the round's target scope
             with timed(ctx.timings, "generator_train_s"):
                 for cl in clients:
                     # no global memory in parameter sharing: the loss pulls towards the client's own bank
-                    cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu, wsa=scope)
+                    cl.train_towards(torch.from_numpy(cl.bank.items), prox_mu=mu,
+                                     wsa=(wsa, scope) if scope is not None else None)
             with timed(ctx.timings, "aggregation_s"):
-                global_state, agg = average_states([cl.generator.state_dict() for cl in clients], weights, ss)
+                states = [cl.generator.state_dict() for cl in clients]
+                if wsa > 0:  # the layers' scopes travel with the models, through the same secure sum
+                    global_state, agg = average_states([with_scope(s) for s in states], weights, ss)
+                    global_state, scope = split_scope(global_state)
+                else:
+                    global_state, agg = average_states(states, weights, ss)
             summary = _record(ctx, agg, up, down)
             with timed(ctx.timings, "memory_rebuild_s"):
                 for cl in clients:  # the bank in the new global space serves scoring and the next round

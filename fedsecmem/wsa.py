@@ -3,9 +3,13 @@ for Model Merging"): each layer's weights, seen as a Gaussian (mean, standard de
 pulled towards a target scope during local training, so that models trained apart stay mergeable
 by averaging.
 
-Here the target is the scope of the global model a round starts from (the clients' models fused
-by the secure average), per weight matrix; biases are left alone. The penalty added to the local
-loss is ``wsa_weight * sum_l ((mean_l - mean*_l)^2 + (std_l - std*_l)^2)``.
+Here the target is the **fused scope** of the clients' models, per weight matrix (biases are left
+alone): each client sends its layers' (mean, std) with its model through the same secure sum, and
+the target of round r + 1 is their size-weighted average, ``mean* = sum_k n_k mean_k / n`` and
+``std* = sum_k n_k std_k / n``, over the models the clients trained in round r (round 1 has no
+target: every client starts from the same model). The fused scope is not the scope of the averaged
+model: averaging shrinks the spread (and a zero-initialised layer has none at the start). The
+penalty added to the local loss is ``wsa_weight * sum_l ((mean_l - mean*_l)^2 + (std_l - std*_l)^2)``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ def _mean_std(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def scope_of(state: dict[str, torch.Tensor]) -> Scope:
     """(mean, std) of every weight tensor of a state dict."""
     return {n: tuple(float(v) for v in _mean_std(t.detach().double())) for n, t in state.items() if _scoped(n)}
+
+
+SCOPE_KEY = "wsa-scope:"  # prefix of the (mean, std) entries that travel with a model's state
+
+
+def with_scope(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus, per weight tensor, its (mean, std) under ``SCOPE_KEY + name``: one secure
+    average then gives the averaged model and the fused scope together."""
+    return {**state, **{SCOPE_KEY + n: torch.tensor(ms, dtype=torch.float64) for n, ms in scope_of(state).items()}}
+
+
+def split_scope(averaged: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Scope]:
+    """Undo ``with_scope`` after averaging: the model's state and the fused scope."""
+    state = {n: t for n, t in averaged.items() if not n.startswith(SCOPE_KEY)}
+    scope = {n[len(SCOPE_KEY):]: (float(t[0]), float(t[1])) for n, t in averaged.items() if n.startswith(SCOPE_KEY)}
+    return state, scope
 
 
 def scope_penalty(module: nn.Module, target: Scope) -> torch.Tensor:

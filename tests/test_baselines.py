@@ -17,7 +17,7 @@ from fedsecmem.feddymem import FedDyMemClient
 from fedsecmem.fedsm import ModelSelector, pick, train_selector
 from fedsecmem.protocols.secure_sum import PlainSum
 from fedsecmem.scoring import Scores
-from fedsecmem.wsa import scope_of, scope_penalty
+from fedsecmem.wsa import scope_of, scope_penalty, split_scope, with_scope
 
 
 def _client(seed: int = 3, scale: float = 1.0) -> FedDyMemClient:
@@ -71,6 +71,21 @@ def test_wsa_weight_zero_is_the_plain_baseline_and_a_weight_pulls_scopes_in():
         assert float(scope_penalty(strong.generator, target)) < 0.5 * float(scope_penalty(plain.generator, target))
     with pytest.raises(ValueError, match="names none"):
         scope_penalty(plain.generator, {"nothing.weight": (0.0, 1.0)})
+
+
+def test_wsa_target_is_the_fused_scope_of_the_client_models():
+    a, b = _reference(), _client(seed=5).generator.state_dict()
+    b = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in b.items()}
+    averaged, _ = average_states([with_scope(a), with_scope(b)], [1.0, 3.0], PlainSum("float64"))
+    state, fused = split_scope(averaged)
+    plain, _ = average_states([a, b], [1.0, 3.0], PlainSum("float64"))
+    assert set(state) == set(a) and all(torch.allclose(state[k], plain[k]) for k in a)  # the model is unchanged
+    sa, sb, of_average = scope_of(a), scope_of(b), scope_of(plain)
+    assert set(fused) == {k for k in a if k.endswith("weight")}
+    for k, (m, sd) in fused.items():
+        assert m == pytest.approx(0.25 * sa[k][0] + 0.75 * sb[k][0], abs=1e-12)
+        assert sd == pytest.approx(0.25 * sa[k][1] + 0.75 * sb[k][1], rel=1e-9)
+        assert sd > of_average[k][1]  # averaging shrinks the spread; the fused scope keeps it
 
 
 def test_federated_selector_beats_chance_on_held_out_images():
@@ -143,6 +158,20 @@ def test_parameter_sharing_clients_start_from_the_global_generator():
     b.start_from(copy.deepcopy(a.generator.state_dict()))
     assert _states_equal(a.generator.state_dict(), b.generator.state_dict())
     assert torch.allclose(a.target_std, b.target_std, atol=1e-6)  # the spread target follows the space
+
+
+def test_a_wsa_run_aligns_from_round_two_and_sends_the_scopes(tmp_path):
+    from fedsecmem.runner import run
+
+    base = {**json.loads(json.dumps(TINY)), "method": "fedavg", "fl": {}}
+    plain = run(config_from_dict(base), tmp_path / "fedavg")
+    wsa = run(config_from_dict({**base, "fl": {"wsa_weight": 10.0}}), tmp_path / "wsa")
+    assert wsa["aggregation"]["wsa_weight"] == 10.0
+    # round 1 has no target yet (every client starts from the same model): exactly FedAvg
+    assert wsa["per_round"][0]["loss"] == plain["per_round"][0]["loss"]
+    assert wsa["per_round"][1]["loss"] != plain["per_round"][1]["loss"]
+    for mine, theirs in zip(wsa["comm"]["bytes_up"], plain["comm"]["bytes_up"]):
+        assert all(m > t for m, t in zip(mine, theirs))  # each layer's (mean, std) travels with the model
 
 
 def test_wsa_is_refused_where_it_does_not_apply():
