@@ -109,10 +109,10 @@ def sensitivity(bench: str) -> None:
         rows.append(f"| {label} | {auroc_cell(bench, [r['auroc'] for r in res])} |")
 
     for lam in SOFTPULLS:
-        tag = "fedsm" if lam == 1.0 else f"fedsm_sp{lam:g}"
+        tag = METHODS["FedSM"][0] if lam == 1.0 else f"fedsm_sp{lam:g}"  # 1: the grid's runs
         row(f"FedSM, fl.softpull = {lam:g}", runs(bench, tag, ["method=fedsm", f"fl.softpull={lam}"], 0.5))
     for w in WSA_WEIGHTS:
-        tag = {0.0: "fedavg", WSA: "fedavg_wsa"}.get(w, f"fedavg_wsa{w:g}")
+        tag = {0.0: METHODS["FedAvg"][0], WSA: METHODS["FedAvg+WSA"][0]}.get(w, f"fedavg_wsa{w:g}")
         row(f"FedAvg, fl.wsa_weight = {w:g}", runs(bench, tag, ["method=fedavg", f"fl.wsa_weight={w}"], 0.5))
     body = (f"| {bench}, alpha 0.5 | image AUROC |\n|---|---|\n" + "\n".join(rows)
             + f"\n\nMean ± std over seeds {', '.join(map(str, SEEDS))}"
