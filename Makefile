@@ -6,16 +6,34 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: run test bench setup clean proto
+.PHONY: run test bench setup system clean proto
 
-setup: $(STAMP)
+# Debian packages the tests read: Fashion-MNIST (a benchmark's data) and Chromium (renders the
+# privacy report in a test). Installed when root; otherwise one line says the command to type.
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium
+
+setup: system $(STAMP)
+
+system:
+	@missing=""; \
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing system packages:$$missing; run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
 
 # Installs once; re-runs only when pyproject.toml changes (offline afterwards).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,data]'
 	touch $(STAMP)
 
 # The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same
@@ -31,7 +49,7 @@ run: $(STAMP)
 	$(VENV)/bin/fedsecmem audit verify $(RUN_DIR)/feddymem_dp
 	$(VENV)/bin/fedsecmem audit report $(RUN_DIR)/feddymem_dp
 
-test: $(STAMP)
+test: system $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

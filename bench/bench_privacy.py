@@ -52,11 +52,12 @@ def _dp_sgd_overhead(bench: str) -> str:
 
     from fedsecmem.backbone import Embeddings
     from fedsecmem.config import load_config
+    from fedsecmem.data.load import load_benchmark
     from fedsecmem.embedding_cache import load_cached
     from fedsecmem.feddymem import FedDyMemClient
 
     cfg = load_config(ROOT / "configs" / f"{bench}.yaml", ["seed=0", f"output.embedding_cache={OUT / 'cache'}"])
-    train, _, _ = load_cached(cfg)
+    train, _, _ = load_cached(cfg, load_benchmark(cfg.data, cfg.seed))
     emb = Embeddings(train.patches[:48], None if train.images is None else train.images[:48])
     cfg.feddymem.max_steps_per_epoch = 10**6  # a full epoch for both
     times = {"plain": [], "dp": []}

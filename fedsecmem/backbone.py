@@ -130,15 +130,19 @@ class Embeddings:
 class PatchEmbedder(torch.nn.Module):
     """Frozen backbone -> locally averaged, upsampled, concatenated patch embeddings.
 
-    Two stages (``layers``) are taken; each map is 3x3 average pooled (stride 1)
-    so a patch sees its neighbourhood, the deeper map is upsampled to the
+    Two stages (``layers``) are taken; each map is 3x3 average pooled (stride 1,
+    the zero padding counted: border patches are damped towards 0, as in PatchCore
+    and anomalib) so a patch sees its neighbourhood, the deeper map is upsampled to the
     shallower one's grid and the two are concatenated (PatchCore). Optionally
     one deeper stage is globally averaged into an image-level embedding.
     """
 
     def __init__(self, name: str = BUILTIN_BACKBONE, weights: str = "builtin",
                  layers: tuple[int, int] = (2, 3), image_layer: int | None = 4,
-                 pool_size: int = 3, device: str = "cpu", allow_network: bool = False):
+                 pool_size: int = 3, device: str = "cpu", allow_network: bool = False,
+                 count_pad: bool = True):
+        """``count_pad=False`` averages border patches over their valid neighbours only: kept for
+        the measurement that shows what it costs (bench/bench_border.py), never the default."""
         super().__init__()
         full = create_classifier(name, weights, allow_network)
         self.data_config = timm.data.resolve_data_config({}, model=full)
@@ -161,6 +165,7 @@ class PatchEmbedder(torch.nn.Module):
         self.layers = tuple(layers)
         self.image_layer = image_layer
         self.pool_size = pool_size
+        self.count_pad = count_pad
         self.device = resolve_device(device)
         self.to(self.device)
         mean = torch.tensor(self.data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
@@ -181,10 +186,10 @@ class PatchEmbedder(torch.nn.Module):
         x = (images.to(self.device, torch.float32) - self.mean) / self.std
         maps = dict(zip(self.indices, self.features(x)))
         a, b = maps[self.layers[0]], maps[self.layers[1]]
-        if self.pool_size > 1:
+        if self.pool_size > 1:  # zero padding counted in the mean, as PatchCore (docs/feddymem.md)
             pad = self.pool_size // 2
-            a = F.avg_pool2d(a, self.pool_size, stride=1, padding=pad, count_include_pad=False)
-            b = F.avg_pool2d(b, self.pool_size, stride=1, padding=pad, count_include_pad=False)
+            a = F.avg_pool2d(a, self.pool_size, stride=1, padding=pad, count_include_pad=self.count_pad)
+            b = F.avg_pool2d(b, self.pool_size, stride=1, padding=pad, count_include_pad=self.count_pad)
         b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
         patches = torch.cat([a, b], dim=1).permute(0, 2, 3, 1).contiguous()
         image = None

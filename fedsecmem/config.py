@@ -31,7 +31,7 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     """Which benchmark and how much of it."""
 
-    benchmark: Literal["textures", "fmnist", "fmnist_ovr", "mvtec"] = "textures"
+    benchmark: Literal["textures", "fmnist", "fmnist_ovr", "mvtec", "elpv"] = "textures"
     root: Path | None = Field(
         None, description="fmnist: folder of the idx files; mvtec: dataset root (required)"
     )
@@ -50,6 +50,10 @@ class DataConfig(Strict):
     test_per_class: int = Field(100, ge=1, description="fmnist: test images per class")
     # mvtec
     categories: list[str] | None = Field(None, description="mvtec: categories (default: all)")
+    # elpv (train_per_product / test_normal_per_product / test_defect_per_product count cells per
+    # wafer type: normal = defect probability 0, defective = 1)
+    uncertain_per_product: int = Field(20, ge=0, description="elpv: test cells of defect probability 1/3 "
+                                       "and as many of 2/3 per wafer type (scored apart, never in the headline AUROC)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

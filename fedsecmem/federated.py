@@ -19,15 +19,13 @@ from fedsecmem.privacy import RunPrivacy
 from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
 from fedsecmem.fedsm import FedSM
 from fedsecmem.wsa import split_scope, with_scope
-from fedsecmem.evaluate import mean_defined
-from fedsecmem.metrics import auroc
+from fedsecmem.evaluate import headline_auroc, mean_defined
 from fedsecmem.progress import console, task
 from fedsecmem.reference import MethodContext, MethodOutput, timed
 
 
 def _round_metrics(ctx: MethodContext, scores) -> dict:
-    rows = [{"image_patch_max": auroc(c.test.labels, s.image_patch),
-             "image_knn": auroc(c.test.labels, s.image_knn) if s.image_knn is not None else None}
+    rows = [{"image_patch_max": headline_auroc(c.test, s.image_patch), "image_knn": headline_auroc(c.test, s.image_knn)}
             for c, s in zip(ctx.clients, scores)]
     return {key: mean_defined(rows, key) for key in ("image_patch_max", "image_knn")}
 

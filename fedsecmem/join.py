@@ -29,7 +29,6 @@ from fedsecmem.audits.ledger import SERVER
 from fedsecmem.evaluate import evaluate_client
 from fedsecmem.ledgers import begin, party_ledger
 from fedsecmem.feddymem import FedDyMemClient
-from fedsecmem.metrics import auroc
 from fedsecmem.privacy import min_survivors
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import ERROR_KIND
@@ -139,8 +138,8 @@ class FedDyMemMember:
         scores = self.client.score(self.test_emb, cfg.feddymem.score_with, cfg.scoring.image_k)
         test = self.data.test
         row = evaluate_client(test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro)
-        row["round_image_patch_max"] = auroc(test.labels, scores.image_patch)
-        row["round_image_knn"] = auroc(test.labels, scores.image_knn) if scores.image_knn is not None else None
+        row["round_image_patch_max"] = row["auroc_patch"]
+        row["round_image_knn"] = row["auroc_knn"]
         row["bank_size"] = len(self.client.bank)
         return put_json(BodyBuilder(), "row", row).build()
 

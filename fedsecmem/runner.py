@@ -27,7 +27,7 @@ from fedsecmem.data.types import ImageSet
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.evaluate import evaluate_client, mean_defined
+from fedsecmem.evaluate import category_summary, evaluate_client, mean_defined
 from fedsecmem.metrics import auroc
 from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
@@ -88,7 +88,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
 
     device = resolve_device(cfg.backbone.device)
     with make_progress() as progress:
-        cached = load_cached(cfg)
+        cached = load_cached(cfg, bench)
         if cached is None:  # the backbone is loaded only when something needs embedding
             embedder = build_embedder(cfg.backbone)
             t = time.perf_counter()
@@ -97,7 +97,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
             t = time.perf_counter()
             test_emb = _embed(embedder, bench.test.images, cfg.backbone.batch_size, progress, "embed test images")
             timings["embed_test_s"] = time.perf_counter() - t
-            store_cached(cfg, train_emb, test_emb, timings)
+            store_cached(cfg, bench, train_emb, test_emb, timings)
         else:
             train_emb, test_emb, cached_timings = cached
             timings.update(cached_timings)
@@ -199,6 +199,8 @@ def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], out
             # one model for everyone (central): AUROC over all clients' test images together
             "pooled_image_patch_max": pooled.get("patch"),
             "pooled_image_knn": pooled.get("knn"),
+            # each category (product) scored on its own, as MVTec AD's protocol (fedsecmem.evaluate)
+            **category_summary(per_client),
         },
         "per_client": per_client,
         "per_round": output.per_round,
@@ -220,10 +222,11 @@ def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], out
 
 
 def _pooled_auroc(clients, output) -> dict:
-    labels = np.concatenate([c.test.labels for c in clients])
-    out = {"patch": auroc(labels, np.concatenate([s.image_patch for s in output.scores]))}
+    keep = np.concatenate([c.test.headline for c in clients])
+    labels = np.concatenate([c.test.labels for c in clients])[keep]
+    out = {"patch": auroc(labels, np.concatenate([s.image_patch for s in output.scores])[keep])}
     if all(s.image_knn is not None for s in output.scores):
-        out["knn"] = auroc(labels, np.concatenate([s.image_knn for s in output.scores]))
+        out["knn"] = auroc(labels, np.concatenate([s.image_knn for s in output.scores])[keep])
     return out
 
 

@@ -100,3 +100,36 @@ def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cpu").type == "cpu"
+
+
+def _real_photos(side: int) -> np.ndarray:
+    """A few real photos (scikit-image, CC0) resized to ``side``."""
+    photos = [data.coffee(), data.astronaut(), data.chelsea(), np.stack([data.brick()] * 3, -1)]
+    return np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.BILINEAR)) for p in photos])
+
+
+def test_patch_embedding_equals_patchcore_definition_on_real_photos(embedder):
+    """Known answer: PatchCore's patch embedding computed independently from plain timm features:
+    3x3 average with the zero padding counted (torch's default), the deeper map upsampled
+    bilinearly to the shallower grid, concatenated."""
+    imgs = _real_photos(128)
+    ours = embedder.embed(imgs, batch_size=4).patches
+    full = create_classifier()
+    feats = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
+    feats.load_state_dict(full.state_dict(), strict=False)
+    x = (torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        raw_a, b = feats.eval()(x)
+        a = torch.nn.functional.avg_pool2d(raw_a, 3, 1, 1)
+        valid_only = torch.nn.functional.avg_pool2d(raw_a, 3, 1, 1, count_include_pad=False)
+        b = torch.nn.functional.avg_pool2d(b, 3, 1, 1)
+        b = torch.nn.functional.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+        ref = torch.cat([a, b], 1).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == ref.shape == (4, 16, 16, 152)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # the padding counts: a corner patch averages its 4 valid neighbours over 9 cells, an edge
+    # patch its 6 (the mean over valid cells only cost 20 AUROC points on real photos)
+    corner = valid_only[:, :, 0, 0].numpy()
+    edge = valid_only[:, :, 0, 5].numpy()
+    np.testing.assert_allclose(ours[:, 0, 0, :40], corner * 4 / 9, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours[:, 0, 5, :40], edge * 6 / 9, rtol=1e-4, atol=1e-5)

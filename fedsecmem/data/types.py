@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+UNCERTAIN = "uncertain"  # kinds starting with this are anomalies of doubtful label (ELPV 1/3, 2/3):
+# scored and reported apart, never counted in the headline AUROC
+
 
 @dataclass
 class ImageSet:
@@ -47,6 +50,11 @@ class ImageSet:
     @property
     def nbytes(self) -> int:
         return int(self.images.nbytes)
+
+    @property
+    def headline(self) -> np.ndarray:
+        """(N,) bool: images the headline AUROC counts (all but the uncertain kinds)."""
+        return np.array([not k.startswith(UNCERTAIN) for k in self.kinds], bool)
 
 
 @dataclass
