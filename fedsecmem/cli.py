@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedsecmem.data.types import UNCERTAIN
 from fedsecmem.errors import UserError
 
 
@@ -63,6 +64,19 @@ def print_run_summary(results: dict, out: Path) -> None:
     t.add_row("mean", "", "", "", _fmt(a["image_patch_max"]), _fmt(a["image_knn"]), _fmt(a["pixel"]),
               _fmt(a["pro"]), style="bold")
     console.print(t)
+    cats = a.get("per_category") or {}
+    if cats:  # each category scored on its own (MVTec AD's protocol), beside the per-client figures
+        c = Table(title=f"per category ({a['primary_score']} score; uncertain kinds apart)")
+        for col in ("category", "test imgs", "clients", "img AUROC", "pixel AUROC"):
+            c.add_column(col, justify="left" if col == "category" else "right")
+        for name, row in cats.items():
+            c.add_row(name, str(row["n_test"]), str(row["clients"]), _fmt(row["auroc_image"]), _fmt(row.get("auroc_pixel")))
+        c.add_row("mean", "", "", _fmt(a.get("category_mean_image")), _fmt(a.get("category_mean_pixel")), style="bold")
+        uncertain = {k: v for k, v in (a.get("per_kind") or {}).items() if k.startswith(UNCERTAIN)}
+        for kind, row in uncertain.items():
+            c.add_row(f"{kind} vs normal", str(row["n_test"]), str(row["clients"]), _fmt(row["auroc_image"]), "-",
+                      style="dim")
+        console.print(c)
     agg = results.get("aggregation")
     if agg:
         from fedsecmem.aggregation import server_view
@@ -89,7 +103,7 @@ def print_comparison(dirs: list[Path]) -> None:
     from fedsecmem.progress import console
 
     t = Table(title="comparison")
-    for col in ("run", "method", "protocol", "img AUROC", "img AUROC (patch)", "img AUROC (kNN)",
+    for col in ("run", "method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
                 "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
         t.add_column(col, justify="left" if col in ("run", "method", "protocol") else "right")
     for d in dirs:
@@ -101,7 +115,8 @@ def print_comparison(dirs: list[Path]) -> None:
             a = r["auroc"]
             up = r["comm"]["bytes_up"]
             mean_up = sum(sum(x) for x in up) / max(1, len(up))
-            t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("image_patch_max")),
+            t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("category_mean_image")),
+                      _fmt(a.get("image_patch_max")),
                       _fmt(a.get("image_knn")), _fmt(a["pixel"]), _fmt(a.get("pro")), _mb(mean_up),
                       _epsilon(r["privacy"]), _leak(r.get("leakage")), f"{r['wall_seconds']:.0f}")
         except (KeyError, TypeError, ValueError) as exc:

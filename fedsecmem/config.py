@@ -113,6 +113,9 @@ class ScoringConfig(Strict):
         "patch", description="which score is reported as auroc.image"
     )
     image_k: int = Field(2, ge=1, description="k of the kNN image-level score (DN2 uses 2)")
+    reweight_k: int = Field(0, ge=0, description="PatchCore eq. 7: scale the max patch distance by "
+                            "1 - softmax over its nearest item's k nearest neighbours (anomalib: 9); "
+                            "0 = the plain max (docs/benchmarks.md measures both)")
     smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian sigma of anomaly maps (pixels)")
     pro: bool = Field(True, description="compute the per-region-overlap (PRO) score where masks exist")
 

@@ -254,7 +254,7 @@ class FedDyMemClient:
         self.losses.append(mean)
         return mean
 
-    def score(self, test: Embeddings, score_with: str, image_k: int) -> Scores:
+    def score(self, test: Embeddings, score_with: str, image_k: int, reweight_k: int = 0) -> Scores:
         """Patch score = distance to the nearest item of the local bank and/or the global memory;
         image kNN over the own image embeddings (plus the global image memory unless ``local``)."""
         banks = []
@@ -265,4 +265,5 @@ class FedDyMemClient:
         image_bank = self.image_bank
         if score_with != "local" and self.joint_image_bank is not None:
             image_bank = self.joint_image_bank
-        return score_embeddings(Embeddings(self.memory_space(test.patches), test.images), banks, image_bank, image_k)
+        return score_embeddings(Embeddings(self.memory_space(test.patches), test.images), banks, image_bank, image_k,
+                                reweight_k)

@@ -139,7 +139,7 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
             for cl in clients:
                 cl.receive(agg.memory)
             with timed(ctx.timings, "score_s"):
-                scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k)
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k, cfg.scoring.reweight_k)
                           for cl, c in zip(clients, ctx.clients)]
             per_round.append({"round": r + 1, **_round_metrics(ctx, scores), **summary})
             eps = f", eps {summary['epsilon']:.2f}" if privacy is not None else ""
@@ -203,7 +203,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
                     up[i][-1] += sel.bytes_up[i]
                     down[i][-1] += sel.bytes_down[i]
             with timed(ctx.timings, "score_s"):
-                scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", cfg.scoring.image_k)
+                scores = [cl.score(ctx.test_emb.subset(c.test_index), "local", cfg.scoring.image_k, cfg.scoring.reweight_k)
                           for cl, c in zip(clients, ctx.clients)]
                 if fedsm is not None:
                     scores, summary["selector_accuracy"] = fedsm.score(scores)

@@ -135,7 +135,7 @@ class FedDyMemMember:
         self._take_memory(env)
         if self.client.global_memory is None:
             raise ProtocolError("asked to score without a global memory")
-        scores = self.client.score(self.test_emb, cfg.feddymem.score_with, cfg.scoring.image_k)
+        scores = self.client.score(self.test_emb, cfg.feddymem.score_with, cfg.scoring.image_k, cfg.scoring.reweight_k)
         test = self.data.test
         row = evaluate_client(test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro)
         row["round_image_patch_max"] = row["auroc_patch"]

@@ -70,7 +70,7 @@ def run_local(ctx: MethodContext) -> MethodOutput:
             bank, ibank = fit_bank(ctx.train_emb.subset(c.train_index), cfg.memory.coreset_ratio,
                                    cfg.seed + c.client, ctx.progress, f"coreset client {c.client}")
         with timed(ctx.timings, "score_s"):
-            scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k))
+            scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k, cfg.scoring.reweight_k))
         sizes.append(len(bank))
     zeros = [[0] for _ in ctx.clients]
     return MethodOutput(scores, zeros, [[0] for _ in ctx.clients], 1, "none", sizes)
@@ -84,7 +84,7 @@ def run_central(ctx: MethodContext) -> MethodOutput:
         bank, ibank = fit_bank(ctx.train_emb.subset(pooled), cfg.memory.coreset_ratio, cfg.seed,
                                ctx.progress, "coreset (pooled)")
     with timed(ctx.timings, "score_s"):
-        scores = [score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k)
+        scores = [score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k, cfg.scoring.reweight_k)
                   for c in ctx.clients]
     up = [[int(c.train.nbytes)] for c in ctx.clients]
     return MethodOutput(scores, up, [[0] for _ in ctx.clients], 1, "pooled-raw-images",

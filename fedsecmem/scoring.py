@@ -15,7 +15,8 @@ from fedsecmem.memory import MemoryBank
 
 @dataclass
 class Scores:
-    """patch: (N, h, w) distances to the nearest memory item; image_patch: max patch score;
+    """patch: (N, h, w) distances to the nearest memory item; image_patch: max patch score
+    (optionally PatchCore's re-weighted max);
     image_knn: mean distance of the image embedding to its k nearest image memories (or None)."""
 
     patch: np.ndarray
@@ -30,17 +31,51 @@ class Scores:
         return self.image_patch
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def reweighted_max(patches: np.ndarray, patch: np.ndarray, banks: list[MemoryBank], k: int) -> np.ndarray:
+    """PatchCore's image score (Roth et al. 2022, eq. 7, as anomalib computes it): the largest
+    patch distance s* = ||p* - m*|| scaled by ``1 - softmax(d)_0``, where d are the distances from
+    p* to m* and to m*'s ``k - 1`` nearest neighbours in its memory bank: a max patch whose nearest
+    item sits in a sparse region of the memory counts more than one in a dense region.
+
+    patches: (N, P, D) embeddings; patch: (N, P) their distances to the nearest item of ``banks``."""
+    n = len(patch)
+    top = patch.argmax(axis=1)
+    feats = np.ascontiguousarray(patches[np.arange(n), top], dtype=np.float32)
+    found = [bank.search(feats, 1) for bank in banks]
+    which = np.argmin(np.stack([f[0][:, 0] for f in found]), axis=0)  # bank holding m*
+    out = np.empty(n, np.float64)
+    for b, bank in enumerate(banks):
+        rows = np.flatnonzero(which == b)
+        if not rows.size:
+            continue
+        nearest = bank.items[found[b][1][rows, 0]]
+        _, support = bank.search(nearest, min(k, len(bank)))  # m* itself first, then its neighbours
+        dist = np.linalg.norm(feats[rows, None, :] - bank.items[support], axis=2)
+        out[rows] = (1.0 - _softmax(dist)[:, 0]) * patch[rows, top[rows]]
+    return out
+
+
 def score_embeddings(emb: Embeddings, patch_banks: list[MemoryBank], image_bank: MemoryBank | None,
-                     image_k: int = 2) -> Scores:
+                     image_k: int = 2, reweight_k: int = 0) -> Scores:
     """Patch score = distance to the nearest item over all ``patch_banks``; image scores from it
-    (max) and from the k nearest items of ``image_bank`` (mean)."""
+    (max, or PatchCore's re-weighted max when ``reweight_k > 1``) and from the k nearest items of
+    ``image_bank`` (mean)."""
     n, h, w, d = emb.patches.shape
     flat = emb.patches.reshape(-1, d)
     patch = np.minimum.reduce([bank.nearest_distance(flat) for bank in patch_banks]).reshape(n, h, w)
     knn = None
     if image_bank is not None and emb.images is not None:
         knn = image_bank.search(emb.images, image_k)[0].mean(axis=1)
-    return Scores(patch, patch.reshape(n, -1).max(axis=1), knn)
+    if reweight_k > 1:
+        image = reweighted_max(emb.patches.reshape(n, h * w, d), patch.reshape(n, -1), patch_banks, reweight_k)
+    else:
+        image = patch.reshape(n, -1).max(axis=1)
+    return Scores(patch, image, knn)
 
 
 def anomaly_maps(patch_scores: np.ndarray, size: int, sigma: float) -> np.ndarray:

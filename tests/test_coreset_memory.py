@@ -105,3 +105,50 @@ def test_anomaly_maps_upsample_and_peak_where_patch_is_high():
     y, x = np.unravel_index(m[0].argmax(), (64, 64))
     assert 16 <= y < 24 and 40 <= x < 48
     assert m[0].max() < 10  # smoothed
+
+
+def _eq7_by_hand(query_patches, items, k):
+    """PatchCore eq. 7 written out for one image and one bank, brute force."""
+    d = np.linalg.norm(query_patches[:, None] - items[None], axis=2)  # (P, M)
+    patch = d.min(1)
+    top = int(patch.argmax())
+    m_star = int(d[top].argmin())
+    order = np.argsort(np.linalg.norm(items - items[m_star], axis=1), kind="stable")[:k]
+    dist = np.linalg.norm(query_patches[top] - items[order], axis=1)
+    soft = np.exp(dist - dist.max()) / np.exp(dist - dist.max()).sum()
+    return (1 - soft[0]) * patch[top], patch.max()
+
+
+def test_reweighted_image_score_is_patchcore_eq7():
+    from fedsecmem.backbone import Embeddings
+    from fedsecmem.scoring import score_embeddings
+
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(40, 6)).astype(np.float32)
+    emb = Embeddings(rng.normal(size=(5, 3, 4, 6)).astype(np.float32) * 1.5, None)
+    plain = score_embeddings(emb, [MemoryBank(items)], None)
+    re9 = score_embeddings(emb, [MemoryBank(items)], None, reweight_k=9)
+    np.testing.assert_array_equal(plain.patch, re9.patch)  # only the image score changes
+    for i in range(5):
+        want, top = _eq7_by_hand(emb.patches[i].reshape(-1, 6), items, 9)
+        assert plain.image_patch[i] == pytest.approx(top, rel=1e-5)
+        assert re9.image_patch[i] == pytest.approx(want, rel=1e-4)
+        assert re9.image_patch[i] < plain.image_patch[i]
+    # two banks: m* and its neighbours come from the bank holding the nearest item
+    far = items + 100.0
+    two = score_embeddings(emb, [MemoryBank(far), MemoryBank(items)], None, reweight_k=9)
+    np.testing.assert_allclose(two.image_patch, re9.image_patch, rtol=1e-5)
+
+
+def test_reweighting_ranks_a_sparse_region_above_a_dense_one():
+    """Same distance to the nearest item: the item with far-away neighbours (a rare normal
+    pattern seen once) weighs more than one in a dense cluster."""
+    from fedsecmem.backbone import Embeddings
+    from fedsecmem.scoring import score_embeddings
+
+    rng = np.random.default_rng(0)
+    dense = rng.normal(scale=0.05, size=(30, 2))
+    items = np.vstack([dense, [[10.0, 0.0]]]).astype(np.float32)
+    q = np.array([[[[0.0, 1.0]]], [[[10.0, 1.0]]]], np.float32)  # 1 from the dense centre / the lone item
+    s = score_embeddings(Embeddings(q, None), [MemoryBank(items)], None, reweight_k=5)
+    assert s.image_patch[1] > s.image_patch[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedsecmem.data.elpv import make_elpv
 from fedsecmem.data.fmnist import make_fmnist, make_fmnist_ovr
 from fedsecmem.data.mvtec import make_mvtec
 from fedsecmem.data.textures import make_textures
@@ -9,7 +10,8 @@ from fedsecmem.data.types import Benchmark
 
 
 def load_benchmark(cfg, seed: int) -> Benchmark:
-    """``cfg``: a ``DataConfig``. Fashion-MNIST reuses ``train_per_product`` per normal class."""
+    """``cfg``: a ``DataConfig``. Fashion-MNIST reuses ``train_per_product`` per normal class;
+    ELPV counts ``*_per_product`` per wafer type (``root``: a copy of its files, else the package)."""
     if cfg.benchmark == "textures":
         return make_textures(cfg.products, cfg.train_per_product, cfg.test_normal_per_product,
                              cfg.test_defect_per_product, cfg.defects, cfg.crop_size,
@@ -22,4 +24,7 @@ def load_benchmark(cfg, seed: int) -> Benchmark:
                                cfg.image_size, seed, cfg.root)
     if cfg.benchmark == "mvtec":
         return make_mvtec(cfg.root, cfg.image_size, cfg.categories, cfg.train_per_product)
+    if cfg.benchmark == "elpv":
+        return make_elpv(cfg.image_size, cfg.train_per_product, cfg.test_normal_per_product,
+                         cfg.test_defect_per_product, cfg.uncertain_per_product, seed, cfg.root)
     raise ValueError(f"unknown benchmark {cfg.benchmark!r}")
