@@ -53,6 +53,7 @@ test: system $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PIP) install --quiet -e '.[test,data,bench]'
 	$(PY) bench/run_all.py
 
 clean:
