@@ -118,5 +118,5 @@ class FedSM:
             pred = self.selector.predict(selector_features(test))
             hits += int((pred == i).sum())
             total += len(pred)
-            out.append(pick(cl.score(test, "local", ctx.cfg.scoring.image_k, cfg.scoring.reweight_k), g, pred == i))
+            out.append(pick(cl.score(test, "local", ctx.cfg.scoring.image_k, ctx.cfg.scoring.reweight_k), g, pred == i))
         return out, hits / max(1, total)

