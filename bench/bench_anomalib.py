@@ -193,7 +193,7 @@ def compare(embedder: PatchEmbedder, ref: AnomalibPatchCore, train: np.ndarray, 
     eq7_swapped = _eq7(test_emb.patches, swapped.patch, bank_a)  # our eq. 7 on anomalib's bank = its pred_score
     max_ref = patch_ref.reshape(len(patch_ref), -1).max(1)
     row = {
-        "n_train": int(len(train)), "n_test": int(head.sum()),
+        "n_train": int(len(train)), "n_test": int(head.sum()), "n_scored": int(len(test)),
         "n_test_anomalous": int(labels.sum()), "n_patches": n_patches, "patch_dim": int(bank.dim),
         "ratio": ratio, "bank_ours": len(bank), "bank_anomalib": bank_ref,
         "anomalib_projected_dim": jl_dim(n_ref),
@@ -321,10 +321,10 @@ def summarise(results: dict) -> None:
         for key in ("coreset_s", "coreset_cpu_s", "score_s", "score_cpu_s", "embed_train_s"):
             for lib in ("ours", "anomalib"):
                 mean[f"{key}_{lib}"] = sum(r[f"{key}_{lib}"] for r in rows)
-        n_test = sum(r["n_test"] for r in rows)
-        mean["n_test"] = n_test
-        mean["score_img_s_ours"] = _rate(n_test, mean["score_s_ours"])
-        mean["score_img_s_anomalib"] = _rate(n_test, mean["score_s_anomalib"])
+        mean["n_test"] = sum(r["n_test"] for r in rows)
+        n_scored = sum(r.get("n_scored", r["n_test"]) for r in rows)  # every scored image, headline or apart
+        mean["score_img_s_ours"] = _rate(n_scored, mean["score_s_ours"])
+        mean["score_img_s_anomalib"] = _rate(n_scored, mean["score_s_anomalib"])
         for key in ("coreset", "coreset_cpu", "score", "score_cpu"):
             mean[f"{key}_speedup"] = _ratio(mean[f"{key}_s_anomalib"], mean[f"{key}_s_ours"])
         mean["coreset_speedup_median"] = float(np.median([r["coreset_speedup"] for r in rows]))

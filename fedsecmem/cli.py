@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from fedsecmem.data.types import UNCERTAIN
 from fedsecmem.errors import UserError
 
 
@@ -65,14 +64,14 @@ def print_run_summary(results: dict, out: Path) -> None:
               _fmt(a["pro"]), style="bold")
     console.print(t)
     cats = a.get("per_category") or {}
-    if cats:  # each category scored on its own (MVTec AD's protocol), beside the per-client figures
-        c = Table(title=f"per category ({a['primary_score']} score; uncertain kinds apart)")
+    if any(row.get("auroc_image") is not None for row in cats.values()):  # each category scored on its own (MVTec AD's protocol), beside the per-client figures
+        c = Table(title=f"per category ({a['primary_score']} score; kinds of doubtful label apart)")
         for col in ("category", "test imgs", "clients", "img AUROC", "pixel AUROC"):
             c.add_column(col, justify="left" if col == "category" else "right")
         for name, row in cats.items():
             c.add_row(name, str(row["n_test"]), str(row["clients"]), _fmt(row["auroc_image"]), _fmt(row.get("auroc_pixel")))
         c.add_row("mean", "", "", _fmt(a.get("category_mean_image")), _fmt(a.get("category_mean_pixel")), style="bold")
-        uncertain = {k: v for k, v in (a.get("per_kind") or {}).items() if k.startswith(UNCERTAIN)}
+        uncertain = {k: v for k, v in (a.get("per_kind") or {}).items() if v.get("apart")}
         for kind, row in uncertain.items():
             c.add_row(f"{kind} vs normal", str(row["n_test"]), str(row["clients"]), _fmt(row["auroc_image"]), "-",
                       style="dim")

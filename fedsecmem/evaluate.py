@@ -3,8 +3,9 @@ per category (product) and per anomaly kind.
 
 A client's test set mixes products whose score scales differ, which depresses a per-client
 AUROC; the per-category figure (MVTec AD's protocol: each category scored on its own) is the one
-comparable with the literature. Images of an uncertain kind (``ImageSet.headline``) never enter
-the headline figures; they are scored apart, against the same normals, in ``per_kind``.
+comparable with the literature. Images scored apart (``ImageSet.apart``: ELPV's uncertain cells)
+never enter the headline figures; each of their kinds is scored against the same normals in
+``per_kind``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ def _per_category(test: ImageSet, image: np.ndarray, maps: np.ndarray | None) ->
 
 
 def _per_kind(test: ImageSet, image: np.ndarray) -> dict:
-    """Each anomalous kind against all of the client's normal images."""
+    """Each anomalous kind against all of the client's normal images (``apart``: a kind scored apart
+    from the headline)."""
     normal = test.labels == 0
+    apart = ~test.headline
     out = {}
     for kind in sorted({k for k, lab in zip(test.kinds, test.labels) if lab}):
-        sel = normal | np.array([k == kind for k in test.kinds])
-        out[kind] = {"n_test": int((sel & ~normal).sum()), "auroc_image": auroc(test.labels[sel], image[sel])}
+        mine = np.array([k == kind for k in test.kinds])
+        sel = normal | mine
+        out[kind] = {"n_test": int(mine.sum()), "auroc_image": auroc(test.labels[sel], image[sel]),
+                     "apart": bool(apart[mine].any())}
     return out
 
 
@@ -57,6 +62,7 @@ def evaluate_client(test: ImageSet, scores: Scores, primary: str, sigma: float,
     out: dict = {
         "n_test": int(head.sum()),
         "n_test_anomalous": int(test.labels[head].sum()),
+        "n_test_apart": int((~head).sum()),  # scored, reported per kind only
         "auroc_patch": headline_auroc(test, scores.image_patch),
         "auroc_knn": headline_auroc(test, scores.image_knn),
         "auroc_pixel": None,
@@ -69,9 +75,9 @@ def evaluate_client(test: ImageSet, scores: Scores, primary: str, sigma: float,
         out["auroc_pixel"] = pixel_auroc(test.masks[head], maps[head])
         if with_pro:
             out["pro"] = pro_score(test.masks[head], maps[head])
-    image = scores.image_knn if primary == "image" and scores.image_knn is not None else scores.image_patch
-    out["per_category"] = _per_category(test, image, maps)
-    out["per_kind"] = _per_kind(test, image)
+    image = scores.image(primary) if primary == "patch" or scores.image_knn is not None else None
+    out["per_category"] = _per_category(test, image, maps) if image is not None else {}
+    out["per_kind"] = _per_kind(test, image) if image is not None else {}
     return out
 
 
@@ -99,6 +105,8 @@ def across_clients(per_client: list[dict], field: str) -> dict:
         for key in sorted({k for x in rows for k in x if k != "n_test"}):
             merged[key] = _weighted(rows, key)
         merged["clients"] = sum(x.get("auroc_image") is not None for x in rows)
+        if any("apart" in x for x in rows):
+            merged["apart"] = any(x.get("apart") for x in rows)
         out[name] = merged
     return out
 

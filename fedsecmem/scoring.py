@@ -53,6 +53,9 @@ def reweighted_max(patches: np.ndarray, patch: np.ndarray, banks: list[MemoryBan
         rows = np.flatnonzero(which == b)
         if not rows.size:
             continue
+        if len(bank) < 2:  # no neighbours to weigh against: the plain max (1 - softmax would be 0)
+            out[rows] = patch[rows, top[rows]]
+            continue
         nearest = bank.items[found[b][1][rows, 0]]
         _, support = bank.search(nearest, min(k, len(bank)))  # m* itself first, then its neighbours
         dist = np.linalg.norm(feats[rows, None, :] - bank.items[support], axis=2)

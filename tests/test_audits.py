@@ -210,7 +210,7 @@ def _chromium() -> str | None:
 
 def test_report_renders_in_headless_chromium_with_every_image(tiny_run, tmp_path):
     browser = _chromium()
-    assert browser is not None, "the report check needs chromium: apt-get install chromium (.ci/run installs it)"
+    assert browser is not None, "the report check needs chromium: apt-get install chromium (make test installs it when run as root)"
     run = _copy(tiny_run, tmp_path)
     assert main(["audit", "report", str(run)]) == 0
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",

@@ -152,3 +152,14 @@ def test_reweighting_ranks_a_sparse_region_above_a_dense_one():
     q = np.array([[[[0.0, 1.0]]], [[[10.0, 1.0]]]], np.float32)  # 1 from the dense centre / the lone item
     s = score_embeddings(Embeddings(q, None), [MemoryBank(items)], None, reweight_k=5)
     assert s.image_patch[1] > s.image_patch[0]
+
+
+def test_reweighting_a_one_item_bank_keeps_the_plain_max():
+    """With no neighbour to weigh against, 1 - softmax would be 0 for every image."""
+    from fedsecmem.backbone import Embeddings
+    from fedsecmem.scoring import score_embeddings
+
+    emb = Embeddings(np.random.default_rng(0).normal(size=(4, 2, 2, 3)).astype(np.float32), None)
+    one = [MemoryBank(np.zeros((1, 3), np.float32))]
+    np.testing.assert_array_equal(score_embeddings(emb, one, None, reweight_k=9).image_patch,
+                                  score_embeddings(emb, one, None).image_patch)

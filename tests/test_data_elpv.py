@@ -175,3 +175,43 @@ def test_load_benchmark_builds_it_from_a_run_config(bench):
     bad = config_from_dict({"data": {"benchmark": "elpv", "test_defect_per_product": 500}})
     with pytest.raises(UserError, match=r"^data\.test_defect_per_product"):
         load_benchmark(bad.data, 0)
+
+
+def test_cells_scored_apart_never_move_the_splits():
+    """The uncertain cells are dealt last, from their own generator: how many there are changes
+    neither any client's training images nor its headline test images."""
+    from fedsecmem.data.partition import partition
+
+    def split(uncertain):
+        b = make_elpv(16, 60, 20, 20, uncertain, 0)
+        clients = partition(b, 5, 0.5, 0, 2)
+        files = b.info["test_files"]
+        return ([[b.info["train_files"][i] for i in c.train_index] for c in clients],
+                [sorted(files[i] for i in c.test_index if b.test.headline[i]) for c in clients],
+                sum(int((~c.test.headline).sum()) for c in clients))
+
+    train0, head0, apart0 = split(0)
+    train20, head20, apart20 = split(20)
+    assert train0 == train20 and head0 == head20
+    assert apart0 == 0 and apart20 == 80  # 20 of p=1/3 and 20 of p=2/3 per wafer type, all dealt
+
+
+def test_central_run_scores_uncertain_cells_apart(tmp_path):
+    """End to end: the headline AUROC and the pooled figure count only normal and defective cells
+    (the same images as the 'defective' kind against the normals); the uncertain ones appear per kind."""
+    from fedsecmem.runner import run
+
+    cfg = config_from_dict({"method": "central", "data": {
+        "benchmark": "elpv", "image_size": 64, "train_per_product": 12, "test_normal_per_product": 6,
+        "test_defect_per_product": 6, "uncertain_per_product": 4}, "clients": {"n": 1},
+        "memory": {"coreset_ratio": 0.05}, "audit": {"ledger": False}})
+    r = run(cfg, tmp_path)
+    a = r["auroc"]
+    row = r["per_client"][0]
+    assert row["n_test"] == 24 and row["n_test_apart"] == 16
+    assert a["pooled_image_patch_max"] == pytest.approx(a["image"])
+    assert set(a["per_kind"]) == {"defective", "uncertain_p33", "uncertain_p67"}
+    assert a["per_kind"]["uncertain_p33"]["apart"] and not a["per_kind"]["defective"]["apart"]
+    assert a["per_kind"]["defective"]["auroc_image"] == pytest.approx(a["image"])  # the same images
+    assert set(a["per_category"]) == {"mono", "poly"}
+    assert all(c["n_test"] == 12 for c in a["per_category"].values())

@@ -50,7 +50,7 @@ def _imageset(labels, products, kinds):
 
     n = len(labels)
     return ImageSet(np.zeros((n, 8, 8, 3), np.uint8), np.array(labels), np.array(products), list(kinds),
-                    ["a", "b"], np.zeros((n, 8, 8), bool))
+                    ["a", "b"], np.zeros((n, 8, 8), bool), apart=np.array([k.startswith("unc") for k in kinds]))
 
 
 def test_per_category_and_uncertain_kinds_against_sklearn():
@@ -75,7 +75,15 @@ def test_per_category_and_uncertain_kinds_against_sklearn():
     assert row["per_category"]["b"]["auroc_image"] == roc_auc_score(labels[4:8], image[4:8]) == 0.5
     assert row["per_kind"]["uncertain_p33"]["auroc_image"] == 0.0  # below every normal
     assert row["per_kind"]["uncertain_p67"]["auroc_image"] == 1.0
-    assert row["per_kind"]["crack"]["n_test"] == 4
+    assert row["per_kind"]["crack"]["n_test"] == 4 and not row["per_kind"]["crack"]["apart"]
+    assert row["per_kind"]["uncertain_p33"]["apart"] and row["n_test_apart"] == 2
+    # a name alone never puts a kind apart (a user's defect folder may be called anything)
+    named = _imageset(labels, products, kinds)
+    named.apart = None
+    assert evaluate_client(named, Scores(patch, image, None), "patch", 0.0, False)["n_test"] == 10
+    # image-level primary score without image embeddings: nothing is reported under its name
+    none = evaluate_client(test, Scores(patch, image, None), "image", 0.0, False)
+    assert none["auroc_image"] is None and none["per_category"] == {} and none["per_kind"] == {}
     # two clients: each category's figure is the test-size weighted mean of the clients' figures
     other = dict(row, per_category={"a": {"n_test": 12, "auroc_image": 1.0, "auroc_pixel": None}})
     merged = across_clients([row, other], "per_category")

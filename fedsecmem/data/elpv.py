@@ -17,7 +17,7 @@ type a seeded permutation of its normal cells gives the training cells (its
 head) and the normal test cells (its tail), disjoint; a second one picks the
 defective test cells; the cells of probability 1/3 and 2/3 (kinds
 ``uncertain_p33`` / ``uncertain_p67``, label 1) are tested but scored apart:
-their kinds start with ``UNCERTAIN`` so the headline AUROC skips them. Each
+they are marked ``apart`` (``ImageSet.apart``) so the headline AUROC skips them. Each
 draw has its own generator ``default_rng([seed, 0xE1F7, product, group])``, so
 changing one count never reshuffles the other groups, and taking head / tail
 keeps the test normals fixed when only ``train_per_product`` changes.
@@ -174,7 +174,8 @@ def make_elpv(image_size: int, train_per_product: int, test_normal_per_product: 
                      list(PRODUCTS))
     labels = np.array([0 if k == "good" else 1 for k in test_kinds], np.int64)
     test = ImageSet(_load(folder, test_cells, image_size), labels,
-                    np.array([c.product for c in test_cells], np.int64), test_kinds, list(PRODUCTS))
+                    np.array([c.product for c in test_cells], np.int64), test_kinds, list(PRODUCTS),
+                    apart=np.array([k.startswith(UNCERTAIN) for k in test_kinds], bool))
     available = {pname: {_LEVEL_NAMES[lv]: len(pools[(p, lv)]) for lv in range(4)}
                  for p, pname in enumerate(PRODUCTS)}
     info = {

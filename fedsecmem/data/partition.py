@@ -5,7 +5,10 @@ that product's training images, and its test images, are dealt by the same
 shares, so each client is tested on the product mix it trained on (small
 alpha: a client holds few products; large alpha: every client holds all).
 Test images with no product (Fashion-MNIST anomaly classes, product -1) are
-dealt in proportion to each client's share of the normal test images.
+dealt in proportion to each client's share of the normal test images. Test
+images scored apart (ELPV's uncertain cells) are dealt last, by the same
+shares, from a generator of their own: how many there are never moves the
+training split or the headline test split.
 """
 
 from __future__ import annotations
@@ -76,15 +79,22 @@ def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_tra
     shares = dirichlet_shares(n_products, n_clients, alpha, bench.train.products, min_train, rng)
     train_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
     test_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    head = bench.test.headline
     for p in range(n_products):
         idx = rng.permutation(np.flatnonzero(bench.train.products == p))
         for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
             train_parts[c].append(part)
         for label in (0, 1):
-            idx = rng.permutation(np.flatnonzero((bench.test.products == p) & (bench.test.labels == label)))
+            idx = rng.permutation(np.flatnonzero((bench.test.products == p) & (bench.test.labels == label) & head))
             for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
                 test_parts[c].append(part)
-    orphan = rng.permutation(np.flatnonzero(bench.test.products < 0))
+    if not head.all():
+        apart_rng = np.random.default_rng([seed, 11, 2])
+        for p in range(n_products):
+            idx = apart_rng.permutation(np.flatnonzero((bench.test.products == p) & ~head))
+            for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
+                test_parts[c].append(part)
+    orphan = rng.permutation(np.flatnonzero((bench.test.products < 0) & head))
     if orphan.size:
         normal = bench.test.labels == 0
         normal_counts = np.array([sum(int(normal[a].sum()) for a in parts) for parts in test_parts], float)

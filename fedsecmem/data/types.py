@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-UNCERTAIN = "uncertain"  # kinds starting with this are anomalies of doubtful label (ELPV 1/3, 2/3):
-# scored and reported apart, never counted in the headline AUROC
+UNCERTAIN = "uncertain"  # name prefix of ELPV's kinds of doubtful label (defect probability 1/3, 2/3)
 
 
 @dataclass
@@ -16,7 +15,9 @@ class ImageSet:
 
     images: (N, H, W, 3) uint8; labels: (N,) 0 normal / 1 anomalous;
     masks: (N, H, W) bool or None when the dataset has none;
-    products: (N,) index into ``product_names``; kinds: defect family or 'good'.
+    products: (N,) index into ``product_names``; kinds: defect family or 'good';
+    apart: (N,) bool or None: images of doubtful label (ELPV's uncertain cells), scored and
+    reported apart (per kind), never counted in the headline AUROC; only a loader sets it.
     """
 
     images: np.ndarray
@@ -25,6 +26,7 @@ class ImageSet:
     kinds: list[str]
     product_names: list[str]
     masks: np.ndarray | None = None
+    apart: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -32,6 +34,8 @@ class ImageSet:
             raise ValueError("ImageSet: images, labels, products and kinds differ in length")
         if self.masks is not None and len(self.masks) != n:
             raise ValueError("ImageSet: masks and images differ in length")
+        if self.apart is not None and len(self.apart) != n:
+            raise ValueError("ImageSet: apart and images differ in length")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,6 +49,7 @@ class ImageSet:
             kinds=[self.kinds[i] for i in index],
             product_names=self.product_names,
             masks=None if self.masks is None else self.masks[index],
+            apart=None if self.apart is None else self.apart[index],
         )
 
     @property
@@ -53,8 +58,8 @@ class ImageSet:
 
     @property
     def headline(self) -> np.ndarray:
-        """(N,) bool: images the headline AUROC counts (all but the uncertain kinds)."""
-        return np.array([not k.startswith(UNCERTAIN) for k in self.kinds], bool)
+        """(N,) bool: images the headline AUROC counts (all but those scored apart)."""
+        return np.ones(len(self), bool) if self.apart is None else ~np.asarray(self.apart, bool)
 
 
 @dataclass
