@@ -329,17 +329,32 @@ def summarise(results: dict) -> None:
             mean[f"{key}_speedup"] = _ratio(mean[f"{key}_s_anomalib"], mean[f"{key}_s_ours"])
         mean["coreset_speedup_median"] = float(np.median([r["coreset_speedup"] for r in rows]))
         mean["coreset_speedup_min"] = float(min(r["coreset_speedup"] for r in rows))
-        worst = min((r["auroc_ours"] - r["auroc_anomalib"]) for r in rows
-                    if r["auroc_ours"] is not None and r["auroc_anomalib"] is not None)
-        pix = [r["pixel_ours"] - r["pixel_anomalib"] for r in rows if r["pixel_ours"] is not None]
+        # judged per category on the mean over coreset seeds (one seed's AUROC moves by up to 0.03 with
+        # the bank drawn) and on the median speed-up over seeds (anomalib's step sometimes stalls on
+        # page faults of its per-step temporary); with one seed, on that seed
+        runs = [r.get("seeds") or [r] for r in rows]
+        deltas = [float(np.mean([x["auroc_ours"] - x["auroc_anomalib"] for x in rr])) for rr in runs
+                  if all(x["auroc_ours"] is not None and x["auroc_anomalib"] is not None for x in rr)]
+        pix = [float(np.mean([x["pixel_ours"] - x["pixel_anomalib"] for x in rr])) for rr in runs
+               if all(x["pixel_ours"] is not None for x in rr)]
+        speed = [float(np.median([x["coreset_s_anomalib"] / x["coreset_s_ours"] for x in rr])) for rr in runs]
+        ours_t = [x["coreset_s_ours"] for rr in runs for x in rr]
+        ref_t = [x["coreset_s_anomalib"] for rr in runs for x in rr]
+        fastest = min(min(x["coreset_s_anomalib"] for x in rr) / float(np.median([x["coreset_s_ours"] for x in rr]))
+                      for rr in runs)
         entry["mean"] = mean
         entry["parity"] = {
-            "worst_image_auroc_delta": worst,
-            "image_auroc_ok": worst >= -PARITY_TOL,
-            "mean_image_auroc_delta": mean["auroc_ours"] - mean["auroc_anomalib"],
+            "anomalib_coreset_range": f"{min(ref_t):.1f}-{max(ref_t):.1f} s",
+            "ours_coreset_range": f"{min(ours_t):.2f}-{max(ours_t):.2f} s",
+            "speedup_vs_fastest": fastest,  # slowest category: anomalib's fastest run over our median
+            "seeds": len(runs[0]),
+            "worst_image_auroc_delta": min(deltas),
+            "image_auroc_ok": min(deltas) >= -PARITY_TOL,
+            "mean_image_auroc_delta": float(np.mean(deltas)),
             "worst_pixel_auroc_delta": min(pix) if pix else None,
             "pixel_auroc_ok": (min(pix) >= -PARITY_TOL) if pix else None,
-            "coreset_ok": bool(mean["coreset_speedup_min"] >= CORESET_TARGET),  # on every category
+            "worst_coreset_speedup": min(speed),
+            "coreset_ok": bool(fastest >= CORESET_TARGET),  # on every category, against anomalib's fastest run
         }
 
 
@@ -384,13 +399,17 @@ def markdown(results: dict) -> str:
             pixel = "-"
         else:
             pixel = f"{'OK' if p['pixel_auroc_ok'] else 'BELOW'} (worst Δ {p['worst_pixel_auroc_delta']:+.3f})"
+        over = f"mean over {p['seeds']} coreset seeds per category" if p["seeds"] > 1 else "one seed"
         verdicts.append(
-            f"- **{name}**: image AUROC {'OK' if p['image_auroc_ok'] else 'BELOW'} (worst category "
+            f"- **{name}** ({over}): image AUROC {'OK' if p['image_auroc_ok'] else 'BELOW'} (worst category "
             f"Δ {p['worst_image_auroc_delta']:+.3f}, mean Δ {p['mean_image_auroc_delta']:+.3f}, tolerance "
             f"-{PARITY_TOL}); pixel AUROC {pixel}; coreset {'OK' if p['coreset_ok'] else 'SLOW'} "
-            f"(total {_f(m['coreset_speedup'], '.0f')}x wall, {_f(m['coreset_cpu_speedup'], '.0f')}x CPU; per "
-            f"category median {m['coreset_speedup_median']:.0f}x, min {m['coreset_speedup_min']:.0f}x; target "
-            f"{CORESET_TARGET:.0f}x on every category). Patch embeddings: max |ours - anomalib| = {e['max_abs_diff']:.2e} "
+            f"(slowest category {p['worst_coreset_speedup']:.0f}x, median over seeds; seed-0 total "
+            f"{_f(m['coreset_speedup'], '.0f')}x wall, {_f(m['coreset_cpu_speedup'], '.0f')}x CPU; target "
+            f"{CORESET_TARGET:.0f}x on every category; anomalib's coreset took {p['anomalib_coreset_range']}, "
+            f"ours {p['ours_coreset_range']} per category and seed: anomalib's step allocates an N x d "
+            f"temporary each time and some runs stall on page faults, so the fastest of its runs is the fair "
+            f"yardstick, {p['speedup_vs_fastest']:.0f}x). Patch embeddings: max |ours - anomalib| = {e['max_abs_diff']:.2e} "
             f"(max |x| {e['max_abs']:.1f}) on {e['shape'][0]} images.{uni}")
     seed_lines = []
     for name, entry in results["sets"].items():
@@ -459,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", action="store_true",
+                    help="rebuild results.md (and the docs section) from the results.json in --out; run nothing")
     args = ap.parse_args(argv)
     sets = args.sets or (["textures", "elpv"] + (["mvtec"] if args.mvtec else []))
     if "mvtec" in sets and args.mvtec is None:
@@ -466,6 +487,11 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (ROOT / "runs" / "bench" / "anomalib" / ("quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.render:
+        results = json.loads((out / "results.json").read_text())
+        summarise(results)
+        _report(results, out, results["args"], results["args"].get("command", "python bench/bench_anomalib.py"))
+        return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     embedder = PatchEmbedder(BUILTIN_BACKBONE, "builtin", (2, 3), image_layer=None, pool_size=3, device="cpu")
@@ -494,15 +520,20 @@ def main(argv: list[str] | None = None) -> None:
             summarise(results)
             save()
     results["wall_s"] = time.perf_counter() - t0
+    results["args"]["command"] = ("python bench/bench_anomalib.py " +
+                                  " ".join(argv if argv is not None else sys.argv[1:])).strip()
     summarise(results)
     save()
+    _report(results, out, results["args"], results["args"]["command"])
+
+
+def _report(results: dict, out: Path, args: dict, command: str) -> None:
     md = markdown(results)
     (out / "results.md").write_text(md)
     console.print(md)
-    if not args.quick and args.out is None:  # the reference run is the one docs/benchmarks.md shows
-        command = "python bench/bench_anomalib.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args["quick"] and args["out"] is None:  # the reference run is the one docs/benchmarks.md shows
         write_section("anomalib", "PatchCore parity with anomalib 2.7.0 (same weights, layers, images)",
-                      command.strip(), md)
+                      command, md)
     console.print(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['wall_s']:.0f} s)")
 
 
