@@ -8,7 +8,8 @@ a digest of all of it (``cache_ingredients``):
 * the weights: SHA-256 of the weights file that is loaded (``builtin`` or a path), or, for
   ``hub`` weights (not a local file), the model name and timm version;
 * the backbone settings that shape the output (name, weights, layers, image_layer, pool_size;
-  not device, batch_size or allow_network);
+  not batch_size or allow_network), and the kind of device that runs it (``cpu`` or ``cuda``:
+  GPU convolutions may use TF32 and differ from the CPU's in the third decimal);
 * the data: SHA-256 of the train and test image arrays (bytes, shape, dtype) of the loaded
   ``Benchmark``, which covers the data source, the seed, the split and files edited on disk.
 
@@ -109,6 +110,7 @@ def cache_ingredients(cfg, bench) -> dict:
         "format": FORMAT,
         "embedder": {"source_sha256": embedder_source_digest(), **_library_versions()},
         "backbone": {k: backbone[k] for k in _KEPT_BACKBONE_FIELDS},
+        "device": fedsecmem.backbone.resolve_device(cfg.backbone.device).type,
         "weights": weights_ingredient(cfg.backbone),
         "data": {split: {"images_sha256": images_digest(images.images), "n": len(images),
                          "shape": list(images.images.shape), "dtype": images.images.dtype.str}

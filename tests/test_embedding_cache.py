@@ -81,13 +81,22 @@ def test_stored_embeddings_come_back_with_their_ingredients(tmp_path, weights):
         assert json.loads(str(z["ingredients_json"])) == why
 
 
-def test_unchanged_inputs_hit_whatever_the_device_batch_size_or_method(tmp_path, weights):
+def test_unchanged_inputs_hit_whatever_the_device_setting_batch_size_or_method(tmp_path, weights):
     bench = _bench()
     _store(_cfg(tmp_path, weights), bench)
     same = copy.deepcopy(bench)  # other arrays, same content
     for extra in ([], ["backbone.device=auto"], ["backbone.batch_size=7"], ["backbone.allow_network=true"],
                   ["method=central"], ["seed=5"]):  # the seed matters only through the images
         assert load_cached(_cfg(tmp_path, weights, *extra), same) is not None, extra
+
+
+def test_embeddings_made_on_another_kind_of_device_miss(tmp_path, weights, monkeypatch):
+    import torch
+
+    cfg, bench = _cfg(tmp_path, weights), _bench()
+    _store(cfg, bench)
+    monkeypatch.setattr(ec.fedsecmem.backbone, "resolve_device", lambda name: torch.device("cuda"))
+    assert load_cached(cfg, bench) is None
 
 
 def test_a_change_of_the_embedder_source_misses(tmp_path, weights, monkeypatch):
