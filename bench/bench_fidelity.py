@@ -15,32 +15,33 @@ from common import OUT, mean_std, run_config  # noqa: E402
 from markdown import write_section  # noqa: E402
 
 SEEDS = (0, 1, 2)
-SETS = {  # benchmark -> (config, overrides of each method)
+NEAR = "FedDyMem, SecAgg+, near items only"  # feddymem.global_near = 1 (docs/feddymem.md)
+SETS = {  # benchmark -> (config, {label: (run tag, overrides)})
     "textures": ("quickstart", {
-        "central": ["method=central"],
-        "local": ["method=local"],
-        "FedDyMem, SecAgg+": ["privacy.dp=false", "feddymem.global_k=512", "feddymem.global_k_images=64"],
-        "FedDyMem + DP (eps 8), SecAgg+": [],
+        "central": ("central", ["method=central"]),
+        "local": ("local", ["method=local"]),
+        "FedDyMem, SecAgg+": ("feddymem", ["privacy.dp=false", "feddymem.global_k=512",
+                                            "feddymem.global_k_images=64"]),
+        NEAR: ("feddymem_near1", ["privacy.dp=false", "feddymem.global_k=512", "feddymem.global_k_images=64",
+                                  "feddymem.global_near=1"]),
+        "FedDyMem + DP (eps 8), SecAgg+": ("feddymem_dp", []),
     }),
     "elpv": ("feddymem_elpv", {
-        "central": ["method=central"],
-        "local": ["method=local"],
-        "FedDyMem, SecAgg+": [],
-        "FedDyMem + DP (eps 8), SecAgg+": ["privacy.dp=true", "privacy.epsilon=8", "feddymem.global_k=16",
-                                           "feddymem.global_k_images=8"],
+        "central": ("central", ["method=central"]),
+        "local": ("local", ["method=local"]),
+        "FedDyMem, SecAgg+": ("feddymem", []),
+        NEAR: ("feddymem_near1", ["feddymem.global_near=1"]),
+        "FedDyMem + DP (eps 8), SecAgg+": ("feddymem_dp", ["privacy.dp=true", "privacy.epsilon=8",
+                                                            "feddymem.global_k=16", "feddymem.global_k_images=8"]),
     }),
 }
 
 
-def _tag(label: str) -> str:
-    return label.split(",")[0].replace(" + DP (eps 8)", "_dp").replace("FedDyMem", "feddymem").lower()
-
-
 def runs(bench: str, label: str) -> list[dict]:
     config, methods = SETS[bench]
+    tag, overrides = methods[label]
     cache = f"output.embedding_cache={OUT / 'cache'}"
-    return [run_config(config, f"fidelity_{bench}_{_tag(label)}_s{s}", methods[label] + [f"seed={s}", cache])
-            for s in SEEDS]
+    return [run_config(config, f"fidelity_{bench}_{tag}_s{s}", overrides + [f"seed={s}", cache]) for s in SEEDS]
 
 
 def _f(v: float | None) -> str:
@@ -54,10 +55,15 @@ def main() -> None:
             res = runs(bench, label)
             a = [r["auroc"] for r in res]
             up = np.mean([np.mean([np.mean(b) for b in r["comm"]["bytes_up"]]) for r in res])
+            used = [r["per_round"][-1].get("global_items_used") for r in res if r.get("per_round")]
+            if used and used[0] is not None:
+                label_shown = f"{label} ({np.mean(used):.0f} of 512 items used)"
+            else:
+                label_shown = label
             eps = [r["privacy"]["epsilon"] for r in res if r["privacy"].get("epsilon") is not None]
             unc = [" / ".join(_f(x["per_kind"].get(k, {}).get("auroc_image")) for k in ("uncertain_p33", "uncertain_p67"))
                    for x in a[:1]] if bench == "elpv" else ["-"]
-            rows.append(f"| {bench} | {label} | {mean_std([x['image'] for x in a])} | "
+            rows.append(f"| {bench} | {label_shown} | {mean_std([x['image'] for x in a])} | "
                         f"{mean_std([x['category_mean_image'] for x in a])} | {mean_std([x['pixel'] for x in a])} | "
                         f"{unc[0]} | {up / 1e3:.0f} | {f'{max(eps):.2f}' if eps else '-'} |")
             clients.append(f"| {bench} | {label} | " + " ".join(_f(c["auroc_image"]) for c in res[0]["per_client"]) + " |")
@@ -69,7 +75,9 @@ def main() -> None:
             "`configs/feddymem_elpv.yaml` (224 px, 300 normal training cells per wafer type, coreset 1%). "
             "*image AUROC*: mean over clients of each client's test set; *per category*: each product scored on "
             "its own (MVTec AD's protocol), then the mean over products; ELPV's uncertain cells (defect "
-            "probability 1/3, 2/3) are scored apart against the same normals (seed 0).\n\n"
+            "probability 1/3, 2/3) are scored apart against the same normals (seed 0). *near items only*: "
+            "`feddymem.global_near: 1`, each client scores with the global items within its own bank's "
+            "covering radius of that bank.\n\n"
             "| benchmark | method | image AUROC | per category | pixel AUROC | uncertain 1/3 / 2/3 | kB up per client per round | epsilon |\n"
             "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n\nPer client (seed 0, image AUROC, clients 0-4):\n\n| benchmark | method | clients |\n|---|---|---|\n"

@@ -139,6 +139,9 @@ class FedDyMemConfig(Strict):
     kmeans_iters: int = Field(20, ge=1)
     share_images: bool = Field(True, description="share image-level embeddings for the global image memory")
     score_with: Literal["local+global", "local", "global"] = "local+global"
+    global_near: float | None = Field(None, gt=0, description="score only with the global items within this "
+                                      "many covering radii of the client's own bank (null = every item): other "
+                                      "products' items then never meet this client's defects (docs/feddymem.md)")
     kmeans_init: Literal["auto", "kmeans++", "pca-partition"] = Field(
         "auto", description="global k-means seeding: kmeans++ needs the server to see the prototypes "
         "(plain only); pca-partition releases only sums (auto: kmeans++ for plain, else pca-partition)")

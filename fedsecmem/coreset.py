@@ -44,13 +44,21 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, n_select: int, seed: int
 
     ``start``: the first index (default: drawn from ``seed``).
     """
+    return greedy_coreset_radius(features, n_select, seed, start, bound_dim, progress)[0]
+
+
+def greedy_coreset_radius(features: np.ndarray | torch.Tensor, n_select: int, seed: int = 0,
+                          start: int | None = None, bound_dim: int = BOUND_DIM,
+                          progress=None) -> tuple[np.ndarray, float]:
+    """``greedy_coreset``'s indices and the covering radius they reach: the largest distance from
+    any row to its nearest chosen row (0 when every row is chosen)."""
     x = torch.as_tensor(np.ascontiguousarray(features) if isinstance(features, np.ndarray) else features)
     x = x.float().reshape(len(x), -1)
     n, d = x.shape
     if n_select <= 0:
         raise ValueError("n_select must be positive")
     if n_select >= n:
-        return np.arange(n)
+        return np.arange(n), 0.0
     xr = pca_rotate(x)
     b = max(1, min(bound_dim, d))
     low = xr[:, :b].contiguous()
@@ -69,7 +77,7 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, n_select: int, seed: int
 
 def _select(xr: torch.Tensor, low: torch.Tensor, sq_low: torch.Tensor, res_norm: torch.Tensor, sq: torch.Tensor,
             n_select: int, start: int, progress) -> np.ndarray:
-    """The greedy steps of ``greedy_coreset`` on PCA-rotated features."""
+    """The greedy steps of ``greedy_coreset`` on PCA-rotated features; also the covering radius."""
     n = len(xr)
     chosen = np.empty(n_select, dtype=np.int64)
     mind = torch.full((n,), float("inf"))
@@ -96,7 +104,7 @@ def _select(xr: torch.Tensor, low: torch.Tensor, sq_low: torch.Tensor, res_norm:
         idx = int(torch.argmax(mind))
         if progress is not None:
             progress(1)
-    return chosen
+    return chosen, float(np.sqrt(max(float(mind[idx]), 0.0)))
 
 
 def coreset_size(n: int, ratio: float, minimum: int = 1) -> int:

@@ -104,6 +104,7 @@ class FedDyMemClient:
         self.global_memory: GlobalMemory | None = None
         self.global_bank: MemoryBank | None = None
         self.joint_image_bank: MemoryBank | None = None  # own image embeddings + global image memory
+        self.global_used = 0  # global patch items this client scores with (feddymem.global_near)
         self.losses: list[float] = []
         self.timings: dict[str, float] = {}  # seconds spent per stage (for the round-time split)
 
@@ -149,7 +150,12 @@ class FedDyMemClient:
     def receive(self, memory: GlobalMemory) -> None:
         """Keep the global memory and index it once for the round's scoring."""
         self.global_memory = memory
-        self.global_bank = MemoryBank(memory.patches)
+        patches = memory.patches
+        if self.cfg.global_near is not None and self.bank is not None and self.bank.radius:
+            near = self.bank.nearest_distance(patches) <= self.cfg.global_near * self.bank.radius
+            patches = patches[near]  # the items near this client's own normal patches
+        self.global_used = len(patches)
+        self.global_bank = MemoryBank(patches) if len(patches) else None
         if self.image_bank is not None and memory.images is not None:
             self.joint_image_bank = MemoryBank(np.concatenate([self.image_bank.items, memory.images]))
 

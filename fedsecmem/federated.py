@@ -138,6 +138,8 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
                     ctx.ledgers.privacy(r + 1, privacy.per_round[-1], privacy.z, pv.delta)
             for cl in clients:
                 cl.receive(agg.memory)
+            if fc.global_near is not None:
+                summary["global_items_used"] = float(np.mean([cl.global_used for cl in clients]))
             with timed(ctx.timings, "score_s"):
                 scores = [cl.score(ctx.test_emb.subset(c.test_index), fc.score_with, cfg.scoring.image_k, cfg.scoring.reweight_k)
                           for cl, c in zip(clients, ctx.clients)]

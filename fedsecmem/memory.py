@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import torch
 
-from fedsecmem.coreset import coreset_size, greedy_coreset
+from fedsecmem.coreset import coreset_size, greedy_coreset_radius
 
 
 def _sync_threads() -> None:
@@ -14,14 +14,16 @@ def _sync_threads() -> None:
 
 
 class MemoryBank:
-    """Exact L2 nearest-neighbour index over ``items`` (M, D)."""
+    """Exact L2 nearest-neighbour index over ``items`` (M, D). ``radius``: for a coreset bank, the
+    largest distance from any patch it was chosen from to its nearest item (else None)."""
 
-    def __init__(self, items: np.ndarray):
+    def __init__(self, items: np.ndarray, radius: float | None = None):
         items = np.ascontiguousarray(items, dtype=np.float32)
         if items.ndim != 2 or len(items) == 0:
             raise ValueError(f"memory bank needs a non-empty (M, D) array, got shape {items.shape}")
         _sync_threads()
         self.items = items
+        self.radius = radius
         self.index = faiss.IndexFlatL2(items.shape[1])
         self.index.add(items)
 
@@ -50,5 +52,5 @@ class MemoryBank:
 def coreset_bank(patches: np.ndarray, ratio: float, seed: int = 0, progress=None) -> MemoryBank:
     """Bank of a greedy k-center coreset of ``patches`` (any leading shape, last axis = D)."""
     flat = patches.reshape(-1, patches.shape[-1])
-    keep = greedy_coreset(flat, coreset_size(len(flat), ratio), seed=seed, progress=progress)
-    return MemoryBank(flat[keep])
+    keep, radius = greedy_coreset_radius(flat, coreset_size(len(flat), ratio), seed=seed, progress=progress)
+    return MemoryBank(flat[keep], radius)

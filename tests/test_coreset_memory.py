@@ -163,3 +163,34 @@ def test_reweighting_a_one_item_bank_keeps_the_plain_max():
     one = [MemoryBank(np.zeros((1, 3), np.float32))]
     np.testing.assert_array_equal(score_embeddings(emb, one, None, reweight_k=9).image_patch,
                                   score_embeddings(emb, one, None).image_patch)
+
+
+def test_coreset_bank_knows_its_covering_radius():
+    """Known answer: the radius is the largest distance from any patch to its nearest bank item."""
+    x = np.random.default_rng(4).normal(size=(3000, 12)).astype(np.float32)
+    bank = coreset_bank(x, 0.05, seed=1)
+    brute = np.sqrt(((x[:, None, :] - bank.items[None]) ** 2).sum(-1)).min(1).max()
+    assert bank.radius == pytest.approx(brute, rel=1e-4)
+    assert coreset_bank(x[:10], 1.0).radius == 0.0
+
+
+def test_a_client_scores_only_with_global_items_near_its_own_patches():
+    """feddymem.global_near: items of products the client never saw stay out of its scoring."""
+    from fedsecmem.backbone import Embeddings
+    from fedsecmem.config import FedDyMemConfig
+    from fedsecmem.feddymem import FedDyMemClient, GlobalMemory
+
+    rng = np.random.default_rng(0)
+    own = rng.normal(size=(6, 4, 4, 8)).astype(np.float32)  # the client's normal patches, near 0
+    near = rng.normal(scale=0.5, size=(5, 8)).astype(np.float32)
+    far = (rng.normal(size=(7, 8)) + 40.0).astype(np.float32)  # another product's patches
+    memory = GlobalMemory(np.vstack([near, far]), None)
+    for setting, used in ((None, 12), (1.0, 5)):
+        cfg = FedDyMemConfig(use_generator=False, global_near=setting)
+        client = FedDyMemClient(0, Embeddings(own, None), cfg, 0, 0.2, use_generator=False)
+        client.rebuild_bank()
+        client.receive(memory)
+        assert client.global_used == used and len(client.global_bank) == used
+        # a test patch that looks like the other product scores high only when its items are left out
+        s = client.score(Embeddings(far[:1].reshape(1, 1, 1, 8), None), "local+global", 2)
+        assert (s.image_patch[0] > 20.0) == (setting is not None)
