@@ -138,7 +138,10 @@ class _Open:
 
     def finish(self):
         for c in (0, 1, 2):
-            if c not in self.coord._open.replies:
+            exchange = self.coord._open  # read once: the exchange's thread may close it meanwhile
+            if exchange is None:  # every client replied or withdrew: the exchange has closed
+                break
+            if c not in exchange.replies:
                 ok, why = self.coord.handle_push(c, self.envelope(c))
                 assert ok, why
         self.thread.join(10)
