@@ -27,7 +27,6 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from fedsecmem.backbone import PatchEmbedder, create_classifier, to_tensor  # noqa: E402
-from fedsecmem.memory import MemoryBank  # noqa: E402
 
 ANOMALIB_VERSION = "2.7.0"
 NUM_NEIGHBORS = 9  # anomalib's default (torch_model.py and lightning_model.py)
@@ -141,26 +140,3 @@ class AnomalibPatchCore:
     def bank(self) -> np.ndarray:
         """anomalib's memory bank (M, D) after ``subsample``."""
         return self.model.memory_bank.detach().cpu().numpy()
-
-
-def eq7_scores(patches: np.ndarray, patch_dist: np.ndarray, bank: MemoryBank,
-               num_neighbors: int = NUM_NEIGHBORS) -> np.ndarray:
-    """anomalib's re-weighted image score (PatchCore eq. 7, as ``compute_anomaly_score``
-    implements it) on fedsecmem's embeddings and bank, for the diagnostic column.
-
-    f* = the test patch with the largest nearest-neighbour distance s*; m* its nearest bank
-    item; N = the ``num_neighbors`` bank items nearest to m* (m* itself first);
-    d_j = ||f* - n_j||; score = (1 - softmax(d)_0) * s*.
-    """
-    n = len(patches)
-    d = patches.shape[-1]
-    flat = patch_dist.reshape(n, -1)
-    arg = flat.argmax(1)
-    f = patches.reshape(n, -1, d)[np.arange(n), arg]
-    s = flat[np.arange(n), arg]
-    _, nn = bank.search(f, 1)
-    _, support = bank.search(bank.items[nn[:, 0]], min(num_neighbors, len(bank)))
-    dist = np.linalg.norm(f[:, None, :] - bank.items[support], axis=2).astype(np.float64)
-    dist -= dist.max(axis=1, keepdims=True)
-    soft = np.exp(dist) / np.exp(dist).sum(axis=1, keepdims=True)
-    return ((1.0 - soft[:, 0]) * s).astype(np.float32)

@@ -47,7 +47,7 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markdown import write_section  # noqa: E402
-from anomalib_ref import NUM_NEIGHBORS, AnomalibPatchCore, anomalib_version, eq7_scores  # noqa: E402
+from anomalib_ref import NUM_NEIGHBORS, AnomalibPatchCore, anomalib_version  # noqa: E402
 
 from fedsecmem.backbone import BUILTIN_BACKBONE, PatchEmbedder  # noqa: E402
 from fedsecmem.config import config_from_dict  # noqa: E402
@@ -57,12 +57,7 @@ from fedsecmem.data.types import Benchmark, ImageSet  # noqa: E402
 from fedsecmem.memory import MemoryBank, coreset_bank  # noqa: E402
 from fedsecmem.metrics import auroc, pixel_auroc  # noqa: E402
 from fedsecmem.progress import console, make_progress, task  # noqa: E402
-from fedsecmem.scoring import anomaly_maps, score_embeddings  # noqa: E402
-
-try:  # PatchCore eq. 7 in fedsecmem (scoring.reweight_k); older trees lack it
-    from fedsecmem.scoring import reweighted_max  # noqa: E402
-except ImportError:  # pragma: no cover
-    reweighted_max = None
+from fedsecmem.scoring import anomaly_maps, reweighted_max, score_embeddings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_TOL = 0.005  # ours may be at most this much below anomalib's AUROC
@@ -157,7 +152,7 @@ def compare(embedder: PatchEmbedder, ref: AnomalibPatchCore, train: np.ndarray, 
     """Train one model per library on ``train`` and score ``test``; metrics and timings.
     ``scoring``: the set's ``ScoringConfig`` (smoothing sigma, re-weighting k as configured)."""
     sigma = scoring.smoothing_sigma
-    reweight_k = getattr(scoring, "reweight_k", 0)
+    reweight_k = scoring.reweight_k
     size = test.images.shape[1]
     head = test.headline
     labels = test.labels[head]
@@ -172,7 +167,7 @@ def compare(embedder: PatchEmbedder, ref: AnomalibPatchCore, train: np.ndarray, 
     del emb
     with task(progress, f"{label} ours: score", len(test)) as adv, Clock() as c_score_ours:
         test_emb = embedder.embed(test.images, batch_size, progress=adv)
-        sc = score_embeddings(test_emb, [bank], None, **({"reweight_k": reweight_k} if reweight_k else {}))
+        sc = score_embeddings(test_emb, [bank], None, reweight_k=reweight_k)
         maps_ours = anomaly_maps(sc.patch, size, sigma)
     eq7_ours = _eq7(test_emb.patches, sc.patch, bank)
 
@@ -229,10 +224,7 @@ def compare(embedder: PatchEmbedder, ref: AnomalibPatchCore, train: np.ndarray, 
 
 
 def _eq7(patches: np.ndarray, patch_dist: np.ndarray, bank: MemoryBank) -> np.ndarray:
-    """PatchCore eq. 7 with anomalib's 9 neighbours: fedsecmem's ``reweighted_max`` where it exists,
-    else this benchmark's own copy (anomalib_ref.eq7_scores)."""
-    if reweighted_max is None:
-        return eq7_scores(patches, patch_dist, bank, NUM_NEIGHBORS)
+    """PatchCore eq. 7 with anomalib's 9 neighbours (fedsecmem's ``reweighted_max``)."""
     n, h, w, d = patches.shape
     return reweighted_max(patches.reshape(n, h * w, d), patch_dist.reshape(n, -1), [bank], NUM_NEIGHBORS)
 

@@ -24,9 +24,8 @@ import torch
 
 BOUND_DIM = 32  # PCA dims used for the lower bound (speed only; the result is exact)
 DENSE_FRACTION = 0.15  # above this share of candidates, a dense pass is cheaper than a gather
-# The greedy steps run on one thread: a step is a handful of small vector operations, and a second
-# thread mostly waits. Measured on 2 cores with one other busy process:
-# 16k patches 2.3x slower with 2 threads, 160k patches 3-8x slower.
+# The greedy steps run on one thread: a step is a handful of small vector operations, and on a
+# 2-core machine a second thread mostly waits (and stalls when the other core is busy).
 
 
 def pca_rotate(x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,6 @@ from fedsecmem.data.types import ImageSet
 from fedsecmem.metrics import auroc, pixel_auroc, pro_score
 from fedsecmem.scoring import Scores, anomaly_maps
 
-GOOD = "good"
-
-
 def headline_auroc(test: ImageSet, image_scores: np.ndarray | None) -> float | None:
     """Image AUROC over the images the headline counts (uncertain kinds left out)."""
     if image_scores is None:
