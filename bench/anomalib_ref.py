@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from fedsecmem.backbone import PatchEmbedder, create_classifier, to_tensor  # noqa: E402
+from fedsecmem.detector.backbone import PatchEmbedder, create_classifier, to_tensor  # noqa: E402
 
 ANOMALIB_VERSION = "2.7.0"
 NUM_NEIGHBORS = 9  # anomalib's default (torch_model.py and lightning_model.py)

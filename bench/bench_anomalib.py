@@ -49,15 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markdown import write_section  # noqa: E402
 from anomalib_ref import NUM_NEIGHBORS, AnomalibPatchCore, anomalib_version  # noqa: E402
 
-from fedsecmem.backbone import BUILTIN_BACKBONE, PatchEmbedder  # noqa: E402
+from fedsecmem.detector.backbone import BUILTIN_BACKBONE, PatchEmbedder  # noqa: E402
 from fedsecmem.config import config_from_dict  # noqa: E402
-from fedsecmem.coreset import coreset_size  # noqa: E402
+from fedsecmem.detector.coreset import coreset_size  # noqa: E402
 from fedsecmem.data.load import load_benchmark  # noqa: E402
 from fedsecmem.data.types import Benchmark, ImageSet  # noqa: E402
-from fedsecmem.memory import MemoryBank, coreset_bank  # noqa: E402
-from fedsecmem.metrics import auroc, pixel_auroc  # noqa: E402
+from fedsecmem.detector.memory import MemoryBank, coreset_bank  # noqa: E402
+from fedsecmem.detector.metrics import auroc, pixel_auroc  # noqa: E402
 from fedsecmem.progress import console, make_progress, task  # noqa: E402
-from fedsecmem.scoring import anomaly_maps, reweighted_max, score_embeddings  # noqa: E402
+from fedsecmem.detector.scoring import anomaly_maps, reweighted_max, score_embeddings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_TOL = 0.005  # ours may be at most this much below anomalib's AUROC

@@ -20,7 +20,7 @@ import numpy as np
 
 from fedsecmem.audits.ledger import LEDGER_DIR, verify_run
 from fedsecmem.config import load_config
-from fedsecmem.runner import run
+from fedsecmem.run.runner import run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import OUT, ROOT  # noqa: E402

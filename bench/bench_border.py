@@ -17,12 +17,12 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from markdown import write_section  # noqa: E402
 
-from fedsecmem.backbone import PatchEmbedder  # noqa: E402
+from fedsecmem.detector.backbone import PatchEmbedder  # noqa: E402
 from fedsecmem.config import config_from_dict  # noqa: E402
-from fedsecmem.coreset import coreset_size, greedy_coreset  # noqa: E402
+from fedsecmem.detector.coreset import coreset_size, greedy_coreset  # noqa: E402
 from fedsecmem.data.load import load_benchmark  # noqa: E402
-from fedsecmem.memory import MemoryBank  # noqa: E402
-from fedsecmem.metrics import auroc  # noqa: E402
+from fedsecmem.detector.memory import MemoryBank  # noqa: E402
+from fedsecmem.detector.metrics import auroc  # noqa: E402
 
 RATIO = 0.1  # the textures configs' coreset ratio
 

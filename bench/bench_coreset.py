@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from markdown import write_section  # noqa: E402
 
-from fedsecmem.backbone import PatchEmbedder  # noqa: E402
-from fedsecmem.coreset import greedy_coreset  # noqa: E402
+from fedsecmem.detector.backbone import PatchEmbedder  # noqa: E402
+from fedsecmem.detector.coreset import greedy_coreset  # noqa: E402
 from fedsecmem.data.fmnist import make_fmnist  # noqa: E402
 
 SELECT_RATIO = 0.01

@@ -60,11 +60,11 @@ def _dp_sgd_overhead(bench: str) -> str:
 
     import torch
 
-    from fedsecmem.backbone import Embeddings
+    from fedsecmem.detector.backbone import Embeddings
     from fedsecmem.config import load_config
     from fedsecmem.data.load import load_benchmark
-    from fedsecmem.embedding_cache import load_cached
-    from fedsecmem.feddymem import FedDyMemClient
+    from fedsecmem.detector.embedding_cache import load_cached
+    from fedsecmem.method.client import FedDyMemClient
 
     cfg = load_config(ROOT / "configs" / f"{bench}.yaml", ["seed=0", f"output.embedding_cache={OUT / 'cache'}"])
     train, _, _ = load_cached(cfg, load_benchmark(cfg.data, cfg.seed))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsecmem.config import load_config
-from fedsecmem.runner import run
+from fedsecmem.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "bench"

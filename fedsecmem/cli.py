@@ -78,7 +78,7 @@ def print_run_summary(results: dict, out: Path) -> None:
         console.print(c)
     agg = results.get("aggregation")
     if agg:
-        from fedsecmem.aggregation import server_view
+        from fedsecmem.method.aggregation import server_view
 
         console.print(f"protocol = {agg['protocol']}: {server_view(agg)}")
     pv = results["privacy"]
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from fedsecmem.config import load_config
-            from fedsecmem.runner import run
+            from fedsecmem.run.runner import run
 
             cfg = load_config(args.config, args.overrides)
             out = Path(args.out) if args.out else Path("runs") / cfg.name
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             _provision(args)
         elif args.command == "serve":
             from fedsecmem.config import load_config
-            from fedsecmem.serve import serve
+            from fedsecmem.deployment.serve import serve
 
             cfg = load_config(args.config, args.overrides)
             out = Path(args.out) if args.out else Path("runs") / cfg.name
@@ -262,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
             print_run_summary(results, out)
         elif args.command == "join":
             from fedsecmem.config import load_config
-            from fedsecmem.join import join
+            from fedsecmem.deployment.join import join
 
             join(load_config(args.config, args.overrides), args.client_id, Path(args.out) if args.out else None)
         elif args.command == "audit":
             return _audit(args)
         elif args.command == "sweep":
-            from fedsecmem.sweep import sweep_command
+            from fedsecmem.run.sweep import sweep_command
 
             sweep_command(args)
     except UserError as exc:

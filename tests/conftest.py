@@ -8,6 +8,6 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def embedder():
-    from fedsecmem.backbone import PatchEmbedder
+    from fedsecmem.detector.backbone import PatchEmbedder
 
     return PatchEmbedder(image_layer=4)

@@ -36,7 +36,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A real simulated run (SecAgg+, DP, leakage on): its folder."""
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     out = tmp_path_factory.mktemp("run") / "out"
     run(config_from_dict(json.loads(json.dumps(TINY))), out)
@@ -267,7 +267,7 @@ def test_lira_separates_members_when_the_shadows_say_how():
 
 
 def test_distance_attack_sees_members_of_a_memory_and_nothing_in_an_independent_one():
-    from fedsecmem.leakage import _mean_nn
+    from fedsecmem.run.leakage import _mean_nn
 
     rng = np.random.default_rng(0)
     members = rng.normal(size=(60, 16, 8)).astype(np.float32)
@@ -282,7 +282,7 @@ def test_distance_attack_sees_members_of_a_memory_and_nothing_in_an_independent_
 
 
 def test_cell_centres_decodes_what_a_cell_release_reveals():
-    from fedsecmem.leakage import cell_centres
+    from fedsecmem.run.leakage import cell_centres
     from fedsecmem.protocols.kmeans_party import Request, local_cell_stats
 
     rng = np.random.default_rng(0)
@@ -318,7 +318,7 @@ def test_leakage_of_a_real_run_uses_withheld_training_images_as_non_members(tiny
 
 def test_plain_server_view_leaks_membership(tmp_path):
     """Without DP, the faithful plain server holds every client's prototypes: members stand out."""
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     cfg = json.loads(json.dumps(TINY))
     cfg.update(protocol="plain", privacy={"dp": False})
@@ -397,7 +397,7 @@ def test_a_view_drowned_in_noise_is_still_measured():
     """Under DP every cell of a release can fall under the noise cut: the view is then empty, and it
     must be reported (as telling the attacker nothing), not dropped from the results."""
     from fedsecmem.config import RunConfig
-    from fedsecmem.leakage import LeakageViews
+    from fedsecmem.run.leakage import LeakageViews
 
     v = LeakageViews(RunConfig(protocol="secagg", method="feddymem"))
     v.aggregate = [np.zeros((0, 4))]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from fedsecmem.backbone import (PatchEmbedder, builtin_weights_path, create_classifier,
+from fedsecmem.detector.backbone import (PatchEmbedder, builtin_weights_path, create_classifier,
                                 map_state_dict, to_tensor)
 from fedsecmem.errors import UserError
 
@@ -92,7 +92,7 @@ def test_user_weights_file_for_another_backbone(tmp_path):
 
 
 def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
-    from fedsecmem.backbone import resolve_device
+    from fedsecmem.detector.backbone import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA device"):
         resolve_device("cuda")

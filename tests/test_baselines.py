@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedsecmem.aggregation import average_states
-from fedsecmem.backbone import Embeddings
+from fedsecmem.method.aggregation import average_states
+from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.config import FedDyMemConfig, config_from_dict
 from fedsecmem.errors import UserError
-from fedsecmem.feddymem import FedDyMemClient
-from fedsecmem.fedsm import ModelSelector, pick, train_selector
+from fedsecmem.method.client import FedDyMemClient
+from fedsecmem.baselines.fedsm import ModelSelector, pick, train_selector
 from fedsecmem.protocols.secure_sum import PlainSum
-from fedsecmem.scoring import Scores
-from fedsecmem.wsa import scope_of, scope_penalty, split_scope, with_scope
+from fedsecmem.detector.scoring import Scores
+from fedsecmem.baselines.wsa import scope_of, scope_penalty, split_scope, with_scope
 
 
 def _client(seed: int = 3, scale: float = 1.0) -> FedDyMemClient:
@@ -132,7 +132,7 @@ TINY = {
 
 
 def test_fedsm_run_reports_the_selector_and_counts_its_bytes(tmp_path):
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     r = run(config_from_dict(json.loads(json.dumps(TINY))), tmp_path / "fedsm")
     avg = run(config_from_dict({**json.loads(json.dumps(TINY)), "method": "fedavg"}), tmp_path / "fedavg")
@@ -161,7 +161,7 @@ def test_parameter_sharing_clients_start_from_the_global_generator():
 
 
 def test_a_wsa_run_aligns_from_round_two_and_sends_the_scopes(tmp_path):
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     base = {**json.loads(json.dumps(TINY)), "method": "fedavg", "fl": {}}
     plain = run(config_from_dict(base), tmp_path / "fedavg")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fedsecmem.coreset import coreset_size, greedy_coreset, pca_rotate
-from fedsecmem.memory import MemoryBank, coreset_bank
-from fedsecmem.scoring import anomaly_maps
+from fedsecmem.detector.coreset import coreset_size, greedy_coreset, pca_rotate
+from fedsecmem.detector.memory import MemoryBank, coreset_bank
+from fedsecmem.detector.scoring import anomaly_maps
 
 
 def naive_greedy(x: np.ndarray, k: int, start: int) -> np.ndarray:
@@ -120,8 +120,8 @@ def _eq7_by_hand(query_patches, items, k):
 
 
 def test_reweighted_image_score_is_patchcore_eq7():
-    from fedsecmem.backbone import Embeddings
-    from fedsecmem.scoring import score_embeddings
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.detector.scoring import score_embeddings
 
     rng = np.random.default_rng(3)
     items = rng.normal(size=(40, 6)).astype(np.float32)
@@ -143,8 +143,8 @@ def test_reweighted_image_score_is_patchcore_eq7():
 def test_reweighting_ranks_a_sparse_region_above_a_dense_one():
     """Same distance to the nearest item: the item with far-away neighbours (a rare normal
     pattern seen once) weighs more than one in a dense cluster."""
-    from fedsecmem.backbone import Embeddings
-    from fedsecmem.scoring import score_embeddings
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.detector.scoring import score_embeddings
 
     rng = np.random.default_rng(0)
     dense = rng.normal(scale=0.05, size=(30, 2))
@@ -156,8 +156,8 @@ def test_reweighting_ranks_a_sparse_region_above_a_dense_one():
 
 def test_reweighting_a_one_item_bank_keeps_the_plain_max():
     """With no neighbour to weigh against, 1 - softmax would be 0 for every image."""
-    from fedsecmem.backbone import Embeddings
-    from fedsecmem.scoring import score_embeddings
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.detector.scoring import score_embeddings
 
     emb = Embeddings(np.random.default_rng(0).normal(size=(4, 2, 2, 3)).astype(np.float32), None)
     one = [MemoryBank(np.zeros((1, 3), np.float32))]
@@ -176,9 +176,9 @@ def test_coreset_bank_knows_its_covering_radius():
 
 def test_a_client_scores_only_with_global_items_near_its_own_patches():
     """feddymem.global_near: items of products the client never saw stay out of its scoring."""
-    from fedsecmem.backbone import Embeddings
+    from fedsecmem.detector.backbone import Embeddings
     from fedsecmem.config import FedDyMemConfig
-    from fedsecmem.feddymem import FedDyMemClient, GlobalMemory
+    from fedsecmem.method.client import FedDyMemClient, GlobalMemory
 
     rng = np.random.default_rng(0)
     own = rng.normal(size=(6, 4, 4, 8)).astype(np.float32)  # the client's normal patches, near 0

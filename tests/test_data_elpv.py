@@ -199,7 +199,7 @@ def test_cells_scored_apart_never_move_the_splits():
 def test_central_run_scores_uncertain_cells_apart(tmp_path):
     """End to end: the headline AUROC and the pooled figure count only normal and defective cells
     (the same images as the 'defective' kind against the normals); the uncertain ones appear per kind."""
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     cfg = config_from_dict({"method": "central", "data": {
         "benchmark": "elpv", "image_size": 64, "train_per_product": 12, "test_normal_per_product": 6,

@@ -146,7 +146,7 @@ def certs(tmp_path_factory):
 def simulated(tmp_path_factory, certs):
     """The in-process simulator's run of the tiny config (its global memory is the reference)."""
     from fedsecmem.config import load_config
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     tmp = tmp_path_factory.mktemp("sim")
     run(load_config(_config(tmp, certs)), tmp / "out")

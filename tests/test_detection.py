@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedsecmem.config import load_config
-from fedsecmem.runner import run
+from fedsecmem.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

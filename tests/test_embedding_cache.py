@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedsecmem.embedding_cache as ec
-from fedsecmem.backbone import Embeddings
+import fedsecmem.detector.embedding_cache as ec
+from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.config import load_config
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.types import Benchmark, ImageSet
-from fedsecmem.embedding_cache import cache_ingredients, cache_key, load_cached, store_cached
+from fedsecmem.detector.embedding_cache import cache_ingredients, cache_key, load_cached, store_cached
 from fedsecmem.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_embeddings_made_on_another_kind_of_device_miss(tmp_path, weights, monke
 
     cfg, bench = _cfg(tmp_path, weights), _bench()
     _store(cfg, bench)
-    monkeypatch.setattr(ec.fedsecmem.backbone, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(ec.fedsecmem.detector.backbone, "resolve_device", lambda name: torch.device("cuda"))
     assert load_cached(cfg, bench) is None
 
 
@@ -119,7 +119,7 @@ def test_the_source_digest_follows_the_embedding_modules_bytes(tmp_path, monkeyp
     src.write_text("POOL = dict(count_include_pad=True)\n")
     assert ec.embedder_source_digest() != before
     monkeypatch.undo()
-    assert ec._EMBEDDER_MODULES[0].__name__ == "fedsecmem.backbone"
+    assert ec._EMBEDDER_MODULES[0].__name__ == "fedsecmem.detector.backbone"
 
 
 def test_a_change_of_the_weights_content_misses_and_hashes_are_memoized(tmp_path, weights, monkeypatch):
@@ -141,7 +141,7 @@ def test_builtin_hub_and_file_weights_key_differently(tmp_path, weights, monkeyp
     bench = _bench()
     builtin = tmp_path / "builtin.pt"
     builtin.write_bytes(weights.read_bytes())
-    monkeypatch.setattr(ec.fedsecmem.backbone, "builtin_weights_path", lambda: builtin)
+    monkeypatch.setattr(ec.fedsecmem.detector.backbone, "builtin_weights_path", lambda: builtin)
     keys = {cache_key(_cfg(tmp_path, w), bench) for w in (weights, "builtin", "hub")}
     assert len(keys) == 3
     hub = cache_ingredients(_cfg(tmp_path, "hub"), bench)["weights"]
@@ -221,7 +221,7 @@ def test_cache_off_reads_and_writes_nothing(tmp_path, weights, monkeypatch):
 
 def test_cached_run_matches_fresh_run_and_survives_a_truncated_cache(tmp_path):
     """Full runs (need runner.py to call load_cached(cfg, bench) / store_cached(cfg, bench, ...))."""
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     cache = tmp_path / "cache"
     cfg = load_config(ROOT / "configs/quickstart.yaml", TINY + [f"output.embedding_cache={cache}"])

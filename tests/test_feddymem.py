@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fedsecmem.config import FedDyMemConfig
-from fedsecmem.generator import MemoryGenerator
-from fedsecmem.kmeans import weighted_kmeans
-from fedsecmem.metric_loss import anti_collapse_target, metric_loss, spread
-from fedsecmem.reduce import reduce_images
+from fedsecmem.method.generator import MemoryGenerator
+from fedsecmem.method.kmeans import weighted_kmeans
+from fedsecmem.method.metric_loss import anti_collapse_target, metric_loss, spread
+from fedsecmem.method.reduce import reduce_images
 
 
 def test_generator_starts_as_identity_or_orthonormal_projection():
@@ -90,7 +90,7 @@ def _tiny(method, tmp_path, extra=()):
     from pathlib import Path
 
     from fedsecmem.config import load_config
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs/quickstart.yaml", [
         f"method={method}", "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
@@ -127,7 +127,7 @@ def test_weighted_kmeans_runs_lloyd_to_convergence():
     centres, _, full = weighted_kmeans(x, w, 12, iters=200, seed=0)
     assert full < two < one  # each further Lloyd update lowers the objective
     # at the returned centres another Lloyd update gains (almost) nothing: converged
-    from fedsecmem.kmeans import lloyd_step
+    from fedsecmem.method.kmeans import lloyd_step
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
     sums, tot, _ = lloyd_step(xt, wt, torch.from_numpy(centres.astype(np.float64)))
     moved = sums / tot[:, None]

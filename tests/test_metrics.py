@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedsecmem.metrics import auroc, pixel_auroc, pro_score
+from fedsecmem.detector.metrics import auroc, pixel_auroc, pro_score
 
 
 def test_auroc_known_values():
@@ -58,8 +58,8 @@ def test_per_category_and_uncertain_kinds_against_sklearn():
     their own AUROC against the normals."""
     from sklearn.metrics import roc_auc_score
 
-    from fedsecmem.evaluate import across_clients, category_summary, evaluate_client
-    from fedsecmem.scoring import Scores
+    from fedsecmem.detector.evaluate import across_clients, category_summary, evaluate_client
+    from fedsecmem.detector.scoring import Scores
 
     labels = [0, 0, 1, 1, 0, 0, 1, 1, 1, 1]
     products = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]

@@ -13,13 +13,13 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate, epsilon_of
 from fedsecmem.config import DataConfig
 from fedsecmem.data.load import load_benchmark
-from fedsecmem.metric_loss import per_image_metric_loss
+from fedsecmem.method.metric_loss import per_image_metric_loss
 from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum, clip_to_unit
 from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.protocols.kmeans_party import local_cell_stats
 from fedsecmem.protocols.secure_sum import make_secure_sum
-from fedsecmem.reduce import reduce_images
+from fedsecmem.method.reduce import reduce_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_per_image_loss_depends_on_its_own_image_only():
 
 def _tiny_dp(tmp_path, *extra):
     from fedsecmem.config import load_config
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
     cfg = load_config(ROOT / "configs/quickstart.yaml", [
         "data.products=[brick,immunohistochemistry]", "data.train_per_product=6",
         "data.test_normal_per_product=4", "data.test_defect_per_product=4", "data.image_size=64",

@@ -4,7 +4,7 @@ close to plaintext k-means++, and the same under every protocol."""
 import numpy as np
 import pytest
 
-from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.method.kmeans import weighted_kmeans
 from fedsecmem.protocols.kmeans_party import local_moments
 from fedsecmem.protocols.secure_kmeans import federated_kmeans, pca_from_sums, secure_weighted_average
 from fedsecmem.protocols.secure_sum import make_secure_sum

@@ -31,12 +31,12 @@ from types import ModuleType
 
 import numpy as np
 
-import fedsecmem.backbone
-from fedsecmem.backbone import Embeddings
+import fedsecmem.detector.backbone
+from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.errors import UserError
 
 FORMAT = 2  # bump when the file layout or the meaning of the key changes
-_EMBEDDER_MODULES: tuple[ModuleType, ...] = (fedsecmem.backbone,)
+_EMBEDDER_MODULES: tuple[ModuleType, ...] = (fedsecmem.detector.backbone,)
 _KEPT_BACKBONE_FIELDS = ("name", "weights", "layers", "image_layer", "pool_size")
 _CHUNK = 1 << 24
 _file_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
@@ -85,7 +85,7 @@ def weights_ingredient(backbone) -> dict:
     if backbone.weights == "hub":  # fetched by timm, not a local file: name and timm version
         return {"source": "hub", "name": backbone.name, **_library_versions()}
     if backbone.weights == "builtin":
-        path, source = fedsecmem.backbone.builtin_weights_path(), "builtin"
+        path, source = fedsecmem.detector.backbone.builtin_weights_path(), "builtin"
     else:
         path, source = Path(backbone.weights), "file"
     if not path.is_file():
@@ -110,7 +110,7 @@ def cache_ingredients(cfg, bench) -> dict:
         "format": FORMAT,
         "embedder": {"source_sha256": embedder_source_digest(), **_library_versions()},
         "backbone": {k: backbone[k] for k in _KEPT_BACKBONE_FIELDS},
-        "device": fedsecmem.backbone.resolve_device(cfg.backbone.device).type,
+        "device": fedsecmem.detector.backbone.resolve_device(cfg.backbone.device).type,
         "weights": weights_ingredient(cfg.backbone),
         "data": {split: {"images_sha256": images_digest(images.images), "n": len(images),
                          "shape": list(images.images.shape), "dtype": images.images.dtype.str}

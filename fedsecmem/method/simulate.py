@@ -12,16 +12,16 @@ import copy
 import numpy as np
 import torch
 
-from fedsecmem.aggregation import Aggregated, average_states, make_aggregator, secure_sum_for
-from fedsecmem.backbone import resolve_device
+from fedsecmem.method.aggregation import Aggregated, average_states, make_aggregator, secure_sum_for
+from fedsecmem.detector.backbone import resolve_device
 from fedsecmem.errors import UserError
-from fedsecmem.privacy import RunPrivacy
-from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
-from fedsecmem.fedsm import FedSM
-from fedsecmem.wsa import split_scope, with_scope
-from fedsecmem.evaluate import headline_auroc, mean_defined
+from fedsecmem.privacy.budget import RunPrivacy
+from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
+from fedsecmem.baselines.fedsm import FedSM
+from fedsecmem.baselines.wsa import split_scope, with_scope
+from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.progress import console, task
-from fedsecmem.reference import MethodContext, MethodOutput, timed
+from fedsecmem.baselines.reference import MethodContext, MethodOutput, timed
 
 
 def _round_metrics(ctx: MethodContext, scores) -> dict:
@@ -160,7 +160,7 @@ def _feddymem_rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss, priv
 def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: bool = False) -> MethodOutput:
     """FedAvg (mu = 0) / FedProx (mu > 0) of the generator, with Weight Scope Alignment when
     ``fl.wsa_weight > 0``; scoring with each client's own bank. ``personalize``: FedSM on top
-    (personalized generators by SoftPull and a federated model selector, ``fedsecmem.fedsm``)."""
+    (personalized generators by SoftPull and a federated model selector, ``fedsecmem.baselines.fedsm``)."""
     cfg, fc = ctx.cfg, ctx.cfg.feddymem
     clients = _make_clients(ctx, True)
     ss = _tapped(ctx, secure_sum_for(cfg, plain_wire="float32"))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedsecmem.data.types import ImageSet
-from fedsecmem.metrics import auroc, pixel_auroc, pro_score
-from fedsecmem.scoring import Scores, anomaly_maps
+from fedsecmem.detector.metrics import auroc, pixel_auroc, pro_score
+from fedsecmem.detector.scoring import Scores, anomaly_maps
 
 def headline_auroc(test: ImageSet, image_scores: np.ndarray | None) -> float | None:
     """Image AUROC over the images the headline counts (uncertain kinds left out)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedsecmem.crypto.pki import ProvisioningError, TlsMaterial, client_name, tls_material
 from fedsecmem.errors import UserError
-from fedsecmem.feddymem import GlobalMemory
+from fedsecmem.method.client import GlobalMemory
 from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
 

@@ -133,7 +133,7 @@ def sweep(config: str, epsilons: list[float | None], protocols: list[str], out: 
           inf_overrides: list[str]) -> list[dict]:
     from fedsecmem.config import load_config
     from fedsecmem.progress import console
-    from fedsecmem.runner import run
+    from fedsecmem.run.runner import run
 
     plans = []
     for proto in protocols:

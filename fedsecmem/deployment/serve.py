@@ -26,27 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsecmem.aggregation import global_memory_over, kmeans_for, secure_sum_for, threat_model
+from fedsecmem.method.aggregation import global_memory_over, kmeans_for, secure_sum_for, threat_model
 from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint, sha256
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
-from fedsecmem.deploy import check_deployable, crash_if_asked, get_json, max_bytes, party_tls, put_memory
+from fedsecmem.deployment.checks import check_deployable, crash_if_asked, get_json, max_bytes, party_tls, put_memory
 from fedsecmem.errors import UserError
-from fedsecmem.evaluate import mean_defined
-from fedsecmem.federated import aggregation_summary
-from fedsecmem.feddymem import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
-from fedsecmem.ledgers import begin, coordinator_observer, file_digest, party_ledger, record_dp, write_party_keys
-from fedsecmem.plots import round_curve
-from fedsecmem.privacy import STATE_FILE, RunPrivacy, secagg_threshold
+from fedsecmem.detector.evaluate import mean_defined
+from fedsecmem.method.simulate import aggregation_summary
+from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
+from fedsecmem.privacy.ledgers import begin, coordinator_observer, file_digest, party_ledger, record_dp, write_party_keys
+from fedsecmem.run.plots import round_curve
+from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy, secagg_threshold
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.protocols.grpc_transport import start_server
 from fedsecmem.protocols.network_sum import NetworkCollective
 from fedsecmem.protocols.wire import Body, BodyBuilder
-from fedsecmem.reference import MethodOutput, timed
-from fedsecmem.runner import results_document, write_results
+from fedsecmem.baselines.reference import MethodOutput, timed
+from fedsecmem.run.runner import results_document, write_results
 
 log = logging.getLogger("fedsecmem.server")
 CHECKPOINT = "checkpoint.json"

@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsecmem.backbone import build_embedder, resolve_device
+from fedsecmem.detector.backbone import build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.partition import partition
 from fedsecmem.crypto.pki import client_name
-from fedsecmem.deploy import check_deployable, client_tls, crash_if_asked, get_memory, max_bytes, put_json
+from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, get_memory, max_bytes, put_json
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import SERVER
-from fedsecmem.evaluate import evaluate_client
-from fedsecmem.ledgers import begin, party_ledger
-from fedsecmem.feddymem import FedDyMemClient
-from fedsecmem.privacy import min_survivors
+from fedsecmem.detector.evaluate import evaluate_client
+from fedsecmem.privacy.ledgers import begin, party_ledger
+from fedsecmem.method.client import FedDyMemClient
+from fedsecmem.privacy.budget import min_survivors
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import ERROR_KIND
 from fedsecmem.protocols.dp_release import NoisySum

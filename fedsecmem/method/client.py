@@ -5,7 +5,7 @@ A round:
    generator, rebuilds its local bank (coreset: the dynamic memory bank),
    reduces each image to a few weighted prototypes (memory-reduce) and hands
    them, with its image embeddings, to the aggregation;
-2. the aggregation (``fedsecmem.aggregation``: weighted k-means on the
+2. the aggregation (``fedsecmem.method.aggregation``: weighted k-means on the
    uploads in faithful `plain` mode, federated k-means over a secure sum
    otherwise) returns the global memory, which every client receives;
 3. clients are evaluated with their local bank and the global memory;
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsecmem.backbone import Embeddings
-from fedsecmem.generator import MemoryGenerator
-from fedsecmem.memory import MemoryBank, coreset_bank
-from fedsecmem.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
-from fedsecmem.reduce import reduce_images
-from fedsecmem.scoring import Scores, score_embeddings
-from fedsecmem.wsa import Scope, scope_penalty
+from fedsecmem.detector.backbone import Embeddings
+from fedsecmem.method.generator import MemoryGenerator
+from fedsecmem.detector.memory import MemoryBank, coreset_bank
+from fedsecmem.method.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
+from fedsecmem.method.reduce import reduce_images
+from fedsecmem.detector.scoring import Scores, score_embeddings
+from fedsecmem.baselines.wsa import Scope, scope_penalty
 
 FLOAT_BYTES = 4
 TARGET_SAMPLE = 50_000  # patches used to measure the spread the generator must keep

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsecmem.aggregation import Aggregated, average_states
-from fedsecmem.backbone import Embeddings
-from fedsecmem.scoring import Scores
+from fedsecmem.method.aggregation import Aggregated, average_states
+from fedsecmem.detector.backbone import Embeddings
+from fedsecmem.detector.scoring import Scores
 
 
 def selector_features(emb: Embeddings) -> np.ndarray:

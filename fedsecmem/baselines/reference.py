@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsecmem.backbone import Embeddings
-from fedsecmem.coreset import coreset_size
+from fedsecmem.detector.backbone import Embeddings
+from fedsecmem.detector.coreset import coreset_size
 from fedsecmem.data.partition import ClientData
-from fedsecmem.memory import MemoryBank, coreset_bank
+from fedsecmem.detector.memory import MemoryBank, coreset_bank
 from fedsecmem.progress import task
-from fedsecmem.scoring import Scores, score_embeddings
+from fedsecmem.detector.scoring import Scores, score_embeddings
 
 
 @dataclass
@@ -27,7 +27,7 @@ class MethodContext:
     progress: object = None
     timings: dict = field(default_factory=dict)
     out: Path | None = None  # the run folder (state saved during the run, e.g. the privacy accountant)
-    ledgers: object = None  # RunLedgers: the parties' signed records (fedsecmem.ledgers)
+    ledgers: object = None  # RunLedgers: the parties' signed records (fedsecmem.privacy.ledgers)
     leakage: object = None  # LeakageViews: what each adversary saw, for the membership inference
 
 

@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits
-from fedsecmem.kmeans import weighted_kmeans
-from fedsecmem.memory import MemoryBank
+from fedsecmem.method.kmeans import weighted_kmeans
+from fedsecmem.detector.memory import MemoryBank
 from fedsecmem.protocols.dp_release import SENSITIVITY
 from fedsecmem.protocols.kmeans_party import Request
 from fedsecmem.protocols.secure_kmeans import EMPTY_WEIGHT, NOISE_DEVIATIONS
 from fedsecmem.protocols.secure_sum import SumOutcome
-from fedsecmem.reduce import reduce_images
+from fedsecmem.method.reduce import reduce_images
 
 CELL_OPS = ("cells", "lloyd", "dp_cells")
 SHADOW_KMEANS_ITERS = 10  # Lloyd steps of a shadow release's k-means

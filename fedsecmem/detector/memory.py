@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import torch
 
-from fedsecmem.coreset import coreset_size, greedy_coreset_radius
+from fedsecmem.detector.coreset import coreset_size, greedy_coreset_radius
 
 
 def _sync_threads() -> None:

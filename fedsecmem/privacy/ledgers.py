@@ -32,7 +32,7 @@ def file_digest(path: Path) -> str | None:
 
 
 def run_start_fields(cfg, run_id: str) -> dict:
-    from fedsecmem.aggregation import threat_model
+    from fedsecmem.method.aggregation import threat_model
 
     pv = cfg.privacy
     privacy = {"dp": pv.dp}

@@ -18,30 +18,30 @@ import torch
 import yaml
 
 from fedsecmem import __version__
-from fedsecmem.backbone import build_embedder, resolve_device
+from fedsecmem.detector.backbone import build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.data.load import load_benchmark
-from fedsecmem.embedding_cache import load_cached, store_cached
+from fedsecmem.detector.embedding_cache import load_cached, store_cached
 from fedsecmem.data.partition import partition
 from fedsecmem.data.types import ImageSet
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.evaluate import category_summary, evaluate_client, mean_defined
-from fedsecmem.metrics import auroc
-from fedsecmem.plots import anomaly_map_grid, pick_examples, round_curve
+from fedsecmem.detector.evaluate import category_summary, evaluate_client, mean_defined
+from fedsecmem.detector.metrics import auroc
+from fedsecmem.run.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
-from fedsecmem.aggregation import threat_model
+from fedsecmem.method.aggregation import threat_model
 from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
 from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
-from fedsecmem.federated import FEDERATED_METHODS
-from fedsecmem.feddymem import GLOBAL_MEMORY_FILE
-from fedsecmem.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
-from fedsecmem.ledgers import RunLedgers, file_digest
-from fedsecmem.reference import REFERENCE_METHODS, MethodContext
+from fedsecmem.method.simulate import FEDERATED_METHODS
+from fedsecmem.method.client import GLOBAL_MEMORY_FILE
+from fedsecmem.run.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
+from fedsecmem.privacy.ledgers import RunLedgers, file_digest
+from fedsecmem.baselines.reference import REFERENCE_METHODS, MethodContext
 
 LEAKAGE_PNG = "leakage_roc.png"
-from fedsecmem.scoring import anomaly_maps
+from fedsecmem.detector.scoring import anomaly_maps
 
 
 METHODS = {**REFERENCE_METHODS, **FEDERATED_METHODS}
@@ -199,7 +199,7 @@ def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], out
             # one model for everyone (central): AUROC over all clients' test images together
             "pooled_image_patch_max": pooled.get("patch"),
             "pooled_image_knn": pooled.get("knn"),
-            # each category (product) scored on its own, as MVTec AD's protocol (fedsecmem.evaluate)
+            # each category (product) scored on its own, as MVTec AD's protocol (fedsecmem.detector.evaluate)
             **category_summary(per_client),
         },
         "per_client": per_client,

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from fedsecmem.crypto.ckks import CkksParams
-from fedsecmem.feddymem import FLOAT_BYTES, Contribution, GlobalMemory
-from fedsecmem.kmeans import weighted_kmeans
+from fedsecmem.method.client import FLOAT_BYTES, Contribution, GlobalMemory
+from fedsecmem.method.kmeans import weighted_kmeans
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.secure_kmeans import (
     AggregateCost, Collective, KMeansResult, LocalCollective, dp_kmeans_over, kmeans_over, secure_weighted_average,
@@ -52,7 +52,7 @@ def server_view(aggregation: dict) -> str:
 
 def threat_model(cfg) -> dict:
     """Who could see what in a run of ``cfg``, in plain words (ledgers' run_start, privacy report)."""
-    from fedsecmem.privacy import min_survivors, secagg_threshold
+    from fedsecmem.privacy.budget import min_survivors, secagg_threshold
 
     n, protocol = cfg.clients.n, cfg.protocol
     if cfg.method in ("local", "central"):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from fedsecmem.backbone import Embeddings
-from fedsecmem.memory import MemoryBank
+from fedsecmem.detector.backbone import Embeddings
+from fedsecmem.detector.memory import MemoryBank
 
 
 @dataclass
