@@ -8,7 +8,6 @@ Bad input ends with a one-line ``error: ...`` and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def print_run_summary(results: dict, out: Path) -> None:
         console.print(c)
     agg = results.get("aggregation")
     if agg:
-        from fedsecmem.method.aggregation import server_view
+        from fedsecmem.privacy.threat_model import server_view
 
         console.print(f"protocol = {agg['protocol']}: {server_view(agg)}")
     pv = results["privacy"]
@@ -101,25 +100,19 @@ def print_comparison(dirs: list[Path]) -> None:
 
     from fedsecmem.progress import console
 
+    from fedsecmem.run.results import load_results
+
     t = Table(title="comparison")
     for col in ("run", "method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
                 "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
         t.add_column(col, justify="left" if col in ("run", "method", "protocol") else "right")
     for d in dirs:
-        path = d / "results.json" if d.is_dir() else d
-        if not path.is_file():
-            raise UserError(f"table: no results.json at {path}")
-        try:
-            r = json.loads(path.read_text())
-            a = r["auroc"]
-            up = r["comm"]["bytes_up"]
-            mean_up = sum(sum(x) for x in up) / max(1, len(up))
-            t.add_row(str(d), r["method"], r["protocol"], _fmt(a["image"]), _fmt(a.get("category_mean_image")),
-                      _fmt(a.get("image_patch_max")),
-                      _fmt(a.get("image_knn")), _fmt(a["pixel"]), _fmt(a.get("pro")), _mb(mean_up),
-                      _epsilon(r["privacy"]), _leak(r.get("leakage")), f"{r['wall_seconds']:.0f}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"table: {path} is not a fedsecmem results file ({exc})") from None
+        r = load_results(d if d.is_dir() else d.parent)  # typed: a malformed file is a one-line error
+        a = r.auroc
+        mean_up = sum(sum(x) for x in r.comm.bytes_up) / max(1, len(r.comm.bytes_up))
+        t.add_row(str(d), r.method, r.protocol, _fmt(a.image), _fmt(a.category_mean_image), _fmt(a.image_patch_max),
+                  _fmt(a.image_knn), _fmt(a.pixel), _fmt(a.pro), _mb(mean_up), _epsilon(r.privacy.model_dump()),
+                  _leak(r.leakage), f"{r.wall_seconds:.0f}")
     console.print(t)
 
 
@@ -209,7 +202,9 @@ def _audit(args) -> int:
         console.print(f"[bold red]ledger verification FAILED: {len(v.problems)} problems", highlight=False)
         return 1
     from fedsecmem.audits.report import ReportError, write_report
+    from fedsecmem.run.results import load_results
 
+    load_results(run_dir)  # the report reads a results file of this schema (a one-line error otherwise)
     try:
         j, h, report = write_report(run_dir, keys)
     except ReportError as exc:

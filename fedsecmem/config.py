@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsecmem.errors import UserError
+from fedsecmem.methods import METHODS, supporting
 
 TEXTURE_PRODUCTS = ("brick", "grass", "gravel", "retina", "immunohistochemistry", "cell")
 DEFECT_FAMILIES = ("perlin_blend", "cutpaste_scar", "scratch", "stain", "blur")
@@ -21,7 +22,8 @@ FMNIST_NORMAL_CLASSES = (0, 1, 2, 5, 7, 8)
 FMNIST_ANOMALY_CLASSES = (3, 4, 6, 9)
 
 
-FEDERATED = ("feddymem", "fedavg", "fedprox", "fedsm")  # methods that aggregate over a protocol
+FEDERATED = supporting("federated")  # methods that aggregate over a protocol
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -267,7 +269,7 @@ class RunConfig(Strict):
 
     name: str = "run"
     seed: int = 0
-    method: Literal["local", "central", "feddymem", "fedavg", "fedprox", "fedsm"] = "local"
+    method: MethodName = "local"
     data: DataConfig = Field(default_factory=DataConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -288,12 +290,12 @@ class RunConfig(Strict):
         if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")
-        if self.fl.wsa_weight > 0 and self.method not in ("fedavg", "fedprox"):
-            raise ValueError(f"fl: wsa_weight applies to method fedavg or fedprox, not {self.method}")
+        if self.fl.wsa_weight > 0 and not METHODS[self.method].wsa:
+            raise ValueError(f"fl: wsa_weight applies to method {' or '.join(supporting('wsa'))}, not {self.method}")
         pv = self.privacy
         if pv.dp and self.method in FEDERATED:  # local and central release nothing
-            if self.method != "feddymem":
-                raise ValueError(f"privacy: dp applies to method feddymem, not {self.method}")
+            if not METHODS[self.method].dp:
+                raise ValueError(f"privacy: dp applies to method {' or '.join(supporting('dp'))}, not {self.method}")
             if pv.noise == "distributed" and self.protocol == "plain":
                 raise ValueError("privacy: distributed noise needs protocol secagg or ckks (with plain the "
                                  "server sees each client's small share of the noise); use noise: local")
@@ -327,6 +329,12 @@ class RunConfig(Strict):
         if self.feddymem.kmeans_init != "auto":
             return self.feddymem.kmeans_init
         return "kmeans++" if self.protocol == "plain" else "pca-partition"
+
+    @property
+    def global_seeding(self) -> str:
+        """How the global k-means of this run is seeded: private k-means seeds with a random
+        partition of a public, data-independent space; otherwise ``kmeans_init``."""
+        return "dp-random-partition" if self.privacy.dp and METHODS[self.method].dp else self.kmeans_init
 
 
 def _format_error(err: ValidationError) -> str:

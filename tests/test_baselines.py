@@ -14,10 +14,10 @@ from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.config import FedDyMemConfig, config_from_dict
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import FedDyMemClient
-from fedsecmem.baselines.fedsm import ModelSelector, pick, train_selector
+from fedsecmem.baselines.fedsm import ModelSelector, PullTerm, pick, train_selector
 from fedsecmem.protocols.secure_sum import PlainSum
 from fedsecmem.detector.scoring import Scores
-from fedsecmem.baselines.wsa import scope_of, scope_penalty, split_scope, with_scope
+from fedsecmem.baselines.wsa import ScopeTerm, scope_of, scope_penalty, split_scope, with_scope
 
 
 def _client(seed: int = 3, scale: float = 1.0) -> FedDyMemClient:
@@ -44,17 +44,17 @@ def test_softpull_zero_is_local_training_and_huge_is_the_global_model():
     ref = _reference()
     personal, local = _client(), _client()
     for _ in range(2):
-        personal.train_towards(torch.from_numpy(personal.bank.items), pull=(0.0, ref))
+        personal.train_towards(torch.from_numpy(personal.bank.items), [PullTerm(0.0, ref)])
         personal.rebuild_bank()
         local.train_towards(torch.from_numpy(local.bank.items))
         local.rebuild_bank()
     assert _states_equal(personal.generator.state_dict(), local.generator.state_dict())
     pulled = _client()
-    pulled.train_towards(torch.from_numpy(pulled.bank.items), pull=(1e12, ref))
+    pulled.train_towards(torch.from_numpy(pulled.bank.items), [PullTerm(1e12, ref)])
     for k, v in pulled.generator.state_dict().items():
         assert torch.allclose(v, ref[k], atol=1e-6), k
     between = _client()
-    between.train_towards(torch.from_numpy(between.bank.items), pull=(50.0, ref))
+    between.train_towards(torch.from_numpy(between.bank.items), [PullTerm(50.0, ref)])
     dist = lambda s: sum(float(((s[k] - ref[k]) ** 2).sum()) for k in ref)  # noqa: E731
     assert dist(pulled.generator.state_dict()) < dist(between.generator.state_dict()) < dist(local.generator.state_dict())
 
@@ -64,9 +64,9 @@ def test_wsa_weight_zero_is_the_plain_baseline_and_a_weight_pulls_scopes_in():
     plain, zero, strong = _client(), _client(), _client()
     targets = torch.from_numpy(plain.bank.items)
     plain.train_towards(targets)
-    zero.train_towards(targets, wsa=(0.0, target))
+    zero.train_towards(targets, [ScopeTerm(0.0, target)])
     assert _states_equal(plain.generator.state_dict(), zero.generator.state_dict())
-    strong.train_towards(targets, wsa=(100.0, target))
+    strong.train_towards(targets, [ScopeTerm(100.0, target)])
     with torch.no_grad():
         assert float(scope_penalty(strong.generator, target)) < 0.5 * float(scope_penalty(plain.generator, target))
     with pytest.raises(ValueError, match="names none"):

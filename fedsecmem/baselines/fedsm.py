@@ -25,8 +25,27 @@ import torch
 from torch import nn
 
 from fedsecmem.method.aggregation import Aggregated, average_states
+from fedsecmem.method.client import LossTerm
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.detector.scoring import Scores
+
+
+class PullTerm(LossTerm):
+    """SoftPull: after every optimizer step the proximal map of ``lambda / 2 * ||w - reference||^2``
+    with step lr: ``w <- (w + lr lambda ref) / (1 + lr lambda)`` (0: no pull; as lambda grows,
+    w -> reference)."""
+
+    def __init__(self, strength: float, reference: dict[str, torch.Tensor]):
+        self.strength, self.reference = strength, reference
+
+    def start(self, generator: nn.Module) -> None:
+        device = next(generator.parameters()).device
+        self.on_device = {n: t.detach().to(device, torch.float32) for n, t in self.reference.items()}
+
+    def after_step(self, generator: nn.Module, lr: float) -> None:
+        shrink = lr * self.strength
+        for n, p in generator.named_parameters():
+            p.copy_((p + shrink * self.on_device[n]) / (1.0 + shrink))
 
 
 def selector_features(emb: Embeddings) -> np.ndarray:
@@ -97,7 +116,7 @@ class FedSM:
         """SoftPull every personalized generator towards ``global_state``; one FedAvg round of the
         selector (its traffic is returned)."""
         for cl in self.personal:
-            cl.train_towards(torch.from_numpy(cl.bank.items), pull=(self.fl.softpull, global_state))
+            cl.train_towards(torch.from_numpy(cl.bank.items), [PullTerm(self.fl.softpull, global_state)])
             cl.rebuild_bank()
         states = []
         for i, x in enumerate(self.features):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedsecmem.method.client import LossTerm
+
 STD_EPS = 1e-12  # keeps the standard deviation differentiable at a constant (e.g. zero-initialised) layer
 
 Scope = dict[str, tuple[float, float]]
@@ -62,3 +64,13 @@ def scope_penalty(module: nn.Module, target: Scope) -> torch.Tensor:
     if not terms:
         raise ValueError("weight scope alignment: the target names none of the module's weights")
     return torch.stack(terms).sum()
+
+
+class ScopeTerm(LossTerm):
+    """``weight * scope_penalty`` in the local loss: the pull towards the fused scope ``target``."""
+
+    def __init__(self, weight: float, target: Scope):
+        self.weight, self.target = weight, target
+
+    def penalty(self, generator: nn.Module) -> torch.Tensor:
+        return self.weight * scope_penalty(generator, self.target)

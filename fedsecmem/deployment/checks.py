@@ -1,5 +1,5 @@
-"""What ``fedsecmem serve`` and ``fedsecmem join`` share: which runs can be deployed, the TLS
-material of each party, and the bodies of the FedDyMem tasks (global memory, hello, scores).
+"""What ``fedsecmem serve`` and ``fedsecmem join`` check and share outside the messages: which runs
+can be deployed, the TLS material of each party, the message size limit and fault injection.
 
 A deployed run is FedDyMem with federated k-means (PCA-partition seeding, or
 the private schedule with DP) over ``secagg`` or ``plain``. Not (yet) across
@@ -10,24 +10,16 @@ baselines; asking for them is a one-line error.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from fedsecmem.crypto.pki import ProvisioningError, TlsMaterial, client_name, tls_material
 from fedsecmem.errors import UserError
-from fedsecmem.method.client import GlobalMemory
-from fedsecmem.protocols import federation_pb2 as pb
-from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
-
-MAX_ITEMS = 1 << 26  # values in one global memory array
-
+from fedsecmem.methods import METHODS, supporting
 
 def check_deployable(cfg) -> None:
-    if cfg.method != "feddymem":
-        raise UserError(f"method: {cfg.method} runs in process only; serve/join run feddymem")
+    if not METHODS[cfg.method].deployable:
+        raise UserError(f"method: {cfg.method} runs in process only; serve/join run {', '.join(supporting('deployable'))}")
     if cfg.protocol not in ("plain", "secagg"):
         raise UserError(f"protocol: {cfg.protocol} is not available across processes yet; use secagg")
     if cfg.kmeans_init == "kmeans++" and not cfg.privacy.dp:
@@ -50,36 +42,6 @@ def client_tls(cfg, cid: int) -> TlsMaterial:
 
 def max_bytes(cfg) -> int:
     return cfg.deploy.max_message_mb << 20
-
-
-def put_memory(b: BodyBuilder, memory: GlobalMemory) -> BodyBuilder:
-    b.tensor("memory_patches", np.asarray(memory.patches, np.float32))
-    if memory.images is not None:
-        b.tensor("memory_images", np.asarray(memory.images, np.float32))
-    return b
-
-
-def get_memory(payload: pb.Payload, patch_dim: int, image_dim: int | None) -> GlobalMemory | None:
-    body = Body(payload, "global memory")
-    if not body.has_tensor("memory_patches"):
-        return None
-    patches = body.tensor("memory_patches", "float32", ndim=2, shape=(None, patch_dim), max_values=MAX_ITEMS)
-    images = None
-    if image_dim and body.has_tensor("memory_images"):
-        images = body.tensor("memory_images", "float32", ndim=2, shape=(None, image_dim), max_values=MAX_ITEMS)
-    return GlobalMemory(patches, images)
-
-
-def put_json(b: BodyBuilder, name: str, value) -> BodyBuilder:
-    return b.text(name, json.dumps(value))
-
-
-def get_json(payload: pb.Payload, name: str, what: str, max_size: int = 1 << 20):
-    text = Body(payload, what).text(name, max_size)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise WireError(f"{what}: {name!r} is not JSON") from None
 
 
 FAULT_ENV = "FEDSECMEM_FAULT"

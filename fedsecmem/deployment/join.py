@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedsecmem.detector.backbone import build_embedder, resolve_device
 from fedsecmem.config import RunConfig
@@ -23,7 +22,9 @@ from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.partition import partition
 from fedsecmem.crypto.pki import client_name
-from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, get_memory, max_bytes, put_json
+from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, max_bytes
+from fedsecmem.deployment.messages import decode_task, encode_ready, get_memory, put_json
+from fedsecmem.method.round import RoundClient
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import SERVER
 from fedsecmem.detector.evaluate import evaluate_client
@@ -38,14 +39,14 @@ from fedsecmem.protocols.grpc_transport import ServerConnection, TransportError
 from fedsecmem.protocols.kmeans_party import KMeansParty
 from fedsecmem.protocols.network_sum import CollectiveMember
 from fedsecmem.protocols.secure_sum import PlainSum
-from fedsecmem.protocols.wire import Body, BodyBuilder, Envelope, WireError, parse_envelope
+from fedsecmem.protocols.wire import BodyBuilder, Envelope, WireError, parse_envelope
 
 log = logging.getLogger("fedsecmem.client")
 MAX_VECTOR = 1 << 28  # values in one k-means vector a client accepts to compute
 
 
 class FedDyMemMember:
-    """The client's state and its answer to every task kind."""
+    """The client's side of the round (``RoundClient``) and its answer to every task kind."""
 
     def __init__(self, cfg: RunConfig, cid: int, progress=None):
         self.cfg, self.cid = cfg, cid
@@ -64,10 +65,10 @@ class FedDyMemMember:
         fc = cfg.feddymem
         self.client = FedDyMemClient(cid, self.train_emb, fc, cfg.seed + cid, cfg.memory.coreset_ratio,
                                      fc.use_generator, resolve_device(cfg.backbone.device))
+        self.side = RoundClient(cfg, self.client, mine.test, self.test_emb)
         pv = cfg.privacy
         self.member = CollectiveMember(cid, cfg.secure.secagg.frac_bits, cfg.secure.secagg.rounding, MAX_VECTOR,
                                        {"patches": pv.clip_norm, "images": pv.image_clip_norm} if pv.dp else None)
-        self.z: float | None = None
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -97,50 +98,26 @@ class FedDyMemMember:
         put_json(b, "products", {self.product_names[p]: int(n) for p, n in enumerate(counts) if n})
         return b.build()
 
-    def _take_memory(self, env: Envelope) -> None:
-        d, e = self.dims
-        memory = get_memory(env.body, d, e or None)
-        if memory is not None:
-            self.client.receive(memory)
-
     def _round(self, env: Envelope):
         cfg, pv = self.cfg, self.cfg.privacy
-        body = Body(env.body, "round")
-        self._take_memory(env)
-        train = body.int("train", 0, 1) == 1
-        self.z = body.float("z", 0.0) if pv.dp else None
-        loss, trained = 0.0, 0
-        if train and self.client.global_memory is not None and self.client.generator is not None:
-            if pv.dp:
-                targets = torch.from_numpy(self.client.global_memory.patches)
-                loss = self.client.train_towards_dp(targets, self.z, pv.sgd_clip, pv.sgd_batch_images)
-            else:
-                loss = self.client.train_generator()
-            trained = 1
-        elif train:
-            raise ProtocolError("asked to train without a global memory")
-        contrib = self.client.rebuild()
-        parties = {"patches": KMeansParty(contrib.prototypes, contrib.weights)}
-        if contrib.images is not None:
-            parties["images"] = KMeansParty(contrib.images, np.ones(len(contrib.images)))
-        noisy = (NoisySum(PlainSum(), self.z, pv.noise, min_survivors(cfg), cfg.secure.secagg.frac_bits)
+        d, e = self.dims
+        round_task = decode_task(env.body, env.round, pv.dp, d, e or None)
+        ready = self.side.on_task(round_task)
+        parties = {kind: KMeansParty(*pts) for kind in ("patches", "images")
+                   if (pts := self.side.points(kind)) is not None}
+        noisy = (NoisySum(PlainSum(), round_task.z, pv.noise, min_survivors(cfg), cfg.secure.secagg.frac_bits)
                  if pv.dp else None)
         self.member.reset(parties, noisy)
-        b = BodyBuilder().int("n_prototypes", len(contrib.prototypes)).int("trained", trained).float("loss", loss)
-        b.int("n_images", 0 if contrib.images is None else len(contrib.images))
-        return b.build()
+        return encode_ready(ready)
 
     def _scores(self, env: Envelope):
         cfg = self.cfg
-        self._take_memory(env)
-        if self.client.global_memory is None:
-            raise ProtocolError("asked to score without a global memory")
-        scores = self.client.score(self.test_emb, cfg.feddymem.score_with, cfg.scoring.image_k, cfg.scoring.reweight_k)
-        test = self.data.test
-        row = evaluate_client(test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro)
-        row["round_image_patch_max"] = row["auroc_patch"]
-        row["round_image_knn"] = row["auroc_knn"]
-        row["bank_size"] = len(self.client.bank)
+        d, e = self.dims
+        scored = self.side.on_memory(get_memory(env.body, d, e or None))
+        row = evaluate_client(self.data.test, scored.scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma,
+                              cfg.scoring.pro)
+        row["bank_size"] = scored.bank_size
+        row.update({f"round_{k}": v for k, v in scored.metrics().items()})
         return put_json(BodyBuilder(), "row", row).build()
 
 

@@ -29,63 +29,15 @@ from fedsecmem.protocols.kmeans_party import Request
 from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome, make_secure_sum
 
 
-# What the server saw, in plain words (run summary; docs/secure_aggregation.md has the full table)
-_PROTOCOL_VIEW = {
-    "plain": "each client's {what}",
-    "secagg": "only {what} summed over all clients (SecAgg+)",
-    "ckks": "only ciphertexts of {what} (CKKS)",
-}
-
-
-def server_view(aggregation: dict) -> str:
-    """One sentence: what the aggregator could see in a run with this ``aggregation`` record."""
-    protocol, init, noise = aggregation["protocol"], aggregation.get("kmeans_init"), aggregation.get("dp_noise")
-    if init == "kmeans++":
-        return "the server saw every client's reduced memory"
-    what = {"pca-partition": "per-cluster sums", None: "model updates"}.get(init, "per-cluster sums")
-    if noise == "central":
-        return f"the server saw {_PROTOCOL_VIEW[protocol].format(what=what)} and added the DP noise itself (trusted)"
-    if noise is not None:
-        what = f"noisy {what} ({noise} DP noise)"
-    return f"the server saw {_PROTOCOL_VIEW[protocol].format(what=what)}"
-
-
-def threat_model(cfg) -> dict:
-    """Who could see what in a run of ``cfg``, in plain words (ledgers' run_start, privacy report)."""
-    from fedsecmem.privacy.budget import min_survivors, secagg_threshold
-
-    n, protocol = cfg.clients.n, cfg.protocol
-    if cfg.method in ("local", "central"):
-        what = "nothing leaves a client" if cfg.method == "local" else "the server holds every training image"
-        return {"protocol": "none", "server_sees": what, "coalition_sees": what, "dp": "off"}
-    if cfg.method == "feddymem":
-        init = "dp-random-partition" if cfg.privacy.dp else cfg.kmeans_init
-        agg = {"protocol": protocol, "kmeans_init": init, "dp_noise": cfg.privacy.noise if cfg.privacy.dp else None}
-    else:
-        agg = {"protocol": protocol, "kmeans_init": None}
-    out = {"protocol": protocol, "server_sees": server_view(agg)}
-    if protocol == "plain":
-        out["coalition_sees"] = "everything the server sees: every client's contribution in the clear"
-    elif protocol == "secagg":
-        t = secagg_threshold(cfg)
-        out["threshold"] = t
-        out["coalition_sees"] = (f"the server with up to {t - 1} clients (t = {t} of {n}) learns only the sum "
-                                 "of the honest clients' inputs")
-    else:
-        out["coalition_sees"] = ("any one client holds the CKKS secret key: the server with one client could "
-                                 "decrypt every input it received")
-    pv = cfg.privacy
-    if pv.dp and cfg.method == "feddymem":
-        out["dp"] = f"(epsilon, delta) per client for one training image, {pv.noise} Gaussian noise"
-        if pv.noise == "distributed" and protocol == "secagg":
-            m = min_survivors(cfg)
-            t = out["threshold"]
-            # each client adds s^2/(m-1); after a coalition of t-1 subtracts its own, n-t+1 shares remain
-            out["noise_left_with_coalition"] = (n - t + 1) / (m - 1)
-            out["coalition_sees"] += (f"; that sum still carries {(n - t + 1) / (m - 1):.2f}x the calibrated "
-                                      "noise variance")
-    else:
-        out["dp"] = "off"
+def aggregation_summary(cfg, init: str | None, dp_noise: str | None = None) -> dict:
+    """results.json's ``aggregation``: protocol, seeding, noise placement and protocol settings."""
+    out = {"protocol": cfg.protocol, "kmeans_init": init}
+    if dp_noise is not None:
+        out["dp_noise"] = dp_noise
+    if cfg.protocol == "secagg":
+        out["secagg"] = cfg.secure.secagg.model_dump()
+    elif cfg.protocol == "ckks":
+        out["ckks"] = cfg.secure.ckks.model_dump()
     return out
 
 

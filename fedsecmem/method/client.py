@@ -22,6 +22,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,9 +33,24 @@ from fedsecmem.detector.memory import MemoryBank, coreset_bank
 from fedsecmem.method.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
 from fedsecmem.method.reduce import reduce_images
 from fedsecmem.detector.scoring import Scores, score_embeddings
-from fedsecmem.baselines.wsa import Scope, scope_penalty
 
 FLOAT_BYTES = 4
+
+
+class LossTerm:
+    """One more term of the generator's local objective, or a step on its weights after every
+    optimizer step; the parameter-sharing baselines add theirs (FedProx' proximal term, Weight
+    Scope Alignment, FedSM's SoftPull) as a list of these. No-ops unless overridden."""
+
+    def start(self, generator: torch.nn.Module) -> None:
+        """Local training begins (e.g. remember the starting weights)."""
+
+    def penalty(self, generator: torch.nn.Module) -> torch.Tensor | None:
+        """Added to the metric loss of every batch (None: nothing)."""
+        return None
+
+    def after_step(self, generator: torch.nn.Module, lr: float) -> None:
+        """Called without gradients after every optimizer step of learning rate ``lr``."""
 TARGET_SAMPLE = 50_000  # patches used to measure the spread the generator must keep
 
 
@@ -128,9 +144,9 @@ class FedDyMemClient:
         Returns the training patches in memory space."""
         t = time.perf_counter()
         z = self.memory_space(self.train.patches)
-        t = self._tick("generator_embed_s", t)
+        t = self.tick("generator_embed_s", t)
         self.bank = coreset_bank(z, self.coreset_ratio, seed=self.seed)
-        self._tick("coreset_s", t)
+        self.tick("coreset_s", t)
         return z
 
     def rebuild(self) -> Contribution:
@@ -138,11 +154,12 @@ class FedDyMemClient:
         z = self.rebuild_bank()
         t = time.perf_counter()
         protos, weights = reduce_images(z, self.cfg.reduce_ratio, self.cfg.reduce_iters)
-        self._tick("reduce_s", t)
+        self.tick("reduce_s", t)
         return Contribution(protos.reshape(-1, protos.shape[-1]), weights.reshape(-1),
                             self.train.images if self.cfg.share_images else None)
 
-    def _tick(self, key: str, since: float) -> float:
+    def tick(self, key: str, since: float) -> float:
+        """Add the seconds since ``since`` to ``timings[key]``; returns now."""
         now = time.perf_counter()
         self.timings[key] = self.timings.get(key, 0.0) + now - since
         return now
@@ -165,20 +182,13 @@ class FedDyMemClient:
             return 0.0
         return self.train_towards(torch.from_numpy(self.global_memory.patches))
 
-    def train_towards(self, targets: torch.Tensor, prox_mu: float = 0.0, wsa: tuple[float, Scope] | None = None,
-                      pull: tuple[float, dict[str, torch.Tensor]] | None = None) -> float:
-        """Local epochs of the metric loss towards ``targets`` (memory items), plus FedProx's
-        proximal term ``prox_mu / 2 * ||w - w_start||^2`` when ``prox_mu > 0``, plus Weight Scope
-        Alignment ``weight * scope_penalty`` when ``wsa = (weight, target scope)`` is given. ``pull =
-        (lambda, reference)``: SoftPull, after every optimizer step the proximal map of
-        ``lambda / 2 * ||w - reference||^2`` with step lr: ``w <- (w + lr lambda ref) / (1 + lr lambda)``
-        (0: no pull; as lambda grows, w -> reference). Returns the mean loss."""
+    def train_towards(self, targets: torch.Tensor, terms: Sequence[LossTerm] = ()) -> float:
+        """Local epochs of the metric loss towards ``targets`` (memory items), plus every term of
+        ``terms`` (in order). Returns the mean loss."""
         cfg = self.cfg
         gen = self.generator
-        anchor = {n: p.detach().clone() for n, p in gen.named_parameters()} if prox_mu > 0 else None
-        if pull is not None:
-            shrink = cfg.lr * pull[0]
-            reference = {n: t.detach().to(self.device, torch.float32) for n, t in pull[1].items()}
+        for term in terms:
+            term.start(gen)
         x = torch.from_numpy(self.train.patches.reshape(-1, self.train.patches.shape[-1])).to(self.device)
         targets = targets.to(self.device)
         target_std = self.target_std.to(self.device)
@@ -193,17 +203,16 @@ class FedDyMemClient:
                 if len(batch) < 2:
                     continue
                 loss = metric_loss(gen(batch), targets, target_std, cfg.var_weight)
-                if anchor is not None:
-                    loss = loss + 0.5 * prox_mu * sum(((p - anchor[n]) ** 2).sum() for n, p in gen.named_parameters())
-                if wsa is not None:
-                    loss = loss + wsa[0] * scope_penalty(gen, wsa[1])
+                for term in terms:
+                    extra = term.penalty(gen)
+                    if extra is not None:
+                        loss = loss + extra
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                if pull is not None:
-                    with torch.no_grad():
-                        for n, p in gen.named_parameters():
-                            p.copy_((p + shrink * reference[n]) / (1.0 + shrink))
+                with torch.no_grad():
+                    for term in terms:
+                        term.after_step(gen, cfg.lr)
                 total += float(loss.detach())
                 steps += 1
         gen.eval()

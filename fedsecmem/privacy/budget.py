@@ -111,6 +111,17 @@ class RunPrivacy:
         self.save(out)
         return max(eps.values())
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on with the same noise and the budget already spent (as
+        Opacus' accountants' ``state_dict``): JSON-able."""
+        return {"z": self.z, "per_round": [{str(c): e for c, e in r.items()} for r in self.per_round],
+                "accountant": self.accountant.to_json()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.z = self.noisy.z = float(state["z"])
+        self.per_round = [{int(c): e for c, e in r.items()} for r in state["per_round"]]
+        self.accountant = PrivacyAccountant.from_json(state["accountant"])
+
     def summary(self) -> dict:
         pv = self.cfg.privacy
         last = self.per_round[-1] if self.per_round else {c: 0.0 for c in self.sgd_plans}

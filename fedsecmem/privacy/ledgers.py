@@ -20,6 +20,8 @@ from fedsecmem import __version__
 from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, Ledger, sha256, write_keys
 from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
 from fedsecmem.errors import UserError
+from fedsecmem.privacy.hooks import RoundHooks
+from fedsecmem.privacy.threat_model import threat_model
 
 
 def config_digest(cfg) -> str:
@@ -32,8 +34,6 @@ def file_digest(path: Path) -> str | None:
 
 
 def run_start_fields(cfg, run_id: str) -> dict:
-    from fedsecmem.method.aggregation import threat_model
-
     pv = cfg.privacy
     privacy = {"dp": pv.dp}
     if pv.dp:
@@ -52,10 +52,11 @@ def record_dp(ledger: Ledger, r: int, per_client: dict[int, float], z: float, de
     return eps
 
 
-class RunLedgers:
+class RunLedgers(RoundHooks):
     """The simulator's ledgers: the server's and every client's, one key each for this run."""
 
-    def __init__(self, out: Path, n_clients: int):
+    def __init__(self, out: Path, n_clients: int, delta: float | None = None):
+        self.delta = delta  # of the run's DP guarantee (recorded with every epsilon)
         d = Path(out) / LEDGER_DIR
         if d.exists():  # a new run in an old folder: new keys, new ledgers
             shutil.rmtree(d)
@@ -99,6 +100,11 @@ class RunLedgers:
     def dropouts(self, r: int, clients: list[int]) -> None:
         if clients:
             self.server.append("dropout", round=r, clients=sorted(clients))
+
+    def end_round(self, r: int, record: dict, epsilon: dict[int, float] | None, z: float | None) -> None:
+        self.dropouts(r, record.get("dropped", []))
+        if epsilon is not None:
+            self.privacy(r, epsilon, z, self.delta)
 
     def end(self, status: str, **fields) -> None:
         for led in self.all():
@@ -146,6 +152,23 @@ def _run_of(ledger: Ledger) -> str | None:
             except ValueError:
                 continue
     return run
+
+
+class PartyLedgerHooks(RoundHooks):
+    """A deployed server's own ledger around a round: round start, dropouts, every client's epsilon."""
+
+    def __init__(self, ledger: Ledger, delta: float | None):
+        self.ledger, self.delta = ledger, delta
+
+    def begin_round(self, r: int) -> None:
+        self.ledger.append("round_start", round=r)
+
+    def end_round(self, r: int, record: dict, epsilon: dict[int, float] | None, z: float | None) -> None:
+        if record.get("dropped"):
+            self.ledger.append("dropout", round=r, clients=record["dropped"])
+        if epsilon is not None:
+            record_dp(self.ledger, r, epsilon, z, self.delta)
+        self.ledger.sync()
 
 
 def coordinator_observer(ledger: Ledger):

@@ -41,6 +41,7 @@ import numpy as np
 
 from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits
 from fedsecmem.method.kmeans import weighted_kmeans
+from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.detector.memory import MemoryBank
 from fedsecmem.protocols.dp_release import SENSITIVITY
 from fedsecmem.protocols.kmeans_party import Request
@@ -64,7 +65,7 @@ def cell_centres(request: Request, vector: np.ndarray, dim: int, min_weight: flo
     return sums[keep] / w[keep][:, None] * request.floats.get("clip", 1.0)
 
 
-class LeakageViews:
+class LeakageViews(RoundHooks):
     """Collects, during a run's final aggregation, what the plain and the secagg server see."""
 
     def __init__(self, cfg):
@@ -81,6 +82,10 @@ class LeakageViews:
         self.armed, self.clients, self.contribs = True, clients, contribs
         if z:
             self.min_weight = NOISE_DEVIATIONS * z * SENSITIVITY
+
+    def on_contributions(self, r: int, last: bool, clients: list, contributions: list, z: float | None) -> None:
+        if last:
+            self.arm(clients, contributions, z)
 
     def on_sum(self, which: str, request: Request, out: SumOutcome) -> None:
         if not self.armed or which != "patches" or request.op not in CELL_OPS:

@@ -6,18 +6,13 @@ Writes ``OUT/results.json`` (the contract of DESIGN.md section 7), ``OUT/config.
 
 from __future__ import annotations
 
-import json
-import platform
 import secrets
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from fedsecmem import __version__
 from fedsecmem.detector.backbone import build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.data.load import load_benchmark
@@ -27,28 +22,24 @@ from fedsecmem.data.types import ImageSet
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.detector.evaluate import category_summary, evaluate_client, mean_defined
+from fedsecmem.detector.evaluate import evaluate_client, mean_defined
 from fedsecmem.detector.metrics import auroc
+from fedsecmem.run.results import results_document, write_results
 from fedsecmem.run.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
-from fedsecmem.method.aggregation import threat_model
+from fedsecmem.privacy.threat_model import threat_model
 from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
 from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
-from fedsecmem.method.simulate import FEDERATED_METHODS
+from fedsecmem.method.context import MethodContext
+from fedsecmem.methods import METHODS, implementation
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE
 from fedsecmem.run.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
 from fedsecmem.privacy.ledgers import RunLedgers, file_digest
-from fedsecmem.baselines.reference import REFERENCE_METHODS, MethodContext
 
-LEAKAGE_PNG = "leakage_roc.png"
 from fedsecmem.detector.scoring import anomaly_maps
 
+LEAKAGE_PNG = "leakage_roc.png"
 
-METHODS = {**REFERENCE_METHODS, **FEDERATED_METHODS}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _embed(embedder, images: np.ndarray, batch: int, progress, label: str):
@@ -101,15 +92,16 @@ def run(cfg: RunConfig, out: Path) -> dict:
         else:
             train_emb, test_emb, cached_timings = cached
             timings.update(cached_timings)
-        ledgers = RunLedgers(out, cfg.clients.n) if cfg.audit.ledger else None
+        ledgers = RunLedgers(out, cfg.clients.n, cfg.privacy.delta) if cfg.audit.ledger else None
         run_id = secrets.token_hex(8)
         if ledgers is not None:
             ledgers.start(cfg, run_id)
-        leakage = LeakageViews(cfg) if held is not None and cfg.method == "feddymem" else None
-        ctx = MethodContext(cfg, clients, train_emb, test_emb, progress, timings, out, ledgers, leakage)
+        leakage = LeakageViews(cfg) if held is not None and METHODS[cfg.method].memory_sharing else None
+        ctx = MethodContext(cfg=cfg, clients=clients, train_emb=train_emb, test_emb=test_emb, progress=progress,
+                            timings=timings, out=out, ledgers=ledgers, leakage=leakage)
         t = time.perf_counter()
         try:
-            output = METHODS[cfg.method](ctx)
+            output = implementation(cfg.method)(ctx)
         except (OverflowRisk, ProtocolAbort) as exc:  # refused before anything was revealed
             _end_ledgers(ledgers, f"failed: {exc}")
             raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
@@ -152,73 +144,18 @@ def run(cfg: RunConfig, out: Path) -> dict:
         extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
                            "parties": len(ledgers.all())}
         memory = out / GLOBAL_MEMORY_FILE
-        _end_ledgers(ledgers, "completed", global_memory_sha256=file_digest(memory) if cfg.method == "feddymem"
+        _end_ledgers(ledgers, "completed", global_memory_sha256=file_digest(memory) if METHODS[cfg.method].memory_sharing
                      else None, auroc_image=mean_defined(per_client, "auroc_image"),
                      epsilon=(output.privacy or {}).get("epsilon"))
     results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device), files,
                                pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test),
                                extra=extra)
-    write_results(cfg, results, out)
-    return results
+    return write_results(cfg, results, out)
 
 
 def _end_ledgers(ledgers, status: str, **fields) -> None:
     if ledgers is not None:
         ledgers.end(status, **fields)
-
-
-def write_results(cfg: RunConfig, results: dict, out: Path) -> None:
-    """``OUT/config.yaml`` (the validated config) and ``OUT/results.json``."""
-    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-
-
-def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], output, timings: dict,
-                     t_start: float, device: str, files: dict, pooled: dict | None = None,
-                     n_images: int | None = None, n_test: int | None = None, extra: dict | None = None) -> dict:
-    """The results.json contract (DESIGN.md section 7) from a method's output and per-client rows."""
-    pooled = pooled or {}
-    embed_s = timings.get("embed_train_s", 0.0) + timings.get("embed_test_s", 0.0)
-    results = {
-        "name": cfg.name,
-        "method": cfg.method,
-        "benchmark": benchmark,
-        "seed": cfg.seed,
-        "protocol": output.protocol,
-        "aggregation": output.aggregation,
-        "rounds": output.rounds,
-        "clients": cfg.clients.n,
-        "auroc": {
-            "image": mean_defined(per_client, "auroc_image"),
-            "pixel": mean_defined(per_client, "auroc_pixel"),
-            "image_patch_max": mean_defined(per_client, "auroc_patch"),
-            "image_knn": mean_defined(per_client, "auroc_knn"),
-            "pro": mean_defined(per_client, "pro"),
-            "primary_score": cfg.scoring.primary,
-            "clients_scored": sum(r["auroc_image"] is not None for r in per_client),
-            # one model for everyone (central): AUROC over all clients' test images together
-            "pooled_image_patch_max": pooled.get("patch"),
-            "pooled_image_knn": pooled.get("knn"),
-            # each category (product) scored on its own, as MVTec AD's protocol (fedsecmem.detector.evaluate)
-            **category_summary(per_client),
-        },
-        "per_client": per_client,
-        "per_round": output.per_round,
-        "privacy": output.privacy or {"epsilon": None, "delta": None, "dp": False},
-        "comm": {"bytes_up": output.bytes_up, "bytes_down": output.bytes_down},
-        "timing": {**{k: round(v, 3) for k, v in timings.items()},
-                   "embed_images_per_s": round(n_images / embed_s, 2) if embed_s > 0 and n_images else None,
-                   "score_images_per_s": round(n_test / timings["score_s"], 2)
-                   if timings.get("score_s") and n_test else None},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "files": files,
-    }
-    results.update(extra or {})
-    return results
 
 
 def _pooled_auroc(clients, output) -> dict:

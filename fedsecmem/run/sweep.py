@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from fedsecmem.errors import UserError
+from fedsecmem.methods import METHODS, supporting
 
 PROTOCOLS = ("plain", "secagg", "ckks")
 SERVER_VIEW = {"plain": "plain_server", "secagg": "secagg_server", "ckks": None}
@@ -139,8 +140,8 @@ def sweep(config: str, epsilons: list[float | None], protocols: list[str], out: 
     for proto in protocols:
         for eps in epsilons:
             cfg = load_config(config, run_overrides(proto, eps, overrides, inf_overrides))
-            if cfg.method != "feddymem":
-                raise UserError(f"sweep: method must be feddymem, got {cfg.method}")
+            if not METHODS[cfg.method].dp:
+                raise UserError(f"sweep: method must be one with DP ({', '.join(supporting('dp'))}), got {cfg.method}")
             plans.append((proto, eps, cfg))  # every config validated before the first run starts
     out.mkdir(parents=True, exist_ok=True)
     rows = []

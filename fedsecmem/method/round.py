@@ -1,0 +1,226 @@
+"""One FedDyMem round, written once and free of I/O: the server's side (``RoundServer``) and a
+client's side (``RoundClient``) exchange the messages below; the in-process simulator
+(``fedsecmem.method.simulate``) and the deployment (``fedsecmem.deployment.serve`` / ``join``)
+only carry them, as the SecAgg+ machines are carried (``fedsecmem.protocols``).
+
+Round r:
+1. ``RoundServer.open(r)``: refuses the round if it would take any client past the privacy budget
+   (before any DP-SGD step or release), then ``begin_round`` on the hooks.
+2. ``RoundServer.task`` -> ``RoundTask`` per client: train or not (not in round 1), the DP noise
+   multiplier, and the last global memory for a client that does not hold it.
+3. ``RoundClient.on_task`` -> ``Ready``: takes the memory, trains its generator towards it (DP-SGD
+   when private), rebuilds its dynamic bank and reduces each image to prototypes (its k-means
+   points, ``RoundClient.points``).
+4. ``RoundServer.on_ready``: charges the DP-SGD steps of every client that trained, checks that
+   enough clients are ready (the SecAgg+ threshold, the survivors DP noise counts on).
+5. The global memory: federated k-means over a ``Collective`` of the ready clients
+   (``RoundServer.aggregate``), every private release charged as it happens (``NoisySum``).
+6. ``RoundClient.on_memory`` -> ``Scored``: keeps the memory, scores its own test images.
+7. ``RoundServer.close``: bytes, the round's record, epsilon after the round (state saved first),
+   ``end_round`` on the hooks.
+
+One place thus decides what a round sends, charges and records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fedsecmem.config import RunConfig
+from fedsecmem.data.types import ImageSet
+from fedsecmem.detector.backbone import Embeddings
+from fedsecmem.detector.evaluate import headline_auroc, mean_defined
+from fedsecmem.detector.scoring import Scores
+from fedsecmem.method.aggregation import aggregation_summary, global_memory_over, kmeans_for
+from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
+from fedsecmem.privacy.budget import RunPrivacy, secagg_threshold
+from fedsecmem.privacy.hooks import RoundHooks
+from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
+
+__all__ = ["ROUND_INFO_KEYS", "Ready", "RoundClient", "RoundServer", "RoundTask", "Scored"]
+
+# What of an aggregation's info goes into the round's record (results.json ``per_round``).
+ROUND_INFO_KEYS = ("secure_sums", "kmeans_objective", "kmeans_updates", "global_items")
+
+
+# ---- messages -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundTask:
+    """Server to client: open round ``round``."""
+
+    round: int
+    train: bool  # train the generator towards the global memory first (not in round 1)
+    z: float | None  # the DP noise multiplier (DP-SGD and the client's noise share); None: no DP
+    memory: GlobalMemory | None = None  # the last global memory, for a client that does not hold it
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Client to server: trained (or not) and rebuilt; how many k-means points it holds."""
+
+    n_prototypes: int
+    n_images: int  # image embeddings it shares (0: none)
+    trained: bool
+    loss: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A client's scores of its own test images against its bank and the global memory. Only the
+    round metrics cross the network; the scores stay with the client."""
+
+    scores: Scores
+    image_patch_max: float | None
+    image_knn: float | None
+    bank_size: int
+    global_used: int  # global patch items it scored with (``feddymem.global_near``)
+
+    def metrics(self) -> dict:
+        return {"image_patch_max": self.image_patch_max, "image_knn": self.image_knn, "global_used": self.global_used}
+
+
+# ---- the client's side --------------------------------------------------------------------------
+
+class RoundClient:
+    """One client's side of every round: its FedDyMem state and its own test set."""
+
+    def __init__(self, cfg: RunConfig, client: FedDyMemClient, test: ImageSet, test_emb: Embeddings):
+        self.cfg, self.client, self.test, self.test_emb = cfg, client, test, test_emb
+        self.contribution: Contribution | None = None
+
+    @property
+    def cid(self) -> int:
+        return self.client.cid
+
+    def on_task(self, task: RoundTask) -> Ready:
+        cl, pv = self.client, self.cfg.privacy
+        if task.memory is not None:
+            cl.receive(task.memory)
+        loss, trained = 0.0, False
+        t = time.perf_counter()
+        if task.train and cl.generator is not None:
+            if cl.global_memory is None:
+                raise ProtocolError("asked to train without a global memory")
+            if task.z is not None:
+                targets = torch.from_numpy(cl.global_memory.patches)
+                loss = cl.train_towards_dp(targets, task.z, pv.sgd_clip, pv.sgd_batch_images)
+            else:
+                loss = cl.train_generator()
+            trained = True
+        t = cl.tick("generator_train_s", t)
+        self.contribution = cl.rebuild()
+        cl.tick("memory_rebuild_s", t)
+        c = self.contribution
+        return Ready(len(c.prototypes), 0 if c.images is None else len(c.images), trained, float(loss))
+
+    def points(self, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """This round's k-means points and weights of ``kind`` ("patches" | "images"), or None."""
+        c = self.contribution
+        if c is None:
+            raise ProtocolError("k-means before the round's task")
+        if kind == "patches":
+            return c.prototypes, c.weights
+        return (c.images, np.ones(len(c.images))) if c.images is not None else None
+
+    def on_memory(self, memory: GlobalMemory | None) -> Scored:
+        cl, sc = self.client, self.cfg.scoring
+        if memory is not None:
+            cl.receive(memory)
+        if cl.global_memory is None:
+            raise ProtocolError("asked to score without a global memory")
+        scores = cl.score(self.test_emb, self.cfg.feddymem.score_with, sc.image_k, sc.reweight_k)
+        return Scored(scores, headline_auroc(self.test, scores.image_patch), headline_auroc(self.test, scores.image_knn),
+                      len(cl.bank), cl.global_used)
+
+
+# ---- the server's side --------------------------------------------------------------------------
+
+class RoundServer:
+    """The server's side of every round: privacy budget, global memory, bytes and records."""
+
+    def __init__(self, cfg: RunConfig, privacy: RunPrivacy | None, hooks: Sequence[RoundHooks] = (),
+                 out: Path | None = None):
+        self.cfg, self.privacy, self.hooks, self.out = cfg, privacy, list(hooks), out
+        self.memory: GlobalMemory | None = None
+        self.per_round: list[dict] = []
+        n = cfg.clients.n
+        self.bytes_up: list[list[int]] = [[] for _ in range(n)]
+        self.bytes_down: list[list[int]] = [[] for _ in range(n)]
+
+    @property
+    def z(self) -> float | None:
+        return self.privacy.z if self.privacy is not None else None
+
+    def need(self) -> int:
+        """Clients a round needs: the SecAgg+ threshold, and the survivors DP noise counts on."""
+        need = secagg_threshold(self.cfg) if self.cfg.protocol == "secagg" else 1
+        return max(need, self.privacy.noisy.need if self.privacy is not None else 1)
+
+    def open(self, r: int) -> str | None:
+        """Begin round ``r``, or the reason it may not run (nothing recorded or released then)."""
+        if self.privacy is not None:
+            refused = self.privacy.refuse(r)
+            if refused is not None:
+                return refused
+        for h in self.hooks:
+            h.begin_round(r)
+        return None
+
+    def task(self, r: int, resend: bool = False) -> RoundTask:
+        return RoundTask(r, r > 1, self.z, self.memory if resend else None)
+
+    def on_ready(self, r: int, ready: dict[int, Ready]) -> list[int]:
+        """Charge the DP-SGD steps of the clients that trained; the round's participants."""
+        if self.privacy is not None:
+            for c in sorted(ready):
+                if ready[c].trained:
+                    self.privacy.record_sgd(c)
+        if len(ready) < self.need():
+            raise ProtocolAbort(f"round {r}: only {len(ready)} clients ready, at least {self.need()} needed")
+        return sorted(ready)
+
+    def aggregate(self, patches: Collective,
+                  images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, dict]:
+        """The global memory by federated k-means over the ready clients' points (private k-means,
+        its releases charged as they happen, when DP is on)."""
+        return global_memory_over(kmeans_for(self.cfg, self.z), patches, images)
+
+    def close(self, r: int, memory: GlobalMemory, bytes_up: dict[int, int], bytes_down: dict[int, int], info: dict,
+              ready: dict[int, Ready], scored: dict[int, dict], targets: Sequence[int]) -> dict:
+        """End round ``r``: keep the memory, count the bytes, write the record (epsilon after the
+        round, privacy state saved) and tell the hooks. ``scored``: client -> ``Scored.metrics()``."""
+        self.memory = memory
+        for c in range(self.cfg.clients.n):
+            self.bytes_up[c].append(int(bytes_up.get(c, 0)))
+            self.bytes_down[c].append(int(bytes_down.get(c, 0)))
+        rows = [scored[c] for c in sorted(scored)]
+        record = {"round": r, "image_patch_max": mean_defined(rows, "image_patch_max"),
+                  "image_knn": mean_defined(rows, "image_knn"),
+                  **{k: info[k] for k in ROUND_INFO_KEYS if k in info},
+                  "participants": sorted(scored), "dropped": sorted(set(targets) - set(scored))}
+        losses = [ready[c].loss for c in sorted(ready) if ready[c].trained]
+        if losses:
+            record["loss"] = float(np.mean(losses))
+        if self.cfg.feddymem.global_near is not None and rows:
+            record["global_items_used"] = float(np.mean([row["global_used"] for row in rows]))
+        epsilon = None
+        if self.privacy is not None:
+            record["epsilon"] = self.privacy.end_round(self.out)
+            epsilon = self.privacy.per_round[-1]
+        for h in self.hooks:
+            h.end_round(r, record, epsilon, self.z)
+        self.per_round.append(record)
+        return record
+
+    def aggregation(self, **extra) -> dict:
+        """results.json's ``aggregation`` record of this run."""
+        return {**aggregation_summary(self.cfg, self.cfg.global_seeding,
+                                      self.cfg.privacy.noise if self.privacy is not None else None), **extra}
