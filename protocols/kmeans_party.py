@@ -1,9 +1,10 @@
 """What a client computes for federated k-means on its own points, and the requests that ask for it.
 
 Federated k-means (``secure_kmeans``) is a sequence of secure sums. Each sum is
-asked for by a ``Request``: public values from whoever holds the previous sums
-(the PCA basis, a split plan, the current centres) and the name of what every
-client computes from its own points. A ``KMeansParty`` holds one client's
+asked for by a request, one frozen type per kind (``Moments``, ``PartitionStats``,
+``CellStats``, ``LloydStats``, ``PrivateCells``): the public values from whoever
+holds the previous sums (the PCA basis, a split plan, the current centres) that
+say what every client computes from its own points. A ``KMeansParty`` holds one client's
 points and its state between requests (its points' PCA coordinates and
 cluster labels) and answers a request with the vector to be summed. The
 in-process simulator and the network deployment hand the same requests to the
@@ -12,15 +13,14 @@ same parties, so both compute the same global memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar, Union
 
 import numpy as np
 import torch
 
 from fedsecmem.protocols.dp_release import clip_to_unit
 
-OPS = ("moments", "partition", "cells", "lloyd", "dp_cells")
-DP_ASSIGN = ("all", "hyperplanes", "nearest")
 
 
 def lloyd_step(x: torch.Tensor, w: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,7 +94,7 @@ def local_lloyd_stats(x: np.ndarray, w: np.ndarray, centres: np.ndarray) -> np.n
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Split:
     cluster: int
     child: int
@@ -113,62 +113,120 @@ def apply_splits(z: np.ndarray, labels: np.ndarray, plan: list[Split]) -> np.nda
     return labels
 
 
+# ---- requests: one frozen type per kind, dispatched by type ----------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Pca:
+    """A new PCA subspace (a party's labels restart at 0): the global mean and the basis."""
+
+    mean: np.ndarray  # (D,)
+    basis: np.ndarray  # (D, m)
 
 
-# ---- requests ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Moments:
+    """[sum w, sum w x, upper triangle of sum w x x^T]: the global mean and covariance."""
 
-@dataclass(frozen=True)
-class Request:
-    """One secure sum's instructions: ``op`` (what a party computes), small integers and public arrays.
-
-    ops and their fields:
-    - ``moments``: no fields.
-    - ``partition``: ``n`` clusters; optional ``mean`` (D,) and ``basis`` (D, m) (a new PCA: labels
-      restart at 0) and optional splits (``split_cluster``, ``split_child``, ``split_mean``,
-      ``split_direction``) applied before computing.
-    - ``cells``: ``n`` cells and optional splits, as for ``partition``.
-    - ``lloyd``: ``centres`` (k, D).
-    - ``dp_cells``: ``assign`` (index into ``DP_ASSIGN``), ``clip`` (float, the DP clip norm), and for
-      ``hyperplanes``: ``levels``, ``seed`` and ``mean``; for ``nearest``: ``centres``.
-    """
-
-    op: str
-    ints: dict[str, int] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    floats: dict[str, float] = field(default_factory=dict)
+    op: ClassVar[str] = "moments"
 
     def length(self, dim: int) -> int:
-        """Length of every party's answer for points of dimension ``dim``."""
-        n = self.ints.get("n", 0)
-        if self.op == "moments":
-            return 1 + dim + dim * (dim + 1) // 2
-        if self.op == "partition":
-            m = self.ints["m"]
-            return n * (1 + m + m * (m + 1) // 2)
-        if self.op == "cells":
-            return n * (1 + dim)
-        if self.op == "lloyd":
-            return len(self.arrays["centres"]) * (1 + dim) + 1
-        if self.op == "dp_cells":
-            return self.cells() * (1 + dim)
-        raise ValueError(f"unknown request {self.op!r}")
+        return 1 + dim + dim * (dim + 1) // 2
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+@dataclass(frozen=True, eq=False)
+class PartitionStats:
+    """Per-cluster moments in the PCA subspace (``m`` dims) over ``n`` clusters, after applying
+    ``splits`` (and a new ``pca`` first, if given)."""
+
+    n: int
+    m: int
+    pca: Pca | None = None
+    splits: tuple[Split, ...] = ()
+    op: ClassVar[str] = "partition"
+
+    def length(self, dim: int) -> int:
+        return self.n * (1 + self.m + self.m * (self.m + 1) // 2)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return _pca_arrays(self.pca) | split_arrays(self.splits)
+
+
+@dataclass(frozen=True, eq=False)
+class CellStats:
+    """Per-cell (weight, weighted sum) over ``n`` cells after ``splits``: the partition's means."""
+
+    n: int
+    pca: Pca | None = None
+    splits: tuple[Split, ...] = ()
+    op: ClassVar[str] = "cells"
+
+    def length(self, dim: int) -> int:
+        return self.n * (1 + dim)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return _pca_arrays(self.pca) | split_arrays(self.splits)
+
+
+@dataclass(frozen=True, eq=False)
+class LloydStats:
+    """One Lloyd pass at ``centres``: per-cluster (weight, weighted sum) and the objective."""
+
+    centres: np.ndarray  # (k, D)
+    op: ClassVar[str] = "lloyd"
+
+    def length(self, dim: int) -> int:
+        return len(self.centres) * (1 + dim) + 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"centres": self.centres}
+
+
+@dataclass(frozen=True, eq=False)
+class PrivateCells:
+    """A private release: per-cell (weight, weighted sum) of the points clipped to ``clip`` (unit
+    scaled), cells by ``assign``: "all" (one cell), "hyperplanes" (``levels`` public random
+    hyperplanes from ``seed`` through ``mean``) or "nearest" (the nearest of ``centres``)."""
+
+    clip: float
+    assign: str = "all"
+    levels: int = 0
+    seed: int = 0
+    mean: np.ndarray | None = None
+    centres: np.ndarray | None = None
+    op: ClassVar[str] = "dp_cells"
 
     def cells(self) -> int:
-        """Number of cells of a ``dp_cells`` request."""
-        assign = DP_ASSIGN[self.ints["assign"]]
-        if assign == "all":
+        if self.assign == "all":
             return 1
-        if assign == "hyperplanes":
-            return 1 << self.ints["levels"]
-        return len(self.arrays["centres"])
+        if self.assign == "hyperplanes":
+            return 1 << self.levels
+        return len(self.centres)
 
-    @property
-    def broadcast_values(self) -> int:
-        """Values the holder of the sums sends every client with this request (float32 each)."""
-        return int(sum(a.size for a in self.arrays.values()))
+    def length(self, dim: int) -> int:
+        return self.cells() * (1 + dim)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in (("mean", self.mean), ("centres", self.centres)) if v is not None}
 
 
-def split_arrays(plan: list[Split]) -> dict[str, np.ndarray]:
+Request = Union[Moments, PartitionStats, CellStats, LloydStats, PrivateCells]
+REQUESTS: dict[str, type] = {t.op: t for t in (Moments, PartitionStats, CellStats, LloydStats, PrivateCells)}
+DP_ASSIGN = ("all", "hyperplanes", "nearest")
+
+
+def broadcast_values(request: Request) -> int:
+    """Values the holder of the sums sends every client with ``request`` (float32 each)."""
+    return int(sum(np.asarray(a).size for a in request.arrays().values()))
+
+
+def _pca_arrays(pca: Pca | None) -> dict[str, np.ndarray]:
+    return {} if pca is None else {"mean": pca.mean, "basis": pca.basis}
+
+
+def split_arrays(plan: tuple[Split, ...] | list[Split]) -> dict[str, np.ndarray]:
     """A split plan as the public arrays of a request."""
     if not plan:
         return {}
@@ -178,11 +236,12 @@ def split_arrays(plan: list[Split]) -> dict[str, np.ndarray]:
             "split_direction": np.stack([s.direction for s in plan])}
 
 
-def _plan_of(arrays: dict[str, np.ndarray]) -> list[Split]:
+def plan_of(arrays: dict[str, np.ndarray]) -> tuple[Split, ...]:
+    """The split plan in a request's public arrays (none: empty)."""
     if "split_cluster" not in arrays:
-        return []
-    return [Split(int(c), int(h), m, d) for c, h, m, d in zip(arrays["split_cluster"], arrays["split_child"],
-                                                             arrays["split_mean"], arrays["split_direction"])]
+        return ()
+    return tuple(Split(int(c), int(h), m, d) for c, h, m, d in zip(arrays["split_cluster"], arrays["split_child"],
+                                                                   arrays["split_mean"], arrays["split_direction"]))
 
 
 def hyperplane_directions(seed: int, levels: int, dim: int) -> np.ndarray:
@@ -213,36 +272,33 @@ class KMeansParty:
 
     def answer(self, req: Request) -> np.ndarray:
         """The vector this party contributes to ``req``'s sum (state updated first where asked)."""
-        a = req.arrays
-        if req.op == "moments":
-            return local_moments(self.x, self.w)
-        if req.op in ("partition", "cells"):
-            if "basis" in a:
-                self.z = (self.x - a["mean"]) @ a["basis"]
-                self.labels = np.zeros(len(self.x), np.int64)
-            plan = _plan_of(a)
-            if plan:
+        match req:
+            case Moments():
+                return local_moments(self.x, self.w)
+            case PartitionStats() | CellStats():
+                if req.pca is not None:
+                    self.z = (self.x - req.pca.mean) @ req.pca.basis
+                    self.labels = np.zeros(len(self.x), np.int64)
+                if req.splits:
+                    if self.z is None:
+                        raise ValueError("k-means party: a split plan before any PCA basis")
+                    self.labels = apply_splits(self.z, self.labels, list(req.splits))
+                if isinstance(req, CellStats):
+                    return local_cell_stats(self.x, self.w, self.labels, req.n)
                 if self.z is None:
-                    raise ValueError("k-means party: a split plan before any PCA basis")
-                self.labels = apply_splits(self.z, self.labels, plan)
-            if req.op == "cells":
-                return local_cell_stats(self.x, self.w, self.labels, req.ints["n"])
-            if self.z is None:
-                raise ValueError("k-means party: partition statistics before any PCA basis")
-            return local_partition_stats(self.z, self.w, self.labels, req.ints["n"])
-        if req.op == "lloyd":
-            return local_lloyd_stats(self.x, self.w, a["centres"])
-        if req.op == "dp_cells":
-            x = self.clipped(req.floats["clip"])
-            assign = DP_ASSIGN[req.ints["assign"]]
-            if assign == "all":
-                labels = np.zeros(len(x), np.int64)
-            elif assign == "hyperplanes":
-                levels = req.ints["levels"]
-                directions = hyperplane_directions(req.ints["seed"], levels, self.dim)
-                bits = 1 << np.arange(levels)
-                labels = (((x - a["mean"]) @ directions.T > 0) * bits).sum(1).astype(np.int64)
-            else:
-                labels = torch.cdist(torch.from_numpy(x), torch.from_numpy(a["centres"])).argmin(1).numpy()
-            return local_cell_stats(x, self.w, labels, req.cells())
-        raise ValueError(f"k-means party: unknown request {req.op!r}")
+                    raise ValueError("k-means party: partition statistics before any PCA basis")
+                return local_partition_stats(self.z, self.w, self.labels, req.n)
+            case LloydStats():
+                return local_lloyd_stats(self.x, self.w, req.centres)
+            case PrivateCells():
+                x = self.clipped(req.clip)
+                if req.assign == "all":
+                    labels = np.zeros(len(x), np.int64)
+                elif req.assign == "hyperplanes":
+                    directions = hyperplane_directions(req.seed, req.levels, self.dim)
+                    bits = 1 << np.arange(req.levels)
+                    labels = (((x - req.mean) @ directions.T > 0) * bits).sum(1).astype(np.int64)
+                else:
+                    labels = torch.cdist(torch.from_numpy(x), torch.from_numpy(req.centres)).argmin(1).numpy()
+                return local_cell_stats(x, self.w, labels, req.cells())
+        raise ValueError(f"k-means party: unknown request {type(req).__name__}")

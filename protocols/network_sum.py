@@ -24,7 +24,7 @@ from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
-from fedsecmem.protocols.kmeans_party import KMeansParty, Request
+from fedsecmem.protocols.kmeans_party import KMeansParty, PrivateCells, Request, broadcast_values
 from fedsecmem.protocols.secagg import SecAggClient, SecAggServer
 from fedsecmem.protocols.secagg_messages import (
     AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, Setup, SharesForYou, UnmaskRequest, UnmaskShares,
@@ -71,8 +71,8 @@ class NetworkCollective(Collective):
         need = self.noisy.need if self.noisy is not None else 1
         if len(self.participants) < need:
             raise ProtocolAbort(f"{self.name}: only {len(self.participants)} participants, {need} needed")
-        if request.broadcast_values:
-            self.cost.broadcast(self.participants, request.broadcast_values)
+        if broadcast_values(request):
+            self.cost.broadcast(self.participants, broadcast_values(request))
         out = self._plain(request, length, need) if self.protocol == "plain" else self._secagg(request, length, need)
         if self.noisy is not None:
             out = self.noisy.finish(out)
@@ -163,11 +163,11 @@ class CollectiveMember:
             raise WireError(f"compute: no points called {name!r} this round")
         party = self.parties[name]
         request = decode_request(payload, party.dim, self.max_length)
-        if request.op == "dp_cells":
+        if isinstance(request, PrivateCells):
             if self.noisy is None:
                 raise ProtocolError("compute: a private release asked of a run without DP")
-            if request.floats["clip"] != self.clip.get(name):  # the client's privacy rests on its own clip
-                raise ProtocolError(f"compute: clip {request.floats['clip']} differs from this client's "
+            if request.clip != self.clip.get(name):  # the client's privacy rests on its own clip
+                raise ProtocolError(f"compute: clip {request.clip} differs from this client's "
                                     f"{self.clip.get(name)}")
         elif self.noisy is not None:
             raise ProtocolError(f"compute: a non-private request {request.op!r} in a private run")

@@ -36,7 +36,10 @@ from typing import Callable
 import numpy as np
 
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
-from fedsecmem.protocols.kmeans_party import KMeansParty, Request, Split, fix_signs, split_arrays, symmetric
+from fedsecmem.protocols.kmeans_party import (
+    CellStats, KMeansParty, LloydStats, Moments, PartitionStats, Pca, PrivateCells, Request, Split, broadcast_values,
+    fix_signs, symmetric,
+)
 from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome, Traffic
 from fedsecmem.protocols.wire import BodyBuilder, encode_request
 
@@ -147,8 +150,8 @@ class LocalCollective(Collective):
         self.observer: Callable[[Request, SumOutcome], None] | None = None  # e.g. a leakage measurement
 
     def total(self, request: Request) -> np.ndarray:
-        if self.broadcasts and request.broadcast_values:
-            self.cost.broadcast(self.clients, request.broadcast_values)
+        if self.broadcasts and broadcast_values(request):
+            self.cost.broadcast(self.clients, broadcast_values(request))
         tap = self.ss.tap
         if tap is not None:
             data = _Lazy(lambda: encode_request(request, BodyBuilder()).build().SerializeToString(deterministic=True))
@@ -194,27 +197,24 @@ def kmeans_over(col: Collective, k: int, iters: int = 20, tol: float = 1e-6, pca
         return out
 
     # 1. global PCA from securely summed moments
-    total = col.total(Request("moments"))
-    mean, basis = held(pca_from_sums, total, dim, m)
+    total = col.total(Moments())
+    pca = Pca(*held(pca_from_sums, total, dim, m))
     # 2. partition, one secure sum per level; each request carries the previous level's splits
-    n_clusters, pending = 1, {"mean": mean, "basis": basis}
+    n_clusters, splits = 1, ()
     while n_clusters < k:
-        total = col.total(Request("partition", {"n": n_clusters, "m": m}, pending))
+        total = col.total(PartitionStats(n_clusters, m, pca if n_clusters == 1 else None, splits))
         plan = held(splits_from_sums, total, n_clusters, m, k)
+        splits = tuple(plan)
         if not plan:
-            pending = {}
             break
-        pending = split_arrays(plan)
         n_clusters += len(plan)
-    if "basis" in pending:  # k == 1: no partition level ran
-        pending = {}
     # 3. Lloyd iterations from the partition's means
-    total = col.total(Request("cells", {"n": n_clusters}, pending))
+    total = col.total(CellStats(n_clusters, None, splits))
     centres, weights = centres_from_sums(total, n_clusters, dim, None)
     prev = np.inf
     updates = 0
     for update in range(iters + 1):
-        total = col.total(Request("lloyd", arrays={"centres": centres}))
+        total = col.total(LloydStats(centres))
         new, weights = held(centres_from_sums, total[:-1], len(centres), dim, centres)
         obj = float(total[-1])
         if update == iters or (update >= 2 and prev - obj <= tol * max(prev, 1e-12)):
@@ -243,6 +243,12 @@ def secure_weighted_average(values: dict[int, tuple[np.ndarray, float]], secure_
     return total[:-1] / total[-1], cost
 
 
+def dp_kmeans_releases(iters: int) -> int:
+    """Releases of one private k-means (``dp_kmeans_over``) at most: the mean, the hyperplane cells,
+    ``iters`` Lloyd steps. What an accountant calibrates for; each release is charged as it happens."""
+    return 2 + iters
+
+
 def dp_kmeans_over(col: Collective, k: int, z: float, iters: int, clip_norm: float, seed: int) -> KMeansResult:
     """Differentially private federated k-means; ``col`` sums through a noisy sum of multiplier ``z``
     (``protocols.dp_release``).
@@ -256,8 +262,7 @@ def dp_kmeans_over(col: Collective, k: int, z: float, iters: int, clip_norm: flo
     dim = col.dim
     min_weight = max(EMPTY_WEIGHT, NOISE_DEVIATIONS * z * SENSITIVITY)
 
-    def release(ints: dict, arrays: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        req = Request("dp_cells", ints, arrays or {}, {"clip": float(clip_norm)})
+    def release(req: PrivateCells) -> tuple[np.ndarray, np.ndarray]:
         n_cells = req.cells()
         total = col.total(req)
         weights = total[:n_cells]
@@ -265,14 +270,15 @@ def dp_kmeans_over(col: Collective, k: int, z: float, iters: int, clip_norm: flo
         keep = weights > min_weight
         return sums[keep] / weights[keep][:, None], weights[keep]
 
-    mean, _ = release({"assign": 0})
+    clip = float(clip_norm)
+    mean, _ = release(PrivateCells(clip))
     mean = mean[0] if len(mean) else np.zeros(dim)
     levels = max(0, int(np.floor(np.log2(max(k, 1)))))
-    centres, weights = release({"assign": 1, "levels": levels, "seed": int(seed)}, {"mean": mean})
+    centres, weights = release(PrivateCells(clip, "hyperplanes", levels, int(seed), mean=mean))
     for _ in range(iters):
         if len(centres) == 0:
             break
-        centres, weights = release({"assign": 2}, {"centres": centres})
+        centres, weights = release(PrivateCells(clip, "nearest", centres=centres))
     if len(centres) == 0:  # everything drowned in noise: the mean is all that is left
         centres, weights = mean[None], np.ones(1)
     return KMeansResult(centres * clip_norm, weights, float("nan"), iters, col.cost)

@@ -17,7 +17,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from fedsecmem.protocols import federation_pb2 as pb
-from fedsecmem.protocols.kmeans_party import DP_ASSIGN, OPS, Request
+from fedsecmem.protocols.kmeans_party import (
+    DP_ASSIGN, REQUESTS, CellStats, LloydStats, Moments, PartitionStats, Pca, PrivateCells, Request, plan_of,
+)
 from fedsecmem.protocols.secagg_messages import (
     AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
     SharesForYou, UnmaskRequest, UnmaskShares,
@@ -295,29 +297,46 @@ _REQUEST_ARRAYS = {"mean", "basis", "centres", "split_cluster", "split_child", "
 _REQUEST_INTS = {"n", "m", "assign", "levels", "seed"}
 
 
+def _request_fields(req: Request) -> tuple[dict[str, int], dict[str, float]]:
+    """A request's integers and floats on the wire (its arrays are ``req.arrays()``)."""
+    match req:
+        case PartitionStats():
+            return {"n": req.n, "m": req.m}, {}
+        case CellStats():
+            return {"n": req.n}, {}
+        case PrivateCells():
+            ints = {"assign": DP_ASSIGN.index(req.assign)}
+            if req.assign == "hyperplanes":
+                ints.update(levels=req.levels, seed=req.seed)
+            return ints, {"clip": req.clip}
+    return {}, {}
+
+
 def encode_request(req: Request, b: BodyBuilder) -> BodyBuilder:
     b.text("op", req.op)
-    for k, v in req.ints.items():
+    ints, floats = _request_fields(req)
+    for k, v in ints.items():
         b.int(f"req.{k}", v)
-    for k, v in req.floats.items():
+    for k, v in floats.items():
         b.float(f"req.{k}", v)
-    for k, v in req.arrays.items():
+    for k, v in req.arrays().items():
         b.tensor(f"req.{k}", np.asarray(v))
     return b
 
 
 def decode_request(payload: pb.Payload, dim: int, max_values: int) -> Request:
-    """A k-means request whose arrays fit points of dimension ``dim``."""
+    """A k-means request whose arrays fit points of dimension ``dim``, checked before any party
+    computes with it."""
     body = Body(payload, "request")
     op = body.text("op", 32)
-    if op not in OPS:
+    if op not in REQUESTS:
         raise WireError(f"request: unknown op {op!r}")
-    ints, floats, arrays = {}, {}, {}
+    i, floats, a = {}, {}, {}
     for key in payload.ints:
         name = key.removeprefix("req.")
         if not key.startswith("req.") or name not in _REQUEST_INTS:
             continue
-        ints[name] = body.int(key, 0, 1 << 40)
+        i[name] = body.int(key, 0, 1 << 40)
     for key in payload.floats:
         if key == "req.clip":
             floats["clip"] = body.float(key, 1e-12)
@@ -325,25 +344,21 @@ def decode_request(payload: pb.Payload, dim: int, max_values: int) -> Request:
         name = key.removeprefix("req.")
         if key.startswith("req.") and name in _REQUEST_ARRAYS:
             want = "int64" if name in ("split_cluster", "split_child") else "float64"
-            arrays[name] = body.tensor(key, want, max_values=max_values)
-    req = Request(op, ints, arrays, floats)
-    _check_request(req, dim)
-    return req
-
-
-def _check_request(req: Request, dim: int) -> None:
-    """Shapes and ranges a party relies on, before it computes anything."""
-    a, i = req.arrays, req.ints
+            a[name] = body.tensor(key, want, max_values=max_values)
 
     def need(cond: bool, what: str) -> None:
         if not cond:
-            raise WireError(f"request {req.op}: {what}")
+            raise WireError(f"request {op}: {what}")
 
-    if req.op in ("partition", "cells"):
+    if op == "moments":
+        return Moments()
+    if op in ("partition", "cells"):
         need("n" in i and i["n"] >= 1, "needs n >= 1")
+        pca = None
         if "basis" in a:
             need("mean" in a and a["mean"].shape == (dim,) and a["basis"].ndim == 2 and a["basis"].shape[0] == dim,
                  "PCA mean/basis do not fit the points")
+            pca = Pca(a["mean"], a["basis"])
         if "split_cluster" in a:
             p = len(a["split_cluster"])
             m = a["split_mean"].shape[1] if a.get("split_mean") is not None and a["split_mean"].ndim == 2 else -1
@@ -352,20 +367,25 @@ def _check_request(req: Request, dim: int) -> None:
                  and a["split_direction"].shape == (p, m), "inconsistent split plan")
             need(bool((a["split_cluster"] >= 0).all() and (a["split_child"] >= 0).all()
                       and (a["split_child"] < max(i["n"], 1)).all()), "split plan names clusters out of range")
-        if req.op == "partition":
-            need("m" in i and 1 <= i["m"] <= dim, "needs 1 <= m <= dim")
-    elif req.op == "lloyd":
+        if op == "cells":
+            return CellStats(i["n"], pca, plan_of(a))
+        need("m" in i and 1 <= i["m"] <= dim, "needs 1 <= m <= dim")
+        return PartitionStats(i["n"], i["m"], pca, plan_of(a))
+    if op == "lloyd":
         need("centres" in a and a["centres"].ndim == 2 and a["centres"].shape[1] == dim
              and len(a["centres"]) >= 1, "centres do not fit the points")
-    elif req.op == "dp_cells":
-        need("assign" in i and i["assign"] < len(DP_ASSIGN) and "clip" in req.floats, "needs assign and clip")
-        assign = DP_ASSIGN[i["assign"]]
-        if assign == "hyperplanes":
-            need("levels" in i and i["levels"] <= 20 and "seed" in i and "mean" in a and a["mean"].shape == (dim,),
-                 "hyperplanes need levels <= 20, seed and a mean")
-        elif assign == "nearest":
-            need("centres" in a and a["centres"].ndim == 2 and a["centres"].shape[1] == dim
-                 and len(a["centres"]) >= 1, "centres do not fit the points")
+        return LloydStats(a["centres"])
+    need("assign" in i and i["assign"] < len(DP_ASSIGN) and "clip" in floats, "needs assign and clip")
+    assign = DP_ASSIGN[i["assign"]]
+    if assign == "hyperplanes":
+        need("levels" in i and i["levels"] <= 20 and "seed" in i and "mean" in a and a["mean"].shape == (dim,),
+             "hyperplanes need levels <= 20, seed and a mean")
+        return PrivateCells(floats["clip"], assign, i["levels"], i["seed"], mean=a["mean"])
+    if assign == "nearest":
+        need("centres" in a and a["centres"].ndim == 2 and a["centres"].shape[1] == dim
+             and len(a["centres"]) >= 1, "centres do not fit the points")
+        return PrivateCells(floats["clip"], assign, centres=a["centres"])
+    return PrivateCells(floats["clip"])
 
 
 def encode_vector(v: np.ndarray) -> pb.Payload:

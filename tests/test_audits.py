@@ -283,7 +283,7 @@ def test_distance_attack_sees_members_of_a_memory_and_nothing_in_an_independent_
 
 def test_cell_centres_decodes_what_a_cell_release_reveals():
     from fedsecmem.run.leakage import cell_centres
-    from fedsecmem.protocols.kmeans_party import Request, local_cell_stats
+    from fedsecmem.protocols.kmeans_party import CellStats, PrivateCells, local_cell_stats
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 4))
@@ -291,10 +291,10 @@ def test_cell_centres_decodes_what_a_cell_release_reveals():
     labels = rng.integers(0, 3, 30)
     labels[:3] = [0, 1, 2]
     vec = local_cell_stats(x, w, labels, 4)  # cell 3 is empty
-    got = cell_centres(Request("cells", {"n": 4}), vec, 4, 1e-9)
+    got = cell_centres(CellStats(4), vec, 4, 1e-9)
     want = np.stack([(x[labels == c] * w[labels == c, None]).sum(0) / w[labels == c].sum() for c in range(3)])
     assert np.allclose(got, want)
-    scaled = cell_centres(Request("dp_cells", {"assign": 0}, floats={"clip": 10.0}), local_cell_stats(
+    scaled = cell_centres(PrivateCells(10.0), local_cell_stats(
         x, w, np.zeros(30, np.int64), 1), 4, 1e-9)
     assert np.allclose(scaled[0], 10 * (x * w[:, None]).sum(0) / w.sum())
 

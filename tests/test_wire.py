@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.errors import ProtocolAbort
-from fedsecmem.protocols.kmeans_party import KMeansParty, Request
+from fedsecmem.protocols.kmeans_party import KMeansParty, LloydStats
 from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
 from fedsecmem.protocols.secagg_messages import AdvertiseKeys
 from fedsecmem.protocols.wire import (
@@ -94,14 +94,32 @@ def test_decoders_name_the_bad_field():
 
 def test_requests_round_trip_and_are_checked_against_the_points():
     party = KMeansParty(np.random.default_rng(1).normal(size=(30, 4)), np.ones(30))
-    req = Request("lloyd", arrays={"centres": np.zeros((3, 4))})
+    req = LloydStats(np.zeros((3, 4)))
     back = decode_request(encode_request(req, BodyBuilder()).build(), 4, 10_000)
     assert np.array_equal(party.answer(back), party.answer(req))
-    wrong = Request("lloyd", arrays={"centres": np.zeros((3, 5))})
+    wrong = LloydStats(np.zeros((3, 5)))
     with pytest.raises(WireError, match="centres do not fit"):
         decode_request(encode_request(wrong, BodyBuilder()).build(), 4, 10_000)
     with pytest.raises(WireError, match="unknown op"):
         decode_request(BodyBuilder().text("op", "exfiltrate").build(), 4, 10)
+
+
+def test_every_request_kind_round_trips_to_its_own_type_and_the_same_answer():
+    from fedsecmem.protocols.kmeans_party import CellStats, Moments, PartitionStats, Pca, PrivateCells, Split
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 4))
+    pca = Pca(x.mean(0), np.linalg.qr(rng.normal(size=(4, 2)))[0])
+    split = (Split(0, 1, np.zeros(2), np.array([1.0, 0.0])),)
+    kinds = [Moments(), PartitionStats(1, 2, pca), PartitionStats(2, 2, None, split), CellStats(2, None, split),
+             LloydStats(x[:3]), PrivateCells(5.0), PrivateCells(5.0, "hyperplanes", 2, 7, mean=x.mean(0)),
+             PrivateCells(5.0, "nearest", centres=x[:3])]
+    here, there = KMeansParty(x, np.ones(40)), KMeansParty(x, np.ones(40))
+    for req in kinds:  # in order: the partition requests build on the PCA of the first
+        back = decode_request(encode_request(req, BodyBuilder()).build(), 4, 10_000)
+        assert type(back) is type(req)
+        assert np.array_equal(there.answer(back), here.answer(req)), req.op
+        assert len(here.answer(req)) == req.length(4)
 
 
 # ---- the server's handler ------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """The server of a networked FedDyMem run: ``fedsecmem serve CONFIG [--out DIR] [--resume]``.
 
-It drives the same rounds as the in-process simulator (``federated.run_feddymem``)
-with the clients in other processes: registration, then per round a ``round``
-task (clients train towards the last global memory and rebuild their banks),
-federated k-means over the network (``protocols.network_sum``: the same
-requests and SecAgg+ machines), and a ``memory`` task (clients receive the
-global memory, score their own test images and report their metrics). The
-privacy budget is checked and charged here, as in the simulator.
+It carries the round (``fedsecmem.method.round``: ``RoundServer`` here, ``RoundClient`` in each
+``join``) to clients in other processes, as the simulator carries it in one: registration, then per
+round a ``round`` task (clients train towards the last global memory and rebuild their banks),
+federated k-means over the network (``protocols.network_sum``: the same requests and SecAgg+
+machines), and a ``memory`` task (clients receive the global memory, score their own test images
+and report their metrics). The budget check, the charges and the round's record are the round
+server's, the same code as in the simulator.
 
 After every completed round it checkpoints (atomically) the global memory,
 the per-round record, the bytes, the clients' last reports and the privacy

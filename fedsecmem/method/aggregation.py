@@ -42,13 +42,32 @@ def aggregation_summary(cfg, init: str | None, dp_noise: str | None = None) -> d
 
 
 @dataclass
+class RoundInfo:
+    """What an aggregation reports besides its result: the public part goes into the round's record
+    (results.json ``per_round``), the seconds into the run's timings."""
+
+    secure_sums: int = 0
+    global_items: int | None = None
+    kmeans_objective: float | None = None  # federated or faithful k-means (private k-means releases none)
+    kmeans_updates: int | None = None
+    client_s: float | None = None  # seconds the clients computed
+    server_s: float | None = None  # seconds the holder of the sums computed
+
+    def record(self) -> dict:
+        """The fields of the round's record (those that apply)."""
+        return {k: v for k, v in (("secure_sums", self.secure_sums), ("kmeans_objective", self.kmeans_objective),
+                                  ("kmeans_updates", self.kmeans_updates), ("global_items", self.global_items))
+                if v is not None}
+
+
+@dataclass
 class Aggregated:
     """A round's aggregation: its result, what each client sent and received, and its cost."""
 
     memory: GlobalMemory | None
     bytes_up: list[int]
     bytes_down: list[int]
-    info: dict = field(default_factory=dict)
+    info: RoundInfo = field(default_factory=RoundInfo)
 
 
 Aggregator = Callable[[list[Contribution]], Aggregated]
@@ -83,7 +102,7 @@ def upload_kmeans_aggregator(k: int, k_images: int, iters: int, seed: int) -> Ag
             images, _, _ = weighted_kmeans(imgs, np.ones(len(imgs)), k_images, iters, seed + 1)
         memory = GlobalMemory(patches, images)
         return Aggregated(memory, [c.nbytes for c in contribs], [memory.nbytes] * len(contribs),
-                          {"kmeans_objective": objective, "secure_sums": 0})
+                          RoundInfo(secure_sums=0, kmeans_objective=objective))
 
     return aggregate
 
@@ -104,7 +123,7 @@ def kmeans_for(cfg, z: float | None = None) -> KMeansOver:
 
 
 def global_memory_over(kmeans: KMeansOver, patches: Collective,
-                       images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, dict]:
+                       images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, RoundInfo]:
     """The global memory from federated k-means on the patch prototypes and, when every client
     shares them, on the image embeddings (weight 1 each; ``images`` makes their collective once the
     patches are done, from the clients still there): the memory, its cost, the round's info."""
@@ -116,10 +135,10 @@ def global_memory_over(kmeans: KMeansOver, patches: Collective,
         img = kmeans(images(), True)
         cost.merge(img.cost)
         image_centres = img.centres.astype(np.float32)
-    info = {"secure_sums": cost.sums, "client_s": cost.client_seconds, "server_s": cost.server_seconds,
-            "global_items": len(res.centres)}
+    info = RoundInfo(secure_sums=cost.sums, global_items=len(res.centres), client_s=cost.client_seconds,
+                     server_s=cost.server_seconds)
     if np.isfinite(res.objective):  # private k-means releases no objective
-        info.update(kmeans_objective=res.objective, kmeans_updates=res.iterations)
+        info.kmeans_objective, info.kmeans_updates = res.objective, res.iterations
     return GlobalMemory(res.centres.astype(np.float32), image_centres), cost, info
 
 
@@ -176,5 +195,5 @@ def average_states(states: list[dict], weights: list[float], ss: SecureSum) -> t
     model_bytes = pos * FLOAT_BYTES
     return out, Aggregated(None, [cost.bytes_up.get(i, 0) for i in range(n)],
                            [model_bytes] * n,  # the new global model, sent back to every client
-                           {"secure_sums": cost.sums, "client_s": cost.client_seconds,
-                            "server_s": cost.server_seconds})
+                           RoundInfo(secure_sums=cost.sums, client_s=cost.client_seconds,
+                                     server_s=cost.server_seconds))

@@ -37,18 +37,14 @@ from fedsecmem.data.types import ImageSet
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.detector.scoring import Scores
-from fedsecmem.method.aggregation import aggregation_summary, global_memory_over, kmeans_for
+from fedsecmem.method.aggregation import RoundInfo, aggregation_summary, global_memory_over, kmeans_for
 from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
 from fedsecmem.privacy.budget import RunPrivacy, secagg_threshold
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
 
-__all__ = ["ROUND_INFO_KEYS", "Ready", "RoundClient", "RoundServer", "RoundTask", "Scored"]
-
-# What of an aggregation's info goes into the round's record (results.json ``per_round``).
-ROUND_INFO_KEYS = ("secure_sums", "kmeans_objective", "kmeans_updates", "global_items")
-
+__all__ = ["Ready", "RoundClient", "RoundServer", "RoundTask", "Scored"]
 
 # ---- messages -----------------------------------------------------------------------------------
 
@@ -188,12 +184,12 @@ class RoundServer:
         return sorted(ready)
 
     def aggregate(self, patches: Collective,
-                  images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, dict]:
+                  images: Callable[[], Collective] | None) -> tuple[GlobalMemory, AggregateCost, RoundInfo]:
         """The global memory by federated k-means over the ready clients' points (private k-means,
         its releases charged as they happen, when DP is on)."""
         return global_memory_over(kmeans_for(self.cfg, self.z), patches, images)
 
-    def close(self, r: int, memory: GlobalMemory, bytes_up: dict[int, int], bytes_down: dict[int, int], info: dict,
+    def close(self, r: int, memory: GlobalMemory, bytes_up: dict[int, int], bytes_down: dict[int, int], info: RoundInfo,
               ready: dict[int, Ready], scored: dict[int, dict], targets: Sequence[int]) -> dict:
         """End round ``r``: keep the memory, count the bytes, write the record (epsilon after the
         round, privacy state saved) and tell the hooks. ``scored``: client -> ``Scored.metrics()``."""
@@ -204,7 +200,7 @@ class RoundServer:
         rows = [scored[c] for c in sorted(scored)]
         record = {"round": r, "image_patch_max": mean_defined(rows, "image_patch_max"),
                   "image_knn": mean_defined(rows, "image_knn"),
-                  **{k: info[k] for k in ROUND_INFO_KEYS if k in info},
+                  **info.record(),
                   "participants": sorted(scored), "dropped": sorted(set(targets) - set(scored))}
         losses = [ready[c].loss for c in sorted(ready) if ready[c].trained]
         if losses:

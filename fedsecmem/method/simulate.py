@@ -10,10 +10,10 @@ from fedsecmem.detector.backbone import resolve_device
 from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.detector.scoring import Scores
 from fedsecmem.errors import UserError
-from fedsecmem.method.aggregation import Aggregated, make_aggregator, secure_sum_for
+from fedsecmem.method.aggregation import Aggregated, RoundInfo, make_aggregator, secure_sum_for
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
 from fedsecmem.method.context import MethodContext, MethodOutput, timed
-from fedsecmem.method.round import ROUND_INFO_KEYS, RoundClient, RoundServer
+from fedsecmem.method.round import RoundClient, RoundServer
 from fedsecmem.privacy.budget import RunPrivacy
 from fedsecmem.progress import console, task
 from fedsecmem.protocols.secure_sum import SecureSum
@@ -42,12 +42,12 @@ def collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
             ctx.timings[k] = ctx.timings.get(k, 0.0) + v
 
 
-def aggregation_seconds(ctx: MethodContext, info: dict) -> None:
+def aggregation_seconds(ctx: MethodContext, info: RoundInfo) -> None:
     """The aggregation's client and server seconds, added to the run's timings."""
-    for side in ("client_s", "server_s"):
-        if side in info:
+    for side, seconds in (("client_s", info.client_s), ("server_s", info.server_s)):
+        if seconds is not None:
             key = f"aggregation_{side}"
-            ctx.timings[key] = ctx.timings.get(key, 0.0) + info[side]
+            ctx.timings[key] = ctx.timings.get(key, 0.0) + seconds
 
 
 def record_bytes(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> dict:
@@ -56,7 +56,7 @@ def record_bytes(ctx: MethodContext, agg: Aggregated, up: list, down: list) -> d
         up[i].append(agg.bytes_up[i])
         down[i].append(agg.bytes_down[i])
     aggregation_seconds(ctx, agg.info)
-    return {k: v for k, v in agg.info.items() if k in ROUND_INFO_KEYS}
+    return agg.info.record()
 
 
 def tapped(ctx: MethodContext, ss: SecureSum) -> SecureSum:

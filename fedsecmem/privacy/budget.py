@@ -21,6 +21,7 @@ from pathlib import Path
 from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
 from fedsecmem.protocols.secagg import default_threshold
+from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
 from fedsecmem.protocols.secure_sum import SecureSum
 
 STATE_FILE = "privacy_state.json"
@@ -50,7 +51,7 @@ class RunPrivacy:
         self.cfg = cfg
         pv = cfg.privacy
         fc = cfg.feddymem
-        self.releases_per_round = (2 + pv.kmeans_iters) * (2 if fc.share_images else 1)
+        self.releases_per_round = dp_kmeans_releases(pv.kmeans_iters) * (2 if fc.share_images else 1)
         self.sgd_plans = sgd_plans
         if pv.epsilon is not None:
             # the strictest client (smallest data: highest DP-SGD sampling rate) sets the noise

@@ -44,25 +44,32 @@ from fedsecmem.method.kmeans import weighted_kmeans
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.detector.memory import MemoryBank
 from fedsecmem.protocols.dp_release import SENSITIVITY
-from fedsecmem.protocols.kmeans_party import Request
+from fedsecmem.protocols.kmeans_party import CellStats, LloydStats, PrivateCells, Request
 from fedsecmem.protocols.secure_kmeans import EMPTY_WEIGHT, NOISE_DEVIATIONS
 from fedsecmem.protocols.secure_sum import SumOutcome
 from fedsecmem.method.reduce import reduce_images
 
-CELL_OPS = ("cells", "lloyd", "dp_cells")
+CELL_REQUESTS = (CellStats, LloydStats, PrivateCells)  # the sums that reveal per-cell centres
 SHADOW_KMEANS_ITERS = 10  # Lloyd steps of a shadow release's k-means
 
 
 def cell_centres(request: Request, vector: np.ndarray, dim: int, min_weight: float) -> np.ndarray:
     """The centres a per-cell (weight, weighted sum) vector reveals: sums / weights of the cells
     heavier than ``min_weight``, in memory units (DP releases are of unit-scaled points)."""
-    n = {"cells": lambda: request.ints["n"], "lloyd": lambda: len(request.arrays["centres"]),
-         "dp_cells": request.cells}[request.op]()
+    match request:
+        case CellStats():
+            n, scale = request.n, 1.0
+        case LloydStats():
+            n, scale = len(request.centres), 1.0
+        case PrivateCells():
+            n, scale = request.cells(), request.clip
+        case _:
+            raise ValueError(f"cell_centres: {request.op} releases no cells")
     v = np.asarray(vector, np.float64)
     w = v[:n]
     sums = v[n : n * (1 + dim)].reshape(n, dim)
     keep = w > min_weight
-    return sums[keep] / w[keep][:, None] * request.floats.get("clip", 1.0)
+    return sums[keep] / w[keep][:, None] * scale
 
 
 class LeakageViews(RoundHooks):
@@ -88,7 +95,7 @@ class LeakageViews(RoundHooks):
             self.arm(clients, contributions, z)
 
     def on_sum(self, which: str, request: Request, out: SumOutcome) -> None:
-        if not self.armed or which != "patches" or request.op not in CELL_OPS:
+        if not self.armed or which != "patches" or not isinstance(request, CELL_REQUESTS):
             return
         dim = self.contribs[0].prototypes.shape[1]
         if out.seen is not None:  # plain: every client's vector
