@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fedsecmem.errors import UserError
 
+__all__ = ["build_parser", "main", "print_comparison", "print_run_summary"]
+
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"

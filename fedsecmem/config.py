@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedsecmem.errors import UserError
 from fedsecmem.methods import METHODS, supporting
 
+__all__ = [
+    "AuditConfig", "BackboneConfig", "CkksConfig", "ClientsConfig", "DEFECT_FAMILIES", "DataConfig",
+    "DeployConfig", "FEDERATED", "FLConfig", "FMNIST_ANOMALY_CLASSES", "FMNIST_NORMAL_CLASSES",
+    "FedDyMemConfig", "MemoryConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
+    "SecAggConfig", "SecureConfig", "Strict", "TEXTURE_PRODUCTS", "config_from_dict", "load_config",
+    "parse_overrides",
+]
+
 TEXTURE_PRODUCTS = ("brick", "grass", "gravel", "retina", "immunohistochemistry", "cell")
 DEFECT_FAMILIES = ("perlin_blend", "cutpaste_scar", "scratch", "stain", "blur")
 FMNIST_NORMAL_CLASSES = (0, 1, 2, 5, 7, 8)

@@ -11,6 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 import sys
 
+__all__ = ["make_progress", "task"]
+
 # wide enough for result tables when output goes to a file or CI log
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 

@@ -29,6 +29,8 @@ from fedsecmem.method.client import LossTerm
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.detector.scoring import Scores
 
+__all__ = ["FedSM", "ModelSelector", "PullTerm", "pick", "selector_features", "train_selector"]
+
 
 class PullTerm(LossTerm):
     """SoftPull: after every optimizer step the proximal map of ``lambda / 2 * ||w - reference||^2``

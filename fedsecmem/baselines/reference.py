@@ -12,6 +12,8 @@ from fedsecmem.method.context import MethodContext, MethodOutput, timed
 from fedsecmem.progress import task
 from fedsecmem.detector.scoring import score_embeddings
 
+__all__ = ["fit_bank", "run_central", "run_local"]
+
 
 def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> tuple[MemoryBank, MemoryBank | None]:
     n_items = emb.patches.shape[0] * emb.patches.shape[1] * emb.patches.shape[2]

@@ -19,6 +19,8 @@ from torch import nn
 
 from fedsecmem.method.client import LossTerm
 
+__all__ = ["SCOPE_KEY", "STD_EPS", "ScopeTerm", "scope_of", "scope_penalty", "split_scope", "with_scope"]
+
 STD_EPS = 1e-12  # keeps the standard deviation differentiable at a constant (e.g. zero-initialised) layer
 
 Scope = dict[str, tuple[float, float]]

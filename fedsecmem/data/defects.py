@@ -17,6 +17,11 @@ from skimage import draw, transform
 
 from fedsecmem.data.perlin import perlin_2d
 
+__all__ = [
+    "DEFECTS", "MAX_TRIES", "MIN_AREA", "MIN_CHANGE", "blur", "cutpaste_scar", "make_defect", "perlin_blend",
+    "scratch", "stain",
+]
+
 MIN_CHANGE = 2.0 / 255.0  # a pixel counts as changed above this (max over channels)
 MIN_AREA = 12  # pixels; smaller defects are redrawn
 MAX_TRIES = 20

@@ -37,6 +37,11 @@ from PIL import Image
 from fedsecmem.data.types import UNCERTAIN, Benchmark, ImageSet
 from fedsecmem.errors import UserError
 
+__all__ = [
+    "Cell", "KIND_DEFECTIVE", "KIND_P33", "KIND_P67", "LICENCE", "PRODUCTS", "SOURCE", "make_elpv",
+    "package_dir", "read_labels",
+]
+
 PRODUCTS = ("mono", "poly")
 LICENCE = "CC BY-NC-SA 4.0"
 SOURCE = ("ELPV data set, PyPI elpv-dataset (https://github.com/zae-bayern/elpv-dataset); "

@@ -15,6 +15,8 @@ from skimage import transform
 from fedsecmem.data.types import Benchmark, ImageSet
 from fedsecmem.errors import UserError
 
+__all__ = ["CLASS_NAMES", "DEBIAN_DIR", "FILES", "load_fmnist", "make_fmnist", "make_fmnist_ovr"]
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle-boot")

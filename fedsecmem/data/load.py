@@ -8,6 +8,8 @@ from fedsecmem.data.mvtec import make_mvtec
 from fedsecmem.data.textures import make_textures
 from fedsecmem.data.types import Benchmark
 
+__all__ = ["load_benchmark"]
+
 
 def load_benchmark(cfg, seed: int) -> Benchmark:
     """``cfg``: a ``DataConfig``. Fashion-MNIST reuses ``train_per_product`` per normal class;

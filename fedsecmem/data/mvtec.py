@@ -16,6 +16,8 @@ from PIL import Image
 from fedsecmem.data.types import Benchmark, ImageSet
 from fedsecmem.errors import UserError
 
+__all__ = ["IMAGE_SUFFIXES", "find_categories", "make_mvtec"]
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 

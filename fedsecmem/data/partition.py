@@ -19,6 +19,8 @@ import numpy as np
 
 from fedsecmem.data.types import Benchmark, ImageSet
 
+__all__ = ["ClientData", "MAX_REDRAWS", "dirichlet_shares", "partition", "split_counts"]
+
 MAX_REDRAWS = 100
 
 

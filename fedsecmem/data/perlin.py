@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["perlin_2d"]
+
 
 def _fade(t: np.ndarray) -> np.ndarray:
     return 6 * t**5 - 15 * t**4 + 10 * t**3

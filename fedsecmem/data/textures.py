@@ -18,6 +18,8 @@ from skimage import transform
 from fedsecmem.data.defects import make_defect
 from fedsecmem.data.types import Benchmark, ImageSet
 
+__all__ = ["JITTER", "SOURCES", "TEST_FRACTION", "load_source", "make_textures"]
+
 TEST_FRACTION = 0.4  # bottom share of each source kept for test crops
 JITTER = 0.1  # mild brightness/contrast augmentation of training crops
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+__all__ = ["Benchmark", "ImageSet", "UNCERTAIN"]
+
 UNCERTAIN = "uncertain"  # name prefix of ELPV's kinds of doubtful label (defect probability 1/3, 2/3)
 
 

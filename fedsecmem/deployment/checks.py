@@ -17,6 +17,10 @@ from fedsecmem.crypto.pki import ProvisioningError, TlsMaterial, client_name, tl
 from fedsecmem.errors import UserError
 from fedsecmem.methods import METHODS, supporting
 
+__all__ = [
+    "FAULT_ENV", "FAULT_EXIT", "check_deployable", "client_tls", "crash_if_asked", "max_bytes", "party_tls",
+]
+
 def check_deployable(cfg) -> None:
     if not METHODS[cfg.method].deployable:
         raise UserError(f"method: {cfg.method} runs in process only; serve/join run {', '.join(supporting('deployable'))}")

@@ -41,6 +41,8 @@ from fedsecmem.protocols.network_sum import CollectiveMember
 from fedsecmem.protocols.secure_sum import PlainSum
 from fedsecmem.protocols.wire import BodyBuilder, Envelope, WireError, parse_envelope
 
+__all__ = ["FedDyMemMember", "MAX_VECTOR", "join"]
+
 log = logging.getLogger("fedsecmem.client")
 MAX_VECTOR = 1 << 28  # values in one k-means vector a client accepts to compute
 

@@ -18,6 +18,11 @@ from fedsecmem.method.round import Ready, RoundTask
 from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
 
+__all__ = [
+    "MAX_ITEMS", "decode_ready", "decode_scores", "decode_task", "encode_ready", "encode_task", "get_json",
+    "get_memory", "put_json", "put_memory", "round_metrics",
+]
+
 MAX_ITEMS = 1 << 26  # values in one global memory array
 
 

@@ -48,6 +48,8 @@ from fedsecmem.protocols.wire import Body, BodyBuilder
 from fedsecmem.method.context import MethodOutput, timed
 from fedsecmem.run.results import results_document, write_results
 
+__all__ = ["CHECKPOINT", "CHECKPOINT_MEMORY", "FINISH_TIMEOUT_S", "serve"]
+
 log = logging.getLogger("fedsecmem.server")
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_MEMORY = "checkpoint_memory.npz"

@@ -21,6 +21,11 @@ import torch.nn.functional as F
 
 from fedsecmem.errors import UserError
 
+__all__ = [
+    "BUILTIN_BACKBONE", "Embeddings", "PatchEmbedder", "build_embedder", "builtin_weights_path",
+    "create_classifier", "map_state_dict", "resolve_device", "to_tensor",
+]
+
 BUILTIN_BACKBONE = "tf_efficientnet_lite0"
 
 

@@ -22,6 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+__all__ = [
+    "BOUND_DIM", "DENSE_FRACTION", "coreset_size", "greedy_coreset", "greedy_coreset_radius", "pca_rotate",
+]
+
 BOUND_DIM = 32  # PCA dims used for the lower bound (speed only; the result is exact)
 DENSE_FRACTION = 0.15  # above this share of candidates, a dense pass is cheaper than a gather
 # The greedy steps run on one thread: a step is a handful of small vector operations, and on a

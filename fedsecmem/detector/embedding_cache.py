@@ -35,6 +35,11 @@ import fedsecmem.detector.backbone
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.errors import UserError
 
+__all__ = [
+    "FORMAT", "cache_ingredients", "cache_key", "embedder_source_digest", "file_sha256", "images_digest",
+    "load_cached", "store_cached", "weights_ingredient",
+]
+
 FORMAT = 2  # bump when the file layout or the meaning of the key changes
 _EMBEDDER_MODULES: tuple[ModuleType, ...] = (fedsecmem.detector.backbone,)
 _KEPT_BACKBONE_FIELDS = ("name", "weights", "layers", "image_layer", "pool_size")

@@ -16,6 +16,8 @@ from fedsecmem.data.types import ImageSet
 from fedsecmem.detector.metrics import auroc, pixel_auroc, pro_score
 from fedsecmem.detector.scoring import Scores, anomaly_maps
 
+__all__ = ["across_clients", "category_summary", "evaluate_client", "headline_auroc", "mean_defined"]
+
 def headline_auroc(test: ImageSet, image_scores: np.ndarray | None) -> float | None:
     """Image AUROC over the images the headline counts (uncertain kinds left out)."""
     if image_scores is None:

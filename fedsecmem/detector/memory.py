@@ -8,6 +8,8 @@ import torch
 
 from fedsecmem.detector.coreset import coreset_size, greedy_coreset_radius
 
+__all__ = ["MemoryBank", "coreset_bank"]
+
 
 def _sync_threads() -> None:
     faiss.omp_set_num_threads(max(1, torch.get_num_threads()))

@@ -6,6 +6,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+__all__ = ["PRO_MAX_FPR", "PRO_THRESHOLDS", "auroc", "pixel_auroc", "pro_score"]
+
 PRO_MAX_FPR = 0.3  # PRO is integrated over FPR in [0, 0.3] (MVTec AD convention)
 PRO_THRESHOLDS = 200
 

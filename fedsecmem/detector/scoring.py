@@ -12,6 +12,8 @@ from scipy import ndimage
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.detector.memory import MemoryBank
 
+__all__ = ["Scores", "anomaly_maps", "reweighted_max", "score_embeddings"]
+
 
 @dataclass
 class Scores:

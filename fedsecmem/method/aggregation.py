@@ -28,6 +28,11 @@ from fedsecmem.protocols.secure_kmeans import (
 from fedsecmem.protocols.kmeans_party import Request
 from fedsecmem.protocols.secure_sum import SecureSum, SumOutcome, make_secure_sum
 
+__all__ = [
+    "Aggregated", "RoundInfo", "aggregation_summary", "average_states", "collective_aggregator",
+    "global_memory_over", "kmeans_for", "make_aggregator", "secure_sum_for", "upload_kmeans_aggregator",
+]
+
 
 def aggregation_summary(cfg, init: str | None, dp_noise: str | None = None) -> dict:
     """results.json's ``aggregation``: protocol, seeding, noise placement and protocol settings."""

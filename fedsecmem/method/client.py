@@ -34,6 +34,11 @@ from fedsecmem.method.metric_loss import anti_collapse_target, metric_loss, per_
 from fedsecmem.method.reduce import reduce_images
 from fedsecmem.detector.scoring import Scores, score_embeddings
 
+__all__ = [
+    "Contribution", "FLOAT_BYTES", "FedDyMemClient", "GLOBAL_MEMORY_FILE", "GlobalMemory", "LossTerm",
+    "TARGET_SAMPLE", "load_global_memory", "save_global_memory",
+]
+
 FLOAT_BYTES = 4
 
 

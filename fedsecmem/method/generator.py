@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = ["MemoryGenerator"]
+
 
 class MemoryGenerator(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden: int, seed: int = 0):

@@ -12,6 +12,8 @@ import torch
 
 from fedsecmem.protocols.kmeans_party import lloyd_step
 
+__all__ = ["kmeans_pp_init", "weighted_kmeans"]
+
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding with probabilities proportional to weight x squared distance."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["EPS", "anti_collapse_target", "metric_loss", "per_image_metric_loss", "spread"]
+
 EPS = 1e-4
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+__all__ = ["grid_side", "reduce_images"]
+
 
 def grid_side(n_side: int, ratio: int) -> int:
     """Prototypes per image side when about ``ratio`` patches are pooled into one."""

@@ -24,6 +24,8 @@ from fedsecmem.protocols.secagg import default_threshold
 from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
 from fedsecmem.protocols.secure_sum import SecureSum
 
+__all__ = ["RunPrivacy", "STATE_FILE", "min_survivors", "secagg_threshold"]
+
 STATE_FILE = "privacy_state.json"
 
 

@@ -23,6 +23,11 @@ from fedsecmem.errors import UserError
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.privacy.threat_model import threat_model
 
+__all__ = [
+    "PartyLedgerHooks", "RunLedgers", "begin", "config_digest", "coordinator_observer", "file_digest",
+    "party_ledger", "record_dp", "run_start_fields", "write_party_keys",
+]
+
 
 def config_digest(cfg) -> str:
     return sha256(json.dumps(json.loads(cfg.model_dump_json()), sort_keys=True).encode())

@@ -6,6 +6,8 @@ from __future__ import annotations
 from fedsecmem.methods import METHODS
 from fedsecmem.privacy.budget import min_survivors, secagg_threshold
 
+__all__ = ["server_view", "threat_model"]
+
 # What the server saw, in plain words (run summary; docs/secure_aggregation.md has the full table)
 _PROTOCOL_VIEW = {
     "plain": "each client's {what}",

@@ -49,6 +49,11 @@ from fedsecmem.protocols.secure_kmeans import EMPTY_WEIGHT, NOISE_DEVIATIONS
 from fedsecmem.protocols.secure_sum import SumOutcome
 from fedsecmem.method.reduce import reduce_images
 
+__all__ = [
+    "CELL_REQUESTS", "LeakageViews", "SHADOW_KMEANS_ITERS", "cell_centres", "hold_out", "measure",
+    "roc_plot", "strip_scores",
+]
+
 CELL_REQUESTS = (CellStats, LloydStats, PrivateCells)  # the sums that reveal per-cell centres
 SHADOW_KMEANS_ITERS = 10  # Lloyd steps of a shadow release's k-means
 

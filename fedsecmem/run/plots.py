@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 
 from fedsecmem.data.types import ImageSet  # noqa: E402
 
+__all__ = ["anomaly_map_grid", "pick_examples", "round_curve"]
+
 
 def pick_examples(test: ImageSet, per_product: int) -> list[int]:
     """A few anomalous test images of each product (or of the whole set when products are unknown)."""

@@ -38,6 +38,8 @@ from fedsecmem.privacy.ledgers import RunLedgers, file_digest
 
 from fedsecmem.detector.scoring import anomaly_maps
 
+__all__ = ["LEAKAGE_PNG", "run"]
+
 LEAKAGE_PNG = "leakage_roc.png"
 
 

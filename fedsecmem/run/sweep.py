@@ -17,6 +17,11 @@ from pathlib import Path
 from fedsecmem.errors import UserError
 from fedsecmem.methods import METHODS, supporting
 
+__all__ = [
+    "MIN_SPAN", "PROTOCOLS", "SERVER_VIEW", "SWEEP_PNG", "best_auc", "parse_epsilons", "parse_protocols",
+    "plot", "run_overrides", "summarize", "sweep", "sweep_command", "table_markdown",
+]
+
 PROTOCOLS = ("plain", "secagg", "ckks")
 SERVER_VIEW = {"plain": "plain_server", "secagg": "secagg_server", "ckks": None}
 SWEEP_PNG = "sweep.png"
