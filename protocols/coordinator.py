@@ -93,6 +93,12 @@ class Coordinator:
             if round_number != self.round:
                 self.round, self.step = round_number, 0
 
+    def resume_after(self, round_number: int, step: int) -> None:
+        """Continue a run whose last task (before a crash) was ``(round_number, step)``: the next
+        exchange of that round is ``step + 1``, so clients that saw it take the new tasks as new."""
+        with self._cv:
+            self.round, self.step = round_number, step
+
     def exchange(self, kind: str, bodies: dict[int, pb.Payload], expect: str,
                  accept: Callable[[int, Envelope], object], timeout: float) -> dict[int, object]:
         """Send ``kind`` tasks and wait (at most ``timeout`` s) for one accepted ``expect`` reply per

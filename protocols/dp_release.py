@@ -24,7 +24,10 @@ noise multiplier z, with sigma = z * Delta in lattice units:
 - ``central``: the (trusted) aggregator adds N_Z(0, sigma^2) to the sum.
 
 Each release is one Gaussian mechanism with sampling rate 1 for every client
-whose data is in it; ``releases`` counts them for the accountant.
+whose data may be in it, charged (``on_release``) before any client computes
+it: write-ahead, so a crash after the data left cannot lose the charge (a
+client that then drops out is charged all the same: an upper bound).
+``releases`` counts them.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class NoisySum:
 
     def __init__(self, secure_sum: SecureSum, z: float, mode: Literal["distributed", "local", "central"],
                  min_survivors: int, frac_bits: int = 24, on_release=None):
-        """``on_release(included)`` is called after every release with the clients whose data is in it
-        (the accountant records it there and then)."""
+        """``on_release(clients)`` is called before every release with the clients whose data may be
+        in it (the accountant records and saves it there and then, before anything leaves)."""
         if mode == "distributed" and min_survivors < 2:
             raise ValueError("distributed noise needs at least 2 contributions (t >= 2)")
         if mode not in ("distributed", "local", "central"):
@@ -90,18 +93,22 @@ class NoisySum:
                  "local": sigma, "central": 0.0}[self.mode]
         return noised_on_lattice(v, share, self.frac_bits)
 
+    def charge(self, clients) -> None:
+        """Before a release: every client whose data may be in it is charged (write-ahead)."""
+        if self.on_release is not None:
+            self.on_release(tuple(sorted(clients)))
+
     def finish(self, out: SumOutcome) -> SumOutcome:
-        """The aggregator's part of a release: central noise where configured, then the accounting."""
+        """The aggregator's part of a release: central noise where configured."""
         dim = len(out.total)
         sigma = self.sigma_lattice(dim)
         if self.mode == "central" and sigma > 0:
             out.total = out.total + discrete_gaussian(dim, sigma).astype(np.float64) / 2.0**self.frac_bits
         self.releases += 1
-        if self.on_release is not None:
-            self.on_release(out.included)
         return out
 
     def sum(self, inputs: dict[int, np.ndarray], drop=None) -> SumOutcome:
+        self.charge(inputs)
         noised = {c: self.client_noise(v) for c, v in inputs.items()}
         # the protocol itself refuses to reveal a sum of fewer contributions than the noise counts on
         return self.finish(self.ss.sum(noised, drop, min_included=self.need))

@@ -73,6 +73,8 @@ class NetworkCollective(Collective):
             raise ProtocolAbort(f"{self.name}: only {len(self.participants)} participants, {need} needed")
         if broadcast_values(request):
             self.cost.broadcast(self.participants, broadcast_values(request))
+        if self.noisy is not None:  # charged before any client is asked for its data (write-ahead)
+            self.noisy.charge(self.participants)
         out = self._plain(request, length, need) if self.protocol == "plain" else self._secagg(request, length, need)
         if self.noisy is not None:
             out = self.noisy.finish(out)

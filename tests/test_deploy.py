@@ -1,6 +1,7 @@
 """Deployment over gRPC with mutual TLS: identities, large payloads, and whole runs as real processes on
 127.0.0.1 (same global memory as the simulator, a client crash mid-round, a server crash and resume)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -243,3 +244,41 @@ def test_resume_without_checkpoint_is_a_one_line_error(tmp_path, certs):
     r = subprocess.run([*FEDSECMEM, "serve", str(cfg), "--out", str(tmp_path / "none"), "--resume"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --resume: no checkpoint")
+
+
+def _released_by_clients(out: Path, n: int) -> dict[int, tuple[int, int]]:
+    """From each client's own ledger: (private vectors it sent, rounds it trained before replying)."""
+    import json as _json
+
+    counts = {}
+    for c in range(n):
+        sent = [_json.loads(line) for line in (out / "ledger" / f"client-{c}.jsonl").read_text().splitlines()]
+        sent = [e for e in sent if e.get("event") == "message" and e.get("dir") == "sent"]
+        masked = sum(e["stage"] == "masked" for e in sent)
+        trained = sum(e["stage"] == "ready" and e["round"] > 1 for e in sent)
+        counts[c] = (masked, trained)
+    return counts
+
+
+def test_server_killed_mid_round_under_dp_resumes_with_every_release_charged(tmp_path, certs):
+    """The crash comes after round 2's private releases left the clients and before its checkpoint:
+    the resumed run's epsilon must cover everything released, the lost round included."""
+    from fedsecmem.audits.accountant import Step, epsilon_of
+
+    cfg = _config(tmp_path, certs, privacy__dp=True, privacy__epsilon=8.0)
+    server, clients, out = _run_processes(tmp_path, cfg, {"server": "role=server,round=2,stage=aggregated"})
+    assert _wait(server, tmp_path / "server.log") == 75
+    resumed = _start(["serve", str(cfg), "--out", str(out), "--resume"], tmp_path / "resumed.log")
+    assert _wait(resumed, tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    for c, p in clients.items():
+        assert _wait(p, tmp_path / f"client{c}.log") == 0
+    results = json.loads((out / "results.json").read_text())
+    pv = results["privacy"]
+    assert results["deployment"]["resumed_after_round"] == 1 and results["rounds"] == 2
+    z, delta = pv["noise_multiplier"], pv["delta"]
+    for c, (masked, trained) in _released_by_clients(out, 3).items():
+        assert masked > pv["releases_per_round"] * 2 and trained == 2  # round 2 ran twice
+        q, steps = pv["dp_sgd"]["per_client"][str(c)]["sample_rate"], pv["dp_sgd"]["per_client"][str(c)]["steps_per_round"]
+        released = epsilon_of([Step(z, 1.0, masked), Step(z, q, steps * trained)], delta, pv["accountant"])
+        assert pv["per_client"][c] >= released * (1 - 1e-9), (c, pv["per_client"][c], released)
+    _assert_ledgers_verify(out, certs)

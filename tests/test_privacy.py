@@ -211,3 +211,59 @@ def test_an_aborted_round_is_still_charged(tmp_path, monkeypatch):
     saved = PrivacyAccountant.load(tmp_path / "privacy_state.json")
     assert all(sum(s.count for s in saved.history[c]) == 2 for c in range(3))  # the two releases that happened
     assert saved.epsilon(0) > 0
+
+
+def _dp_config(*extra):
+    from fedsecmem.config import config_from_dict
+    return config_from_dict({"method": "feddymem", "protocol": "secagg", "clients": {"n": 3},
+                             "privacy": {"dp": True, "epsilon": 8.0}, "feddymem": {"rounds": 3}}, list(extra))
+
+
+class _CrashingSum:
+    """A secure sum that fails after the clients' vectors left them (as a server crash would)."""
+
+    name = "plain"
+    tap = None
+
+    def sum(self, inputs, drop=None, min_included=1):
+        raise RuntimeError("simulated crash: the vectors were sent, no sum came back")
+
+
+def test_a_release_is_charged_and_on_disk_before_any_client_computes_it(tmp_path):
+    """Write-ahead: a crash after the data left cannot lose the charge."""
+    from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
+
+    privacy = RunPrivacy(_dp_config(), {0: (0.2, 4), 1: (0.2, 4), 2: (0.3, 4)}, _CrashingSum(), tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        privacy.noisy.sum({c: np.zeros(5) for c in range(3)})
+    saved = PrivacyAccountant.load(tmp_path / STATE_FILE)
+    assert all(sum(s.count for s in saved.history[c]) == 1 for c in range(3))
+    privacy.record_sgd([0, 1])  # a round's DP-SGD: charged (and saved) before the clients are asked to train
+    saved = PrivacyAccountant.load(tmp_path / STATE_FILE)
+    assert [len(saved.history[c]) for c in range(3)] == [2, 2, 1] and saved.epsilon(0) > saved.epsilon(2)
+
+
+def test_a_client_refuses_noise_below_its_own_floor():
+    """A server that asks for less noise than the client's own calibration (down to none) is refused
+    before anything is trained or released."""
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.method.client import FedDyMemClient, GlobalMemory
+    from fedsecmem.method.round import RoundClient, RoundTask
+    from fedsecmem.privacy.budget import RunPrivacy, noise_floor
+    from fedsecmem.protocols.errors import ProtocolError
+
+    cfg = _dp_config()
+    patches = np.random.default_rng(0).normal(size=(12, 4, 4, 8)).astype(np.float32)
+    client = FedDyMemClient(0, Embeddings(patches, None), cfg.feddymem, 0, 0.5)
+    me = RoundClient(cfg, client, None, None)
+    plan = client.dp_sgd_plan(cfg.privacy.sgd_batch_images, cfg.feddymem.local_epochs)
+    assert me.floor == pytest.approx(noise_floor(cfg, plan)) and me.floor > 0.5
+    memory = GlobalMemory(patches[0, 0, :2], None)
+    for z in (0.0, me.floor * 0.99, None):
+        with pytest.raises(ProtocolError, match="below client 0's floor"):
+            me.on_task(RoundTask(2, True, z, memory))
+        assert client.losses == [] and me.contribution is None  # nothing trained, nothing to release
+    # the server's own choice (the largest floor over its clients) is accepted
+    server_z = RunPrivacy(cfg, {0: plan, 1: (plan[0] / 2, plan[1])}, make_secure_sum("plain")).z
+    assert server_z == pytest.approx(me.floor)
+    assert me.on_task(RoundTask(1, False, server_z, None)).n_prototypes > 0

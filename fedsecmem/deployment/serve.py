@@ -36,7 +36,9 @@ from fedsecmem.deployment.checks import check_deployable, crash_if_asked, max_by
 from fedsecmem.deployment.messages import decode_ready, decode_scores, encode_task, get_json, put_memory, round_metrics
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
-from fedsecmem.privacy.ledgers import PartyLedgerHooks, begin, coordinator_observer, file_digest, party_ledger, write_party_keys
+from fedsecmem.privacy.ledgers import (
+    PartyLedgerHooks, begin, coordinator_observer, file_digest, last_task, party_ledger, write_party_keys,
+)
 from fedsecmem.run.plots import round_curve
 from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
 from fedsecmem.progress import console, make_progress, task
@@ -107,6 +109,9 @@ class _Server:
             self.round.bytes_down[c] = list(self.ckpt.get("bytes_down", {}).get(str(c), []))
         if resume:
             self._check_ledger(self.ckpt.get("ledger"))
+            position = last_task(self.ledger)
+            if position is not None and position[0] > int(self.ckpt.get("round_done", 0)):
+                self.coord.resume_after(*position)  # a round cut short: its new tasks come after the old
 
     @property
     def privacy(self) -> RunPrivacy | None:
@@ -132,7 +137,7 @@ class _Server:
         if not cfg.privacy.dp:
             return
         plans = {c: (h["sgd_rate"], h["sgd_steps"]) for c, h in sorted(self.hello.items())}
-        self.round.privacy = RunPrivacy(cfg, plans, self.ss)
+        self.round.privacy = RunPrivacy(cfg, plans, self.ss, self.out)
         saved = self.ckpt.get("privacy")
         if saved:  # resume: the same noise, and the budget already spent (the state file holds every
             # charge, those of a round cut short by the crash too)
@@ -166,6 +171,7 @@ class _Server:
         share_images = fc.share_images and all(ready[c].n_images > 0 for c in participants)
         with timed(self.timings, "aggregation_s"):
             memory, cost, info = self.round.aggregate(patches, images if share_images else None)
+        crash_if_asked("server", round=r, stage="aggregated")  # fault drills: mid-round, after the releases
         final = last[-1].participants
         body = put_memory(BodyBuilder(), memory).build()
         with timed(self.timings, "client_score_s"):
@@ -221,7 +227,7 @@ class _Server:
             with make_progress() as progress, task(progress, label, fc.rounds) as advance:
                 advance(first - 1)
                 for r in range(first, fc.rounds + 1):
-                    stopped = self.round.open(r)
+                    stopped = self.round.open(r, sorted(self.hello))
                     if stopped is not None:
                         console.print(f"[bold yellow]{stopped}")
                         break

@@ -4,17 +4,19 @@ client's side (``RoundClient``) exchange the messages below; the in-process simu
 only carry them, as the SecAgg+ machines are carried (``fedsecmem.protocols``).
 
 Round r:
-1. ``RoundServer.open(r)``: refuses the round if it would take any client past the privacy budget
-   (before any DP-SGD step or release), then ``begin_round`` on the hooks.
+1. ``RoundServer.open(r, targets)``: refuses the round if it would take any client past the privacy
+   budget (before any DP-SGD step or release), then ``begin_round`` on the hooks, then charges
+   every target's DP-SGD steps and saves the state (write-ahead).
 2. ``RoundServer.task`` -> ``RoundTask`` per client: train or not (not in round 1), the DP noise
    multiplier, and the last global memory for a client that does not hold it.
 3. ``RoundClient.on_task`` -> ``Ready``: takes the memory, trains its generator towards it (DP-SGD
    when private), rebuilds its dynamic bank and reduces each image to prototypes (its k-means
    points, ``RoundClient.points``).
-4. ``RoundServer.on_ready``: charges the DP-SGD steps of every client that trained, checks that
-   enough clients are ready (the SecAgg+ threshold, the survivors DP noise counts on).
+4. ``RoundServer.on_ready``: checks that enough clients are ready (the SecAgg+ threshold, the
+   survivors DP noise counts on).
 5. The global memory: federated k-means over a ``Collective`` of the ready clients
-   (``RoundServer.aggregate``), every private release charged as it happens (``NoisySum``).
+   (``RoundServer.aggregate``), every private release charged and saved before the clients compute
+   it (``NoisySum.charge``).
 6. ``RoundClient.on_memory`` -> ``Scored``: keeps the memory, scores its own test images.
 7. ``RoundServer.close``: bytes, the round's record, epsilon after the round (state saved first),
    ``end_round`` on the hooks.
@@ -39,7 +41,7 @@ from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.detector.scoring import Scores
 from fedsecmem.method.aggregation import RoundInfo, aggregation_summary, global_memory_over, kmeans_for
 from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
-from fedsecmem.privacy.budget import RunPrivacy, secagg_threshold
+from fedsecmem.privacy.budget import RunPrivacy, noise_floor, secagg_threshold
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
@@ -91,6 +93,20 @@ class RoundClient:
     def __init__(self, cfg: RunConfig, client: FedDyMemClient, test: ImageSet, test_emb: Embeddings):
         self.cfg, self.client, self.test, self.test_emb = cfg, client, test, test_emb
         self.contribution: Contribution | None = None
+        pv, fc = cfg.privacy, cfg.feddymem
+        # the least noise this client accepts: what its own epsilon target needs (its own calibration)
+        self.floor = (noise_floor(cfg, client.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator
+                                                          else 0)) if pv.dp else None)
+
+    def check_noise(self, z: float | None) -> None:
+        """Refuse a private round whose noise multiplier is below this client's own floor: its
+        privacy must not rest on the server's arithmetic."""
+        if self.floor is None:
+            return
+        if z is None or not z >= self.floor * (1 - 1e-9):
+            raise ProtocolError(f"noise multiplier {z} is below client {self.cid}'s floor {self.floor:.4g} "
+                                f"(its own target epsilon {self.cfg.privacy.epsilon} at delta "
+                                f"{self.cfg.privacy.delta:g}); refused")
 
     @property
     def cid(self) -> int:
@@ -98,6 +114,7 @@ class RoundClient:
 
     def on_task(self, task: RoundTask) -> Ready:
         cl, pv = self.client, self.cfg.privacy
+        self.check_noise(task.z)  # before anything is trained or released
         if task.memory is not None:
             cl.receive(task.memory)
         loss, trained = 0.0, False
@@ -160,25 +177,26 @@ class RoundServer:
         need = secagg_threshold(self.cfg) if self.cfg.protocol == "secagg" else 1
         return max(need, self.privacy.noisy.need if self.privacy is not None else 1)
 
-    def open(self, r: int) -> str | None:
-        """Begin round ``r``, or the reason it may not run (nothing recorded or released then)."""
+    def open(self, r: int, targets: Sequence[int]) -> str | None:
+        """Begin round ``r`` with ``targets``, or the reason it may not run (nothing recorded or
+        released then). From round 2 every target is charged its DP-SGD steps here, and the state
+        saved, before any task goes out (write-ahead: a client trains before it replies, so a lost
+        reply or a crash must not lose the charge)."""
         if self.privacy is not None:
             refused = self.privacy.refuse(r)
             if refused is not None:
                 return refused
         for h in self.hooks:
             h.begin_round(r)
+        if self.privacy is not None and r > 1:
+            self.privacy.record_sgd(sorted(targets))
         return None
 
     def task(self, r: int, resend: bool = False) -> RoundTask:
         return RoundTask(r, r > 1, self.z, self.memory if resend else None)
 
     def on_ready(self, r: int, ready: dict[int, Ready]) -> list[int]:
-        """Charge the DP-SGD steps of the clients that trained; the round's participants."""
-        if self.privacy is not None:
-            for c in sorted(ready):
-                if ready[c].trained:
-                    self.privacy.record_sgd(c)
+        """The round's participants (its DP-SGD steps were charged at ``open``)."""
         if len(ready) < self.need():
             raise ProtocolAbort(f"round {r}: only {len(ready)} clients ready, at least {self.need()} needed")
         return sorted(ready)

@@ -74,7 +74,7 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
     if pv.dp:  # no generator, no DP-SGD: nothing to charge for it
         plans = {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
                  for cl in clients}
-        privacy = RunPrivacy(cfg, plans, ss)
+        privacy = RunPrivacy(cfg, plans, ss, ctx.out)
     try:
         return _rounds(ctx, clients, ss, privacy)
     finally:
@@ -95,7 +95,7 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
     label = f"feddymem rounds ({cfg.protocol}{', DP' if privacy else ''})"
     with task(ctx.progress, label, fc.rounds) as advance:
         for r in range(1, fc.rounds + 1):
-            stopped = server.open(r)
+            stopped = server.open(r, [m.cid for m in members])
             if stopped is not None:  # before any DP-SGD step or release of this round
                 console.print(f"[bold yellow]{stopped}")
                 break

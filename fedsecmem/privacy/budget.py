@@ -47,29 +47,45 @@ def min_survivors(cfg) -> int:
     return n // 2 + 1
 
 
+def releases_per_round(cfg) -> int:
+    """Gaussian releases a private round makes at most: one private k-means of the patches, and one
+    of the image embeddings when they are shared."""
+    return dp_kmeans_releases(cfg.privacy.kmeans_iters) * (2 if cfg.feddymem.share_images else 1)
+
+
+def run_plan(cfg, sgd_plan: tuple[float, int]) -> list[tuple[float, int]]:
+    """A client's whole run as (sampling rate, steps): every release at rate 1, and its DP-SGD steps
+    (every round but the first) at its Poisson rate."""
+    q, steps = sgd_plan
+    rounds = cfg.feddymem.rounds
+    return [(1.0, releases_per_round(cfg) * rounds), (q, steps * (rounds - 1))]
+
+
+def noise_floor(cfg, sgd_plan: tuple[float, int]) -> float:
+    """The least noise multiplier a client with this DP-SGD plan accepts: what its own target
+    epsilon needs over the whole run (or the configured ``noise_multiplier``). A client checks the
+    server's request against it; the server's choice is the largest over its clients."""
+    pv = cfg.privacy
+    if pv.epsilon is None:
+        return pv.noise_multiplier
+    return calibrate(pv.epsilon, pv.delta, run_plan(cfg, sgd_plan), pv.accountant)
+
+
 class RunPrivacy:
-    def __init__(self, cfg, sgd_plans: dict[int, tuple[float, int]], secure_sum: SecureSum):
-        """``sgd_plans``: client -> (Poisson rate, DP-SGD steps per round)."""
-        self.cfg = cfg
+    def __init__(self, cfg, sgd_plans: dict[int, tuple[float, int]], secure_sum: SecureSum, out: Path | None = None):
+        """``sgd_plans``: client -> (Poisson rate, DP-SGD steps per round). ``out``: where the state is
+        written, after every charge (write-ahead: before what is charged runs or leaves)."""
+        self.cfg, self.out = cfg, None if out is None else Path(out)
         pv = cfg.privacy
-        fc = cfg.feddymem
-        self.releases_per_round = dp_kmeans_releases(pv.kmeans_iters) * (2 if fc.share_images else 1)
+        self.releases_per_round = releases_per_round(cfg)
         self.sgd_plans = sgd_plans
-        if pv.epsilon is not None:
-            # the strictest client (smallest data: highest DP-SGD sampling rate) sets the noise
-            self.z = max(calibrate(pv.epsilon, pv.delta, self._plan(cid, fc.rounds), pv.accountant)
-                         for cid in sgd_plans)
-        else:
-            self.z = pv.noise_multiplier
+        # the strictest client (smallest data: highest DP-SGD sampling rate) sets the noise
+        self.z = max(noise_floor(cfg, plan) for plan in sgd_plans.values())
         self.accountant = PrivacyAccountant(sgd_plans, pv.delta, pv.accountant)
         self.noisy = NoisySum(secure_sum, self.z, pv.noise, min_survivors(cfg), cfg.secure.secagg.frac_bits,
                               on_release=self.record_release)
         self.per_round: list[dict[int, float]] = []
         self.stopped: dict | None = None
-
-    def _plan(self, cid: int, rounds: int) -> list[tuple[float, int]]:
-        q, steps = self.sgd_plans[cid]
-        return [(1.0, self.releases_per_round * rounds), (q, steps * (rounds - 1))]
 
     def round_steps(self, cid: int, first: bool) -> list[Step]:
         """What one round costs a client: its DP-SGD steps (not before the first round) and the releases."""
@@ -93,15 +109,20 @@ class RunPrivacy:
                         f"stopped after round {round_number - 1}")
         return None
 
-    def record_release(self, included) -> None:
-        """One Gaussian release (sampling rate 1) for every client whose data is in it, as it happens."""
-        for cid in included:
+    def record_release(self, clients) -> None:
+        """One Gaussian release (sampling rate 1) for every client whose data may be in it, recorded
+        and saved before the release is computed."""
+        for cid in clients:
             self.accountant.record(cid, [Step(self.z, 1.0, 1)])
+        self.save(self.out)
 
-    def record_sgd(self, cid: int) -> None:
-        """One round of DP-SGD of client ``cid``, recorded as soon as it has run."""
-        q, steps = self.sgd_plans[cid]
-        self.accountant.record(cid, [Step(self.z, q, steps)])
+    def record_sgd(self, clients) -> None:
+        """One round of DP-SGD of each of ``clients``, recorded and saved before they are asked to train."""
+        for cid in clients:
+            q, steps = self.sgd_plans[cid]
+            if steps > 0:
+                self.accountant.record(cid, [Step(self.z, q, steps)])
+        self.save(self.out)
 
     def save(self, out: Path | None) -> None:
         if out is not None:

@@ -25,7 +25,7 @@ from fedsecmem.privacy.threat_model import threat_model
 
 __all__ = [
     "PartyLedgerHooks", "RunLedgers", "begin", "config_digest", "coordinator_observer", "file_digest",
-    "party_ledger", "record_dp", "run_start_fields", "write_party_keys",
+    "last_task", "party_ledger", "record_dp", "run_start_fields", "write_party_keys",
 ]
 
 
@@ -174,6 +174,21 @@ class PartyLedgerHooks(RoundHooks):
         if epsilon is not None:
             record_dp(self.ledger, r, epsilon, z, self.delta)
         self.ledger.sync()
+
+
+def last_task(ledger: Ledger) -> tuple[int, int] | None:
+    """The (round, step) of the last message this party's ledger records, or None."""
+    last = None
+    if not ledger.path.exists():
+        return None
+    for line in ledger.path.read_bytes().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("event") == "message" and isinstance(r.get("round"), int) and isinstance(r.get("step"), int):
+            last = max(last or (0, 0), (r["round"], r["step"]))
+    return last
 
 
 def coordinator_observer(ledger: Ledger):
