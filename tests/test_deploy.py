@@ -276,6 +276,12 @@ def test_server_killed_mid_round_under_dp_resumes_with_every_release_charged(tmp
     pv = results["privacy"]
     assert results["deployment"]["resumed_after_round"] == 1 and results["rounds"] == 2
     z, delta = pv["noise_multiplier"], pv["delta"]
+    # what no noise covers stays with the clients: no training loss, no per-client AUROC at the server
+    assert all(row["withheld"] and row["auroc_image"] is None for row in results["per_client"])
+    assert results["auroc"]["image"] is None and not any("loss" in r for r in results["per_round"])
+    for c in range(3):
+        kept = json.loads((out / f"evaluation-client-{c}.json").read_text())
+        assert kept["client"] == c and 0.0 <= kept["auroc_image"] <= 1.0
     for c, (masked, trained) in _released_by_clients(out, 3).items():
         assert masked > pv["releases_per_round"] * 2 and trained == 2  # round 2 ran twice
         q, steps = pv["dp_sgd"]["per_client"][str(c)]["sample_rate"], pv["dp_sgd"]["per_client"][str(c)]["steps_per_round"]

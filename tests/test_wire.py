@@ -122,6 +122,18 @@ def test_every_request_kind_round_trips_to_its_own_type_and_the_same_answer():
         assert len(here.answer(req)) == req.length(4)
 
 
+def test_a_private_clients_ready_reply_carries_no_training_loss():
+    from fedsecmem.deployment.messages import decode_ready, encode_ready
+    from fedsecmem.method.round import Ready
+
+    ready = Ready(40, 6, True, 0.1234)
+    for private, loss in ((False, 0.1234), (True, None)):
+        body = encode_ready(ready, private)
+        assert ("loss" in body.floats) is not private
+        env = Envelope("r" * 16, 0, 2, 1, "ready", body)
+        assert decode_ready(0, env) == Ready(40, 6, True, loss)
+
+
 # ---- the server's handler ------------------------------------------------------------------------
 
 class _Open:

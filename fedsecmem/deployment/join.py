@@ -11,7 +11,9 @@ leaves is listed per task in docs/deployment.md.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.partition import partition
 from fedsecmem.crypto.pki import client_name
 from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, max_bytes
-from fedsecmem.deployment.messages import decode_task, encode_ready, get_memory, put_json
+from fedsecmem.deployment.messages import WITHHELD, decode_task, encode_ready, get_memory, put_json
 from fedsecmem.method.round import RoundClient
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import SERVER
@@ -50,8 +52,8 @@ MAX_VECTOR = 1 << 28  # values in one k-means vector a client accepts to compute
 class FedDyMemMember:
     """The client's side of the round (``RoundClient``) and its answer to every task kind."""
 
-    def __init__(self, cfg: RunConfig, cid: int, progress=None):
-        self.cfg, self.cid = cfg, cid
+    def __init__(self, cfg: RunConfig, cid: int, progress=None, out: Path | None = None):
+        self.cfg, self.cid, self.out = cfg, cid, out
         bench = load_benchmark(cfg.data, cfg.seed)
         try:
             mine = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)[cid]
@@ -110,7 +112,7 @@ class FedDyMemMember:
         noisy = (NoisySum(PlainSum(), round_task.z, pv.noise, min_survivors(cfg), cfg.secure.secagg.frac_bits)
                  if pv.dp else None)
         self.member.reset(parties, noisy)
-        return encode_ready(ready)
+        return encode_ready(ready, private=pv.dp)
 
     def _scores(self, env: Envelope):
         cfg = self.cfg
@@ -120,7 +122,20 @@ class FedDyMemMember:
                               cfg.scoring.pro)
         row["bank_size"] = scored.bank_size
         row.update({f"round_{k}": v for k, v in scored.metrics().items()})
+        if cfg.privacy.dp:  # no noise covers these figures: they stay with the client (docs/privacy.md)
+            self._keep(row)
+            row = {WITHHELD: True}
         return put_json(BodyBuilder(), "row", row).build()
+
+    def _keep(self, row: dict) -> None:
+        """This client's evaluation, in its own folder (a private run does not send it)."""
+        if self.out is None:
+            return
+        path = Path(self.out) / f"evaluation-client-{self.cid}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"client": self.cid, **row}, indent=2))
+        os.replace(tmp, path)
 
 
 def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
@@ -131,9 +146,10 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
         raise UserError(f"--client-id: {cid} is not one of this run's clients 0..{cfg.clients.n - 1}")
     tls = client_tls(cfg, cid)
     dp = cfg.deploy
+    folder = out if out is not None else Path("runs") / cfg.name
     with make_progress() as progress:
-        me = FedDyMemMember(cfg, cid, progress)
-    ledger = party_ledger(out if out is not None else Path("runs") / cfg.name, client_name(cid), dp.certs)
+        me = FedDyMemMember(cfg, cid, progress, folder)
+    ledger = party_ledger(folder, client_name(cid), dp.certs)
     conn = ServerConnection(dp.address, tls, max_bytes(cfg), dp.poll_s, dp.reconnect_s)
     run_id, done, scored = None, (0, 0), 0
     status = "failed"

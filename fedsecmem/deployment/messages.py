@@ -70,21 +70,31 @@ def decode_task(payload: pb.Payload, r: int, dp: bool, patch_dim: int, image_dim
     return RoundTask(r, body.int("train", 0, 1) == 1, z, get_memory(payload, patch_dim, image_dim))
 
 
-def encode_ready(ready: Ready) -> pb.Payload:
+def encode_ready(ready: Ready, private: bool) -> pb.Payload:
+    """The ``ready`` reply; a private run's client sends no training loss (a value of its data that no
+    noise covers)."""
     b = BodyBuilder().int("n_prototypes", ready.n_prototypes).int("trained", int(ready.trained))
-    b.float("loss", ready.loss).int("n_images", ready.n_images)
+    if not private:
+        b.float("loss", ready.loss)
+    b.int("n_images", ready.n_images)
     return b.build()
 
 
 def decode_ready(cid: int, env) -> Ready:
     b = Body(env.body, "ready")
-    return Ready(b.int("n_prototypes", 1, 1 << 31), b.int("n_images", 0, 1 << 31), b.int("trained", 0, 1) == 1,
-                 b.float("loss"))
+    loss = b.float("loss") if "loss" in env.body.floats else None
+    return Ready(b.int("n_prototypes", 1, 1 << 31), b.int("n_images", 0, 1 << 31), b.int("trained", 0, 1) == 1, loss)
+
+
+WITHHELD = "withheld"  # a private run's client keeps its evaluation (docs/privacy.md)
 
 
 def decode_scores(cid: int, env) -> dict:
-    """A client's ``scores`` reply: its evaluation row, with the round metrics under ``round_*``."""
+    """A client's ``scores`` reply: its evaluation row, with the round metrics under ``round_*``; in a
+    private run only ``{"withheld": true}`` (the client keeps its row in its own folder)."""
     row = get_json(env.body, "row", "scores")
+    if isinstance(row, dict) and row == {WITHHELD: True}:
+        return row
     if not isinstance(row, dict) or not {"auroc_patch", "auroc_image", "n_test"} <= set(row):
         raise ValueError("scores: row lacks the evaluation fields")
     return row

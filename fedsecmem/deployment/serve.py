@@ -33,7 +33,7 @@ from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
 from fedsecmem.deployment.checks import check_deployable, crash_if_asked, max_bytes, party_tls
-from fedsecmem.deployment.messages import decode_ready, decode_scores, encode_task, get_json, put_memory, round_metrics
+from fedsecmem.deployment.messages import WITHHELD, decode_ready, decode_scores, encode_task, get_json, put_memory, round_metrics
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.privacy.ledgers import (
@@ -262,6 +262,8 @@ class _Server:
         per_client = []
         for c in sorted(self.rows):
             row = {k: v for k, v in self.rows[c].items() if not k.startswith("round_")}
+            if row.get(WITHHELD):  # a private run's client keeps its figures (evaluation-client-<c>.json)
+                row = {"n_test": self.hello[c]["n_test"], "auroc_image": None, "bank_size": None, WITHHELD: True}
             per_client.append({"client": c, "n_train": self.hello[c]["n_train"], "products": self.hello[c]["products"],
                                **row})
         n = cfg.clients.n
@@ -270,7 +272,8 @@ class _Server:
                               rounds=len(rnd.per_round), protocol=cfg.protocol,
                               bank_sizes=[r.get("bank_size") for r in per_client], per_round=rnd.per_round,
                               aggregation=rnd.aggregation(transport="grpc"), privacy=privacy)
-        curve = round_curve(rnd.per_round, self.out / "auroc_per_round.png") if len(rnd.per_round) > 1 else None
+        measured = [r for r in rnd.per_round if r.get("image_patch_max") is not None]  # none when clients withhold
+        curve = round_curve(rnd.per_round, self.out / "auroc_per_round.png") if len(measured) > 1 else None
         extra = {"deployment": {"run_id": self.coord.run_id, "address": cfg.deploy.address,
                                 "refused_messages": dict(self.coord.rejected),
                                 "wire_bytes_up": [self.wire["up"].get(str(c), []) for c in range(n)],

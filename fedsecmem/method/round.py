@@ -67,7 +67,7 @@ class Ready:
     n_prototypes: int
     n_images: int  # image embeddings it shares (0: none)
     trained: bool
-    loss: float
+    loss: float | None  # mean training loss; a private run's deployed client does not send it
 
 
 @dataclass(frozen=True)
@@ -215,16 +215,17 @@ class RoundServer:
         for c in range(self.cfg.clients.n):
             self.bytes_up[c].append(int(bytes_up.get(c, 0)))
             self.bytes_down[c].append(int(bytes_down.get(c, 0)))
-        rows = [scored[c] for c in sorted(scored)]
+        rows = [scored[c] for c in sorted(scored)]  # a private deployment's clients withhold their metrics
         record = {"round": r, "image_patch_max": mean_defined(rows, "image_patch_max"),
                   "image_knn": mean_defined(rows, "image_knn"),
                   **info.record(),
                   "participants": sorted(scored), "dropped": sorted(set(targets) - set(scored))}
-        losses = [ready[c].loss for c in sorted(ready) if ready[c].trained]
+        losses = [ready[c].loss for c in sorted(ready) if ready[c].trained and ready[c].loss is not None]
         if losses:
             record["loss"] = float(np.mean(losses))
-        if self.cfg.feddymem.global_near is not None and rows:
-            record["global_items_used"] = float(np.mean([row["global_used"] for row in rows]))
+        used = [row["global_used"] for row in rows if row.get("global_used") is not None]
+        if self.cfg.feddymem.global_near is not None and used:
+            record["global_items_used"] = float(np.mean(used))
         epsilon = None
         if self.privacy is not None:
             record["epsilon"] = self.privacy.end_round(self.out)
