@@ -262,7 +262,9 @@ class DeployConfig(Strict):
     stage_timeout_s: float = Field(120.0, gt=0, description="one protocol stage (e.g. SecAgg+ masked inputs)")
     poll_s: float = Field(10.0, gt=0, le=300, description="how long a client's pull waits for its next task")
     reconnect_s: float = Field(120.0, ge=0, description="how long a client keeps retrying an unreachable server")
-    max_message_mb: int = Field(1024, ge=1, description="largest message either side accepts")
+    max_message_mb: int = Field(64, ge=1, description="largest message either side accepts (a default round's "
+                                "largest, the global memory or a k-means vector, is under 1 MB; 64 MB holds "
+                                "global_k up to ~50,000 items of 152 dims)")
 
     @model_validator(mode="after")
     def _check(self) -> "DeployConfig":

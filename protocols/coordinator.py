@@ -38,6 +38,7 @@ class ClientRefusal:
 
 # Sees every message that reaches or leaves the mailbox, over its exact bytes (a ledger records them):
 # (direction "sent" | "received", client, round, step, kind, data, fields).
+SMALL_REPLY = 1 << 20  # bytes a control reply (hello, ready, scores, an error) may declare
 MessageObserver = Callable[[str, int, int, int, str, bytes, dict], None]
 
 
@@ -49,12 +50,16 @@ class _Exchange:
     tasks: dict[int, bytes]
     expect: str
     accept: Callable[[int, Envelope], object]
+    max_reply: int  # bytes a reply of this exchange may declare (checked before it is buffered)
     replies: dict[int, object] = field(default_factory=dict)
 
 
 class Coordinator:
-    def __init__(self, run_id: str, clients: set[int], revoked: set[int] | frozenset[int] = frozenset()):
+    def __init__(self, run_id: str, clients: set[int], revoked: set[int] | frozenset[int] = frozenset(),
+                 max_message: int = 1 << 30):
         self.run_id = run_id
+        self.max_message = max_message  # no reply may declare more, whatever its exchange allows
+        self.inflight: dict[int, int] = {}  # client -> bytes of the reply being received (one at a time)
         self.clients = set(clients)
         self.revoked = set(revoked)
         self.round = 0
@@ -100,15 +105,17 @@ class Coordinator:
             self.round, self.step = round_number, step
 
     def exchange(self, kind: str, bodies: dict[int, pb.Payload], expect: str,
-                 accept: Callable[[int, Envelope], object], timeout: float) -> dict[int, object]:
+                 accept: Callable[[int, Envelope], object], timeout: float,
+                 max_reply: int = SMALL_REPLY) -> dict[int, object]:
         """Send ``kind`` tasks and wait (at most ``timeout`` s) for one accepted ``expect`` reply per
         addressed client; returns client -> what ``accept`` returned, for the clients that went on (a
-        client that said it cannot, or did not reply in time, is a dropout: absent)."""
+        client that said it cannot, or did not reply in time, is a dropout: absent). A reply may
+        declare at most ``max_reply`` bytes (and ``max_message``)."""
         with self._cv:
             self.step += 1
             tasks = {c: Envelope(self.run_id, SERVER_ID, self.round, self.step, kind, b).to_bytes()
                      for c, b in bodies.items()}
-            ex = _Exchange(self.round, self.step, kind, tasks, expect, accept)
+            ex = _Exchange(self.round, self.step, kind, tasks, expect, accept, min(max_reply, self.max_message))
             self._open = ex
             self._cv.notify_all()
             deadline = time.monotonic() + timeout
@@ -148,6 +155,30 @@ class Coordinator:
                     return None
                 self._cv.wait(left)
             return None
+
+    def admit(self, cid: int | None, declared: int) -> tuple[bool, str]:
+        """Before a reply is buffered: is one expected from ``cid`` now, is its declared size within
+        what the open exchange allows, and is no other reply of ``cid`` being received? An admitted
+        reply must be followed by ``received(cid)``."""
+        with self._cv:
+            refused = self.refuse_identity(cid)
+            if refused:
+                return self._reject("identity", refused)
+            ex = self._open
+            if ex is None or cid not in ex.tasks or cid in ex.replies:
+                return self._reject("unexpected", f"client {cid}: no reply expected now")
+            if declared > ex.max_reply:
+                return self._reject("oversized", f"client {cid}: a {declared}-byte reply to {ex.kind!r}, at most "
+                                                 f"{ex.max_reply} bytes expected")
+            if cid in self.inflight:
+                return self._reject("busy", f"client {cid}: another reply of this client is being received")
+            self.inflight[cid] = declared
+            return True, ""
+
+    def received(self, cid: int) -> None:
+        """The admitted reply of ``cid`` is in (or broke off): its bytes are no longer in flight."""
+        with self._cv:
+            self.inflight.pop(cid, None)
 
     def handle_push(self, cid: int | None, data: bytes) -> tuple[bool, str]:
         """Check and take one reply; never raises. Returns (accepted, reason)."""

@@ -12,6 +12,7 @@ replies, so they need no open port (hospitals behind firewalls).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from concurrent import futures
@@ -55,12 +56,24 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Push(self, request_iterator, context):
         cid = self._identity(context)
+        first = next(request_iterator, None)
+        if first is None:
+            self.coord.rejected["malformed"] += 1
+            return pb.PushReply(accepted=False, reason="empty chunk stream")
+        # admitted (expected now, within the open exchange's size, none other in flight) before
+        # anything beyond the first chunk is read
+        ok, reason = self.coord.admit(cid, min(first.total_size, 1 << 62))
+        if not ok:
+            log.warning("refused message from client %s: %s", cid, reason)
+            return pb.PushReply(accepted=False, reason=reason)
         try:
-            data = join_chunks(request_iterator, self.max_bytes)
+            data = join_chunks(itertools.chain([first], request_iterator), min(self.max_bytes, first.total_size))
         except WireError as exc:
-            self.coord.rejected["oversized" if "limit" in str(exc) else "malformed"] += 1
+            self.coord.rejected["malformed"] += 1
             log.warning("refused message from client %s: %s", cid, exc)
             return pb.PushReply(accepted=False, reason=str(exc))
+        finally:
+            self.coord.received(cid)
         ok, reason = self.coord.handle_push(cid, data)
         return pb.PushReply(accepted=ok, reason=reason)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedsecmem.crypto.fixed_point import FixedPoint
 from fedsecmem.protocols import federation_pb2 as pb
-from fedsecmem.protocols.coordinator import Coordinator
+from fedsecmem.protocols.coordinator import SMALL_REPLY, Coordinator
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.kmeans_party import KMeansParty, PrivateCells, Request, broadcast_values
@@ -40,6 +40,13 @@ from fedsecmem.protocols.wire import (
 SECAGG_STAGES = (("compute", "advertise", AdvertiseKeys), ("secagg_keys", "shares", EncryptedShares),
                  ("secagg_relay", "masked", MaskedInput), ("secagg_unmask", "unmask", UnmaskShares))
 _TASK_TYPES = {"secagg_keys": NeighbourKeys, "secagg_relay": SharesForYou, "secagg_unmask": UnmaskRequest}
+
+
+def reply_bound(length: int) -> int:
+    """Bytes a client's reply in a k-means sum of ``length`` values may declare: the vector at 8 bytes
+    a value (float64, or a Z_(2^64) masked input) plus room for the envelope and the SecAgg+ keys
+    and shares."""
+    return 8 * length + SMALL_REPLY
 
 
 class NetworkCollective(Collective):
@@ -84,7 +91,8 @@ class NetworkCollective(Collective):
     def _plain(self, request: Request, length: int, need: int) -> SumOutcome:
         bodies = {c: self._task(request) for c in sorted(self.participants)}
         replies = self.coord.exchange("compute", bodies, "vector",
-                                      lambda c, env: decode_vector(env.body, length), self.timeout)
+                                      lambda c, env: decode_vector(env.body, length), self.timeout,
+                                      max_reply=reply_bound(length))
         alive = set(replies)
         self.participants = alive
         if len(alive) < need:
@@ -116,7 +124,8 @@ class NetworkCollective(Collective):
             for c, msg in outgoing.items():
                 down[c] += msg.nbytes
                 bodies[c] = self._task(request, encode_secagg(msg)) if task_kind == "compute" else encode_secagg(msg)
-            replies = self.coord.exchange(task_kind, bodies, reply_kind, accept(reply_type), self.timeout)
+            replies = self.coord.exchange(task_kind, bodies, reply_kind, accept(reply_type), self.timeout,
+                                          max_reply=reply_bound(length))
             t = time.perf_counter()
             outgoing = server.close_stage()
             seconds += time.perf_counter() - t

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from fedsecmem.crypto.pki import provision, revoke, tls_material
+from fedsecmem.protocols.network_sum import reply_bound
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.grpc_transport import ServerConnection, TransportError, start_server
 from fedsecmem.protocols.wire import Envelope, decode_vector, encode_vector
@@ -66,6 +67,59 @@ def test_only_this_runs_valid_identities_get_in(pki):
         server.stop(0)
 
 
+class _Peer:
+    """The gRPC context of an authenticated client (its certificate's common name)."""
+
+    def __init__(self, cid: int):
+        self.name = f"client-{cid}".encode()
+
+    def auth_context(self):
+        return {"x509_common_name": [self.name]}
+
+    def peer(self):
+        return "test"
+
+    def abort(self, code, details):
+        raise AssertionError(f"aborted: {details}")
+
+
+def test_a_reply_is_refused_from_its_first_chunk_before_anything_is_buffered():
+    """An authenticated client cannot make the server buffer what no open exchange expects of it, or
+    more than the exchange needs, or two replies at once (memory exhaustion)."""
+    from fedsecmem.protocols import federation_pb2 as pb
+    from fedsecmem.protocols.grpc_transport import _Servicer
+
+    coord = Coordinator("r", {0, 1}, set())
+    servicer = _Servicer(coord, 0.1, 1 << 30)
+    pulled = []
+
+    def stream(declared, n=64):
+        for i in range(n):
+            pulled.append(i)
+            yield pb.Chunk(total_size=declared, data=b"x" * (declared // n))
+
+    reply = servicer.Push(stream(512 << 20), _Peer(0))  # nothing expected of anyone yet
+    assert not reply.accepted and "no reply expected" in reply.reason and pulled == [0]
+    coord.begin_round(1)
+    t = threading.Thread(target=lambda: coord.exchange("round", {0: encode_vector(np.zeros(1))}, "ready",
+                                                       lambda c, env: True, 5))
+    t.start()
+    try:
+        time.sleep(0.2)
+        pulled.clear()
+        reply = servicer.Push(stream(512 << 20), _Peer(0))  # expected, but 512 MB for a control reply
+        assert not reply.accepted and "at most 1048576 bytes" in reply.reason and pulled == [0]
+        pulled.clear()
+        reply = servicer.Push(stream(1 << 20), _Peer(1))  # a client the exchange did not address
+        assert not reply.accepted and pulled == [0]
+        assert coord.admit(0, 1000)[0] and not coord.admit(0, 1000)[0]  # one reply in flight per client
+        coord.received(0)
+        assert coord.rejected["oversized"] == 1 and coord.rejected["busy"] == 1 and coord.inflight == {}
+    finally:
+        coord.close()
+        t.join(10)
+
+
 def test_a_payload_above_grpc_4mb_limit_passes_and_an_oversized_one_is_refused(pki):
     coord = Coordinator("r", {0, 1}, set())
     server, address = _serve(coord, pki)
@@ -74,7 +128,8 @@ def test_a_payload_above_grpc_4mb_limit_passes_and_an_oversized_one_is_refused(p
     got = {}
     coord.begin_round(1)
     t = threading.Thread(target=lambda: got.update(coord.exchange(
-        "compute", {0: encode_vector(np.zeros(1))}, "vector", lambda c, env: decode_vector(env.body, n), 60)))
+        "compute", {0: encode_vector(np.zeros(1))}, "vector", lambda c, env: decode_vector(env.body, n), 60,
+        max_reply=reply_bound(n))))
     t.start()
     try:
         conn = _connect(address, pki, "a", "client-0")
@@ -82,9 +137,9 @@ def test_a_payload_above_grpc_4mb_limit_passes_and_an_oversized_one_is_refused(p
         assert task is not None
         big = Envelope("r", 0, 1, 1, "vector", encode_vector(vec)).to_bytes()
         assert len(big) > 4 << 20
-        huge = b"\0" * (65 << 20)  # the server's limit is 64 MB here
+        huge = b"\0" * (65 << 20)  # more than this exchange's replies may declare
         ok, why = conn.push(huge)
-        assert not ok and "over the limit" in why and coord.rejected["oversized"] == 1
+        assert not ok and "at most" in why and coord.rejected["oversized"] == 1
         ok, why = conn.push(big)
         assert ok, why
         t.join(10)

@@ -91,7 +91,7 @@ class _Server:
             bad = revoked(Path(cfg.deploy.certs))
         except ProvisioningError as exc:
             raise UserError(f"deploy.certs: {exc}") from None
-        self.coord = Coordinator(self.ckpt.get("run_id") or secrets.token_hex(8), set(range(n)), bad)
+        self.coord = Coordinator(self.ckpt.get("run_id") or secrets.token_hex(8), set(range(n)), bad, max_bytes(cfg))
         self.hello: dict[int, dict] = {int(c): h for c, h in self.ckpt.get("hello", {}).items()}
         self.rows: dict[int, dict] = {int(c): r for c, r in self.ckpt.get("rows", {}).items()}
         self.wire = self.ckpt.get("wire", {"up": {}, "down": {}})
