@@ -15,6 +15,12 @@ ledger or cut its end (the last line must be ``run_end``) without it being
 reported with the line number; and the cross-check reports every message one
 side recorded and the other did not (a party that lies about a message it
 sent or received is caught unless both ends lie the same way, i.e. collude).
+Given the run folder's ``results.json``, ``verify`` also binds the ledgers to
+that run: every ledger must end with the ``run_end`` of the run id it records,
+and a ledger whose head (line count and last line's digest) ``results.json``
+records must end exactly there, so ledgers that continue across runs cannot be
+cut back to an earlier run's end unnoticed; the server's ``run_end`` must name
+the digest of the run's ``global_memory.npz``.
 What it does not prove: that a party recorded everything it did (a party may
 omit events it controls alone), or anything once a private key has leaked.
 In simulation the simulator makes one key per party per run and writes the
@@ -249,8 +255,8 @@ def cross_check(ledgers: dict[str, list[Entry]]) -> tuple[list[Problem], int]:
 
 
 def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -> Verification:
-    """Verify every ledger in ``RUN_DIR/ledger`` (keys from ``keys`` or the folder's keys.json) and
-    cross-check clients against the server."""
+    """Verify every ledger in ``RUN_DIR/ledger`` (keys from ``keys`` or the folder's keys.json),
+    cross-check clients against the server, and bind the ledgers to the run ``results.json`` records."""
     d = Path(run_dir) / LEDGER_DIR
     result = Verification()
     if not d.is_dir():
@@ -280,7 +286,63 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
         ledgers[party] = entries
     problems, result.messages_matched = cross_check(ledgers)
     result.problems.extend(problems)
+    result.problems.extend(check_run_binding(run_dir, ledgers))
     return result
+
+
+RESULTS_FILE = "results.json"
+GLOBAL_MEMORY_FILE = "global_memory.npz"
+
+
+def ledger_head(path: Path) -> dict:
+    """A ledger's head: its line count and the SHA-256 of its last line (recorded in results.json)."""
+    lines = Path(path).read_bytes().splitlines()
+    return {"lines": len(lines), "sha256": sha256(lines[-1]) if lines else GENESIS}
+
+
+def _last_run_end(entries: list[Entry]) -> Entry | None:
+    for e in reversed(entries):
+        if e.record.get("event") == "run_end":
+            return e
+    return None
+
+
+def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Problem]:
+    """The ledgers end with the run ``results.json`` records: each one's last ``run_end`` names its
+    run id, the heads it records match, and the server's end names the global memory's digest."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        results = json.loads(path.read_text())
+        run_id = results["run_id"]
+        heads = (results.get("ledger") or {}).get("heads") or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [Problem(RESULTS_FILE, None, "unreadable: cannot bind the ledgers to a run")]
+    problems = []
+    for party, entries in sorted(ledgers.items()):
+        name = f"{party}.jsonl"
+        end = _last_run_end(entries)
+        if end is None or end.record.get("run_id") != run_id:
+            ended = "no run" if end is None else f"run {end.record.get('run_id')!r}"
+            problems.append(Problem(name, end.line if end else None,
+                                    f"ends with {ended}, not run {run_id!r} that {RESULTS_FILE} records "
+                                    "(cut back to an earlier run, or from another run)"))
+        head = heads.get(party)
+        if head is not None:
+            now = ledger_head(Path(run_dir) / LEDGER_DIR / name)
+            if now != head:
+                problems.append(Problem(name, now["lines"], f"head is line {now['lines']} ({now['sha256'][:16]}...), "
+                                        f"{RESULTS_FILE} recorded line {head.get('lines')} "
+                                        f"({str(head.get('sha256'))[:16]}...): cut or extended after the run"))
+    server = ledgers.get(SERVER)
+    memory = Path(run_dir) / GLOBAL_MEMORY_FILE
+    end = _last_run_end(server) if server else None
+    if end is not None and memory.is_file() and end.record.get("global_memory_sha256") is not None:
+        if end.record["global_memory_sha256"] != sha256(memory.read_bytes()):
+            problems.append(Problem(f"{SERVER}.jsonl", end.line, f"run_end names another global memory than "
+                                                                 f"{GLOBAL_MEMORY_FILE} holds"))
+    return problems
 
 
 def events(run_dir: Path, party: str, event: str | None = None) -> list[dict]:

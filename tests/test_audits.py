@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecmem.audits.ledger import (
-    LEDGER_DIR, Ledger, cross_check, sha256, verify_ledger, verify_run, write_keys,
+    LEDGER_DIR, Ledger, cross_check, ledger_head, sha256, verify_ledger, verify_run, write_keys,
 )
 from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits, tpr_at_fpr
 from fedsecmem.cli import main
@@ -174,6 +174,50 @@ def test_a_restarted_party_continues_its_chain(tmp_path):
     again.close()
     entries, problems = verify_ledger(path, "client-0", key.public_key())
     assert problems == [] and [e.record["seq"] for e in entries] == [0, 1, 2]
+
+
+def _two_runs(tmp: Path) -> tuple[Path, dict]:
+    """Deployed ledgers that continue across runs: runs "a" then "b" in one folder, results.json of "b"."""
+    keys = {p: Ed25519PrivateKey.generate() for p in ("server", "client-0")}
+    d = tmp / LEDGER_DIR
+    memory = tmp / "global_memory.npz"
+    for run in ("a", "b"):
+        memory.write_bytes(b"memory of run " + run.encode())
+        s = Ledger(d / "server.jsonl", "server", keys["server"])
+        c = Ledger(d / "client-0.jsonl", "client-0", keys["client-0"])
+        for led in (s, c):
+            led.append("run_start", run_id=run)
+        c.message("sent", "server", "masked", run.encode())
+        s.message("received", "client-0", "masked", run.encode())
+        s.append("run_end", status="completed", run_id=run, global_memory_sha256=sha256(memory.read_bytes()))
+        c.append("run_end", status="completed", run_id=run)
+        for led in (s, c):
+            led.close()
+    write_keys(tmp, {p: k.public_key() for p, k in keys.items()})
+    results = {"run_id": "b", "ledger": {"heads": {"server": ledger_head(d / "server.jsonl")}}}
+    (tmp / "results.json").write_text(json.dumps(results))
+    return d, results
+
+
+def test_ledgers_cut_back_to_an_earlier_runs_end_do_not_verify(tmp_path):
+    d, _ = _two_runs(tmp_path)
+    assert verify_run(tmp_path).ok
+    for party in ("server", "client-0"):  # cut both back to run a's run_end: every chain still holds
+        lines = (d / f"{party}.jsonl").read_bytes().splitlines(keepends=True)
+        (d / f"{party}.jsonl").write_bytes(b"".join(lines[:3]))
+    v = verify_run(tmp_path)
+    text = [str(p) for p in v.problems]
+    assert not v.ok
+    assert any(t.startswith("server.jsonl") and "not run 'b'" in t for t in text), text
+    assert any(t.startswith("client-0.jsonl") and "not run 'b'" in t for t in text), text
+    assert any(t.startswith("server.jsonl") and "recorded line 6" in t for t in text), text
+    assert not any("does not end with run_end" in t or "hash chain" in t for t in text)  # each chain holds
+
+
+def test_a_swapped_global_memory_does_not_verify(tmp_path):
+    _two_runs(tmp_path)
+    (tmp_path / "global_memory.npz").write_bytes(b"another memory")
+    assert any("another global memory" in str(p) for p in verify_run(tmp_path).problems)
 
 
 def test_cross_check_needs_the_server_ledger():

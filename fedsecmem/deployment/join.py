@@ -194,5 +194,5 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
     finally:
         conn.close()
         if run_id is not None:
-            ledger.append("run_end", status=status)
+            ledger.append("run_end", status=status, run_id=run_id)
         ledger.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecmem import __version__
-from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, Ledger, sha256, write_keys
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, Ledger, ledger_head, sha256, write_keys
 from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
 from fedsecmem.errors import UserError
 from fedsecmem.privacy.hooks import RoundHooks
@@ -115,6 +115,10 @@ class RunLedgers(RoundHooks):
         for led in self.all():
             led.append("run_end", status=status, **fields)
             led.close()
+
+    def heads(self) -> dict[str, dict]:
+        """Every party's ledger head (results.json records it; ``audit verify`` checks it)."""
+        return {led.party: ledger_head(led.path) for led in self.all()}
 
 
 # ---- deployment: each party its own ledger, with its provisioned key ---------------------------

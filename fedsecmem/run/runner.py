@@ -105,10 +105,10 @@ def run(cfg: RunConfig, out: Path) -> dict:
         try:
             output = implementation(cfg.method)(ctx)
         except (OverflowRisk, ProtocolAbort) as exc:  # refused before anything was revealed
-            _end_ledgers(ledgers, f"failed: {exc}")
+            _end_ledgers(ledgers, f"failed: {exc}", run_id=run_id)
             raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
         except BaseException as exc:
-            _end_ledgers(ledgers, f"failed: {type(exc).__name__}: {exc}")
+            _end_ledgers(ledgers, f"failed: {type(exc).__name__}: {exc}", run_id=run_id)
             raise
         timings["method_s"] = time.perf_counter() - t
         leak = None
@@ -143,12 +143,12 @@ def run(cfg: RunConfig, out: Path) -> dict:
                                             "auc": dp_auc_bound(eps, cfg.privacy.delta),
                                             "tpr": dp_tpr_bound(eps, cfg.privacy.delta, cfg.audit.fpr)}
     if ledgers is not None:
-        extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
-                           "parties": len(ledgers.all())}
         memory = out / GLOBAL_MEMORY_FILE
-        _end_ledgers(ledgers, "completed", global_memory_sha256=file_digest(memory) if METHODS[cfg.method].memory_sharing
-                     else None, auroc_image=mean_defined(per_client, "auroc_image"),
-                     epsilon=(output.privacy or {}).get("epsilon"))
+        _end_ledgers(ledgers, "completed", run_id=run_id,
+                     global_memory_sha256=file_digest(memory) if METHODS[cfg.method].memory_sharing else None,
+                     auroc_image=mean_defined(per_client, "auroc_image"), epsilon=(output.privacy or {}).get("epsilon"))
+        extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
+                           "parties": len(ledgers.all()), "heads": ledgers.heads()}
     results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device), files,
                                pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test),
                                extra=extra)
