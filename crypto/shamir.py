@@ -69,24 +69,29 @@ def split(secret: bytes, xs: Sequence[int], threshold: int,
     return [Share(x, _evaluate(poly, x)) for x in xs]
 
 
+def interpolate(shares: Sequence[Share], x: int) -> int:
+    """f(x) of the polynomial of degree len(shares) - 1 through ``shares`` (Lagrange)."""
+    xs = [s.x for s in shares]
+    if len(set(xs)) != len(xs):
+        raise CryptoError("duplicate share points")
+    y = 0
+    for i, si in enumerate(shares):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * (x - xj) % PRIME
+                den = den * (si.x - xj) % PRIME
+        y = (y + si.y * num * pow(den, -1, PRIME)) % PRIME
+    return y
+
+
 def combine(shares: Sequence[Share], threshold: int) -> bytes:
     """The secret from at least ``threshold`` shares (the first ``threshold`` are used)."""
     if threshold < 1:
         raise CryptoError("threshold must be at least 1")
     if len(shares) < threshold:
         raise CryptoError(f"{len(shares)} shares given, {threshold} needed")
-    use = list(shares)[:threshold]
-    xs = [s.x for s in use]
-    if len(set(xs)) != len(xs):
-        raise CryptoError("duplicate share points")
-    secret = 0
-    for i, si in enumerate(use):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - si.x) % PRIME
-        secret = (secret + si.y * num * pow(den, -1, PRIME)) % PRIME
+    secret = interpolate(list(shares)[:threshold], 0)
     if secret >= 1 << (8 * SECRET_BYTES):
         raise CryptoError("shares are inconsistent (reconstruction is not a 32-byte secret)")
     return secret.to_bytes(SECRET_BYTES, "big")

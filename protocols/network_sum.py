@@ -63,6 +63,7 @@ class NetworkCollective(Collective):
         self.dim, self.n_points = dim, n_points
         self.ss, self.protocol, self.timeout, self.noisy = secure_sum, secure_sum.name, timeout, noisy
         self.cost = AggregateCost()
+        self.cheaters: dict[int, str] = {}  # clients caught forging shares: left out of the later sums
 
     def _task(self, request: Request, extra: pb.Payload | None = None) -> pb.Payload:
         b = BodyBuilder().text("collective", self.name).text("protocol", self.protocol)
@@ -132,6 +133,9 @@ class NetworkCollective(Collective):
             if task_kind == "secagg_unmask":
                 self.participants = set(replies)
         total = fp.decode(outgoing)
+        if server.cheaters:  # the sum is exact without them; they take no further part
+            self.cheaters.update(server.cheaters)
+            self.participants -= set(server.cheaters)
         return SumOutcome(total, tuple(sorted(server.masked)), up, down, server_seconds=seconds)
 
 

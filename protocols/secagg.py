@@ -17,6 +17,16 @@ anything if fewer than t masked inputs arrived (a sum of too few is not
 protected). Up to n - t clients may drop after key sharing; if any survivor's
 or dropped client's secret has fewer than t shares returned, the instance
 aborts with ``ProtocolAbort`` rather than reveal partial masks.
+A client that forges a share it returns at unmasking (of another client's
+self-mask seed or mask key) cannot bend the sum: each client commits to its
+self-mask seed when it advertises its keys (SHA-256, ``seed_commitment``; its
+mask key is committed by its public key), the server accepts a reconstruction
+only if it matches the commitment (trying other t-subsets of the returned
+shares when the first do not), and every share off the matching polynomial
+names its sender in ``cheaters``; the sum stays exact as long as t honest
+shares of each secret come back. A client whose own shares all agree on a
+secret other than the one it advertised is named by ``CheatingDetected``
+(the deployment retries the round without it).
 Not covered: an actively malicious server that lies about dropouts to
 different clients (that needs the consistency-check round and signatures of
 the full protocol), and inputs that are themselves wrong (no input validation).
@@ -28,6 +38,9 @@ raises ``ProtocolError`` and leaves the state unchanged.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -38,7 +51,7 @@ from fedsecmem.crypto import aead, shamir
 from fedsecmem.crypto.agreement import KeyPair, agree, generate_keypair, hkdf, keypair_from_private
 from fedsecmem.crypto.errors import CryptoError
 from fedsecmem.crypto.prg import SEED_BYTES, add_masks, ring_dtype
-from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.errors import CheatingDetected, ProtocolAbort, ProtocolError
 from fedsecmem.protocols.graph import connected, harary_graph
 from fedsecmem.protocols.secagg_messages import (
     AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, SESSION_BYTES, Setup, SharesForYou,
@@ -52,6 +65,10 @@ SHARE_CIPHERTEXT_BYTES = aead.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + aead.TAG_BYT
 _SHARE_INFO = b"fedsecmem/secagg/share-encryption"
 _PAIR_INFO = b"fedsecmem/secagg/pairwise-mask"
 _SELF_INFO = b"fedsecmem/secagg/self-mask"
+_COMMIT_INFO = b"fedsecmem/secagg/self-seed-commitment"
+# t-subsets of returned shares the server tries when the first t do not reconstruct what was
+# committed to (a cheating share holder); enough for every t-subset at n <= 16.
+MAX_SUBSETS = 20_000
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,12 @@ def _self_seed(b: bytes, session: bytes) -> bytes:
     return hkdf(b, _SELF_INFO + session)
 
 
+def seed_commitment(b: bytes, session: bytes, cid: int) -> bytes:
+    """SHA-256 commitment to a self-mask seed (hiding: b is 32 random bytes; binding: collision
+    resistance), advertised before any share is sent."""
+    return hashlib.sha256(_COMMIT_INFO + session + struct.pack(">Q", cid) + b).digest()
+
+
 def _sign(u: int, v: int) -> int:
     """u adds +PRG(s_uv) when u < v and -PRG(s_uv) otherwise, so each pair cancels."""
     return 1 if u < v else -1
@@ -138,7 +161,8 @@ class SecAggClient:
     def advertise(self) -> AdvertiseKeys:
         self._enter("advertise", self.setup.session)
         self.stage = "share"
-        return AdvertiseKeys(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public)
+        return AdvertiseKeys(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public,
+                             seed_commitment(self.self_seed_b, self.setup.session, self.cid))
 
     def share_keys(self, msg: NeighbourKeys) -> EncryptedShares:
         self._enter("share", msg.session, msg.receiver)
@@ -238,6 +262,7 @@ class SecAggServer:
         self.shares: dict[int, EncryptedShares] = {}
         self.masked: dict[int, MaskedInput] = {}
         self.rejected = 0
+        self.cheaters: dict[int, str] = {}  # client -> what it was caught doing (forged shares)
         self._probe = generate_keypair()  # checks advertised keys are usable
 
     def setups(self) -> dict[int, Setup]:
@@ -351,22 +376,50 @@ class SecAggServer:
         raise ProtocolError(f"server: nothing to close in stage {stage}")
 
     def _reconstruct(self, owner: int, replies: dict[int, UnmaskShares], kind: str) -> bytes:
-        t = self.params.threshold
-        shares = []
-        for r in replies.values():
+        """``owner``'s self-mask seed (``kind="self"``) or mask key from the returned shares, checked
+        against what ``owner`` advertised (the seed's commitment, the key's public half). Shares
+        off the polynomial that reconstructs it are forgeries: their senders are recorded in
+        ``cheaters`` and the sum goes on without them. Raises ``CheatingDetected`` when ``owner``
+        itself shared something other than it advertised, ``ProtocolAbort`` when too few honest
+        shares are left to tell."""
+        t, session = self.params.threshold, self.params.session
+        what = "self-mask seed" if kind == "self" else "mask key"
+        pairs = []
+        for sender, r in sorted(replies.items()):
             blob = (r.self_mask_shares if kind == "self" else r.key_shares).get(owner)
             if blob is not None:
-                shares.append(shamir.Share.from_bytes(blob))
-        if len(shares) < t:
+                pairs.append((sender, shamir.Share.from_bytes(blob)))
+        if len(pairs) < t:
             self.stage = "aborted"
-            what = "self-mask seed" if kind == "self" else "mask key"
-            raise ProtocolAbort(f"secagg: client {owner}'s {what} has {len(shares)} shares back, "
+            raise ProtocolAbort(f"secagg: client {owner}'s {what} has {len(pairs)} shares back, "
                                 f"threshold {t}; round aborted, nothing revealed")
-        try:
-            return shamir.combine(shares, t)
-        except CryptoError as exc:
+
+        def advertised(secret: bytes) -> bool:
+            if kind == "self":
+                return hmac.compare_digest(seed_commitment(secret, session, owner), self.keys[owner].b_commitment)
+            return keypair_from_private(secret).public == self.keys[owner].s_public
+
+        for subset in itertools.islice(itertools.combinations(pairs, t), MAX_SUBSETS):
+            shares = [sh for _, sh in subset]
+            try:
+                secret = shamir.combine(shares, t)
+            except CryptoError:
+                continue
+            if advertised(secret):
+                for sender, sh in pairs:  # every share off this polynomial is a forgery
+                    if shamir.interpolate(shares, sh.x) != sh.y:
+                        self.cheaters[sender] = f"sent a false share of client {owner}'s {what}"
+                return secret
+        first = [sh for _, sh in pairs[:t]]
+        if all(shamir.interpolate(first, sh.x) == sh.y for _, sh in pairs):
+            # every holder agrees, and the secret is not what the owner advertised: the owner lied
             self.stage = "aborted"
-            raise ProtocolAbort(f"secagg: client {owner}: {exc}") from None
+            self.cheaters[owner] = f"shared a {what} other than the one it advertised"
+            raise CheatingDetected(f"secagg: client {owner} shared a {what} other than the one it advertised; "
+                                   "round aborted, nothing revealed", {owner})
+        self.stage = "aborted"
+        raise ProtocolAbort(f"secagg: client {owner}'s {what}: the {len(pairs)} shares back disagree and no "
+                            f"{t} of them give what it advertised; round aborted, nothing revealed")
 
     def _unmask(self, replies: dict[int, UnmaskShares]) -> np.ndarray:
         p = self.params
@@ -378,10 +431,7 @@ class SecAggServer:
             seeds.append(_self_seed(self._reconstruct(v, replies, "self"), p.session))
             signs.append(-1)
         for v in sorted(set(self.shares) - set(self.masked)):
-            s_key = keypair_from_private(self._reconstruct(v, replies, "key"))
-            if s_key.public != self.keys[v].s_public:
-                self.stage = "aborted"
-                raise ProtocolAbort(f"secagg: reconstructed mask key of client {v} does not match its public key")
+            s_key = keypair_from_private(self._reconstruct(v, replies, "key"))  # checked against s_public
             for u in p.neighbours[v]:
                 if u in self.masked:  # u masked with v because v shared keys
                     seeds.append(_pair_seed(s_key, self.keys[u].s_public, p.session, u, v))

@@ -9,6 +9,7 @@ import numpy as np
 
 ID_BYTES = 8
 SESSION_BYTES = 16
+COMMITMENT_BYTES = 32  # SHA-256
 PUBLIC_KEY_BYTES = 32
 
 
@@ -30,16 +31,18 @@ class Setup:
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Client -> server: public keys for share encryption (c) and pairwise masks (s)."""
+    """Client -> server: public keys for share encryption (c) and pairwise masks (s), and a
+    commitment to the self-mask seed (lets the server tell a true reconstruction from a forged one)."""
 
     session: bytes
     sender: int
     c_public: bytes
     s_public: bytes
+    b_commitment: bytes = bytes(COMMITMENT_BYTES)
 
     @property
     def nbytes(self) -> int:
-        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES
+        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES + COMMITMENT_BYTES
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from fedsecmem.protocols.kmeans_party import (
     DP_ASSIGN, REQUESTS, CellStats, LloydStats, Moments, PartitionStats, Pca, PrivateCells, Request, plan_of,
 )
 from fedsecmem.protocols.secagg_messages import (
-    AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
+    COMMITMENT_BYTES, AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
     SharesForYou, UnmaskRequest, UnmaskShares,
 )
 
@@ -246,7 +246,7 @@ def encode_secagg(msg) -> pb.Payload:
         b.tensor("neighbours", np.array(msg.neighbours, np.int64))
         b.int("threshold", msg.threshold).int("length", msg.length).int("bits", msg.bits).int("receiver", msg.receiver)
     elif isinstance(msg, AdvertiseKeys):
-        b.blob("c_public", msg.c_public).blob("s_public", msg.s_public)
+        b.blob("c_public", msg.c_public).blob("s_public", msg.s_public).blob("b_commitment", msg.b_commitment)
     elif isinstance(msg, NeighbourKeys):
         b.id_blobs("c", {k: v[0] for k, v in msg.keys.items()}).id_blobs("s", {k: v[1] for k, v in msg.keys.items()})
     elif isinstance(msg, (EncryptedShares, SharesForYou)):
@@ -272,7 +272,7 @@ def decode_secagg(kind: type, payload: pb.Payload, sender: int, receiver: int, m
                      body.int("length", 1, max_length), body.int("bits", 32, 64))
     if kind is AdvertiseKeys:
         return AdvertiseKeys(session, sender, body.blob("c_public", PUBLIC_KEY_BYTES),
-                             body.blob("s_public", PUBLIC_KEY_BYTES))
+                             body.blob("s_public", PUBLIC_KEY_BYTES), body.blob("b_commitment", COMMITMENT_BYTES))
     if kind is NeighbourKeys:
         c, s = body.id_blobs("c", PUBLIC_KEY_BYTES), body.id_blobs("s", PUBLIC_KEY_BYTES)
         if set(c) != set(s):

@@ -281,3 +281,64 @@ def test_sparse_graphs_never_reveal_partial_sums():
                 server.receive({"advertise": lambda: cl.advertise(), "share": lambda: cl.share_keys(m),
                                 "mask": lambda: cl.mask(m, xs[c])}[stage]())
             out = server.close_stage()
+
+
+# ---- a cheating share holder (attack, then defence) ------------------------------------------------
+
+def _forging(monkeypatch, cheater: int, victim: int, kind: str, forge):
+    """Client ``cheater`` returns a forged share of ``victim``'s self-mask seed (``kind="self"``) or
+    mask key (``"key"``) at unmasking, every other message honest."""
+    honest = secagg.SecAggClient.unmask
+
+    def unmask(self, msg):
+        out = honest(self, msg)
+        if self.cid != cheater:
+            return out
+        field = "self_mask_shares" if kind == "self" else "key_shares"
+        shares = dict(getattr(out, field))
+        s = shamir.Share.from_bytes(shares[victim])
+        shares[victim] = shamir.Share(s.x, forge(s.y) % shamir.PRIME).to_bytes()
+        return secagg.UnmaskShares(out.session, out.sender, **{
+            "self_mask_shares": shares if kind == "self" else out.self_mask_shares,
+            "key_shares": shares if kind == "key" else out.key_shares})
+
+    monkeypatch.setattr(secagg.SecAggClient, "unmask", unmask)
+
+
+@pytest.mark.parametrize("forge", [lambda y: y + 1, lambda y: y ^ (1 << 300)],
+                         ids=["shifted share", "random-looking share"])
+def test_a_forged_share_is_caught_and_the_sum_stays_exact(monkeypatch, forge):
+    """Without commitments, the first t shares were combined blindly: a shifted share gave a wrong sum
+    with no error, a random one ended the round. Now the server reconstructs what client 3
+    committed to from other shares, names client 1, and the sum is exact."""
+    xs = _ints(5, 200, 64, seed=5)
+    _forging(monkeypatch, cheater=0, victim=3, kind="self", forge=forge)  # client 0's share comes first
+    total, server, *_ = _run(xs, 64)
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=np.uint64))
+    assert set(server.cheaters) == {0} and "client 3's self-mask seed" in server.cheaters[0]
+
+
+def test_a_forged_key_share_of_a_dropped_client_is_caught(monkeypatch):
+    xs = _ints(6, 100, 64, seed=6)
+    _forging(monkeypatch, cheater=1, victim=4, kind="key", forge=lambda y: y + 12345)
+    total, server, *_ = _run(xs, 64, drop={"mask": {4}})
+    assert np.array_equal(total, np.sum([xs[c] for c in xs if c != 4], axis=0, dtype=np.uint64))
+    assert set(server.cheaters) == {1} and "mask key" in server.cheaters[1]
+
+
+def test_a_client_sharing_a_seed_other_than_it_committed_to_is_named(monkeypatch):
+    """Every holder returns a consistent share, but of a seed the owner never committed to."""
+    from fedsecmem.protocols.errors import CheatingDetected
+
+    honest = secagg.SecAggClient.advertise
+
+    def advertise(self):
+        msg = honest(self)
+        if self.cid == 2:
+            msg = secagg.AdvertiseKeys(msg.session, msg.sender, msg.c_public, msg.s_public, bytes(32))
+        return msg
+
+    monkeypatch.setattr(secagg.SecAggClient, "advertise", advertise)
+    with pytest.raises(CheatingDetected, match="client 2 shared a self-mask seed other than") as err:
+        _run(_ints(5, 50, 64, seed=7), 64)
+    assert err.value.clients == {2}

@@ -43,7 +43,7 @@ from fedsecmem.run.plots import round_curve
 from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import Coordinator
-from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.errors import CheatingDetected, ProtocolAbort
 from fedsecmem.protocols.grpc_transport import start_server
 from fedsecmem.protocols.network_sum import NetworkCollective
 from fedsecmem.protocols.wire import Body, BodyBuilder
@@ -97,6 +97,7 @@ class _Server:
         self.wire = self.ckpt.get("wire", {"up": {}, "down": {}})
         self.timings: dict[str, float] = self.ckpt.get("timings", {})
         self.has_memory: set[int] = set()  # clients known to hold the current global memory
+        self.excluded: dict[int, str] = {int(c): w for c, w in self.ckpt.get("excluded", {}).items()}  # cheaters
         self.ss = secure_sum_for(cfg)  # the protocol and its settings (SecAgg+ graph, threshold, fixed point)
         self.keys = write_party_keys(out, cfg.deploy.certs, n)
         self.ledger = party_ledger(out, SERVER, cfg.deploy.certs)
@@ -148,7 +149,7 @@ class _Server:
         cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
         self.coord.begin_round(r)
         wire_up0, wire_down0 = dict(self.coord.wire_up), dict(self.coord.wire_down)
-        targets = sorted(self.hello)
+        targets = self._targets()
         bodies = {c: encode_task(self.round.task(r, resend=c not in self.has_memory)) for c in targets}
         with timed(self.timings, "client_round_s"):
             ready = self.coord.exchange("round", bodies, "ready", decode_ready, dp.round_timeout_s)
@@ -172,7 +173,9 @@ class _Server:
         with timed(self.timings, "aggregation_s"):
             memory, cost, info = self.round.aggregate(patches, images if share_images else None)
         crash_if_asked("server", round=r, stage="aggregated")  # fault drills: mid-round, after the releases
-        final = last[-1].participants
+        for col in last:
+            self._exclude(r, col.cheaters)
+        final = last[-1].participants - set(self.excluded)
         body = put_memory(BodyBuilder(), memory).build()
         with timed(self.timings, "client_score_s"):
             rows = self.coord.exchange("memory", {c: body for c in sorted(final)}, "scores", decode_scores,
@@ -184,6 +187,35 @@ class _Server:
                 self.wire[side].setdefault(str(c), []).append(now.get(c, 0) - before.get(c, 0))
         return self.round.close(r, memory, cost.bytes_up, cost.bytes_down, info, ready,
                                 {c: round_metrics(rows[c]) for c in rows}, targets)
+
+    def _targets(self) -> list[int]:
+        return sorted(set(self.hello) - set(self.excluded))
+
+    def _exclude(self, r: int, caught: dict[int, str]) -> None:
+        """Clients caught cheating take no further part in the run; the ledger names them."""
+        for c, what in sorted(caught.items()):
+            if c not in self.excluded:
+                self.excluded[c] = what
+                self.ledger.append("cheating", round=r, client=c, evidence=what)
+                console.print(f"[bold red]server: client {c} {what}; excluded from the run")
+
+    def _run_round(self, r: int) -> str | None:
+        """Round ``r``; retried without the clients caught cheating (a round they made fail); the
+        reason the round may not run, or None."""
+        while True:
+            stopped = self.round.open(r, self._targets())
+            if stopped is not None:
+                return stopped
+            try:
+                self._round(r)
+                return None
+            except CheatingDetected as exc:
+                self._exclude(r, {c: "shared a secret other than the one it advertised" for c in exc.clients})
+                if len(self._targets()) < self.round.need():
+                    raise UserError(f"aggregation ({self.cfg.protocol}): {exc}; too few honest clients left") from None
+                console.print(f"[bold yellow]server: round {r} retried without clients {sorted(exc.clients)}")
+            except ProtocolAbort as exc:
+                raise UserError(f"aggregation ({self.cfg.protocol}): {exc}") from None
 
     def _check_ledger(self, position: dict | None) -> None:
         """On resume: the server's ledger still holds the line the checkpoint was taken at."""
@@ -203,6 +235,7 @@ class _Server:
                  "per_round": self.round.per_round,
                  "bytes_up": {str(c): self.round.bytes_up[c] for c in range(n)},
                  "bytes_down": {str(c): self.round.bytes_down[c] for c in range(n)}, "wire": self.wire,
+                 "excluded": {str(c): w for c, w in self.excluded.items()},
                  "timings": self.timings}
         if self.privacy is not None:
             self.privacy.save(self.out)
@@ -227,14 +260,10 @@ class _Server:
             with make_progress() as progress, task(progress, label, fc.rounds) as advance:
                 advance(first - 1)
                 for r in range(first, fc.rounds + 1):
-                    stopped = self.round.open(r, sorted(self.hello))
+                    stopped = self._run_round(r)
                     if stopped is not None:
                         console.print(f"[bold yellow]{stopped}")
                         break
-                    try:
-                        self._round(r)
-                    except ProtocolAbort as exc:
-                        raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
                     self._checkpoint(r)
                     crash_if_asked("server", after_round=r)
                     advance(1)
@@ -278,7 +307,8 @@ class _Server:
                                 "refused_messages": dict(self.coord.rejected),
                                 "wire_bytes_up": [self.wire["up"].get(str(c), []) for c in range(n)],
                                 "wire_bytes_down": [self.wire["down"].get(str(c), []) for c in range(n)],
-                                "resumed_after_round": self.ckpt.get("round_done")},
+                                "resumed_after_round": self.ckpt.get("round_done"),
+                                "excluded": {str(c): w for c, w in sorted(self.excluded.items())}},
                  "run_id": self.coord.run_id, "threat_model": threat_model(cfg),
                  "ledger": {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(self.keys),
                             "parties": len(self.keys)}}
