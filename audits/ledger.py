@@ -254,6 +254,41 @@ def cross_check(ledgers: dict[str, list[Entry]]) -> tuple[list[Problem], int]:
     return problems, matched
 
 
+def cross_check_privacy(ledgers: dict[str, list[Entry]]) -> list[Problem]:
+    """Every epsilon a client's own accountant recorded, the server recorded at least as high for
+    that client and round: the server's figure is the one reported, and it must not under-count."""
+    server = ledgers.get(SERVER)
+    if server is None:
+        return []
+    by_round: dict[int, dict[str, float | None]] = {}
+    for e in server:
+        r = e.record
+        if r.get("event") == "dp" and isinstance(r.get("epsilon"), dict):
+            by_round[r.get("round")] = r["epsilon"]
+    problems = []
+    for party, entries in sorted(ledgers.items()):
+        if party == SERVER or not party.startswith("client-"):
+            continue
+        cid = party.removeprefix("client-")
+        for e in entries:
+            r = e.record
+            if r.get("event") != "dp":
+                continue
+            mine = r.get("epsilon")
+            theirs = by_round.get(r.get("round"), {}).get(cid, "absent")
+            if theirs == "absent":
+                problems.append(Problem(f"{party}.jsonl", e.line, f"round {r.get('round')}: the client counted "
+                                        f"epsilon {mine}, the server recorded none for it"))
+            elif mine is None or theirs is None:  # infinite on either side
+                if theirs is not None:
+                    problems.append(Problem(f"{party}.jsonl", e.line, f"round {r.get('round')}: the client counted "
+                                            f"an infinite epsilon, the server recorded {theirs}"))
+            elif mine > theirs * (1 + 1e-9) + 1e-12:
+                problems.append(Problem(f"{party}.jsonl", e.line, f"round {r.get('round')}: the client counted "
+                                        f"epsilon {mine:.6g}, the server recorded only {theirs:.6g} (under-counted)"))
+    return problems
+
+
 def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -> Verification:
     """Verify every ledger in ``RUN_DIR/ledger`` (keys from ``keys`` or the folder's keys.json),
     cross-check clients against the server, and bind the ledgers to the run ``results.json`` records."""
@@ -286,6 +321,7 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
         ledgers[party] = entries
     problems, result.messages_matched = cross_check(ledgers)
     result.problems.extend(problems)
+    result.problems.extend(cross_check_privacy(ledgers))
     result.problems.extend(check_run_binding(run_dir, ledgers))
     return result
 

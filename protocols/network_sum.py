@@ -15,6 +15,8 @@ labels would be out of step). Threat models are those of ``secagg`` and
 
 from __future__ import annotations
 
+from typing import Callable
+
 import time
 
 import numpy as np
@@ -146,6 +148,7 @@ class CollectiveMember:
     def __init__(self, cid: int, frac_bits: int, rounding: str, max_length: int, clip: dict[str, float] | None = None):
         self.cid, self.frac_bits, self.rounding, self.max_length = cid, frac_bits, rounding, max_length
         self.clip = clip or {}
+        self.on_release: Callable[[], None] | None = None  # called before each private answer (its accountant)
         self.parties: dict[str, KMeansParty] = {}
         self.noisy: NoisySum | None = None
         self._secagg: SecAggClient | None = None
@@ -186,6 +189,8 @@ class CollectiveMember:
                                     f"{self.clip.get(name)}")
         elif self.noisy is not None:
             raise ProtocolError(f"compute: a non-private request {request.op!r} in a private run")
+        if self.noisy is not None and self.on_release is not None:
+            self.on_release()  # charged by the client's own accountant before anything is computed
         vector = party.answer(request)
         if self.noisy is not None:
             vector = self.noisy.client_noise(vector)

@@ -220,6 +220,26 @@ def test_a_swapped_global_memory_does_not_verify(tmp_path):
     assert any("another global memory" in str(p) for p in verify_run(tmp_path).problems)
 
 
+def test_a_server_that_records_less_epsilon_than_a_client_counted_is_caught(tmp_path):
+    """Both sides keep their own accountant; the server's figure is the reported one and may not be
+    lower than what the client itself counted."""
+    keys = {p: Ed25519PrivateKey.generate() for p in ("server", "client-0", "client-1")}
+    d = tmp_path / LEDGER_DIR
+    leds = {p: Ledger(d / f"{p}.jsonl", p, k) for p, k in keys.items()}
+    for led in leds.values():
+        led.append("run_start", run_id="x")
+    leds["server"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon={"0": 1.5, "1": 1.2})
+    leds["client-0"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon=1.5)
+    leds["client-1"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon=1.4)  # more than the server says
+    for led in leds.values():
+        led.append("run_end", status="completed", run_id="x")
+        led.close()
+    write_keys(tmp_path, {p: k.public_key() for p, k in keys.items()})
+    text = [str(p) for p in verify_run(tmp_path).problems]
+    assert text == ["client-1.jsonl:2: round 1: the client counted epsilon 1.4, the server recorded only 1.2 "
+                    "(under-counted)"]
+
+
 def test_cross_check_needs_the_server_ledger():
     problems, matched = cross_check({"client-0": []})
     assert matched == 0 and "server ledger missing" in problems[0].message

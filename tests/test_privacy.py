@@ -267,3 +267,38 @@ def test_a_client_refuses_noise_below_its_own_floor():
     server_z = RunPrivacy(cfg, {0: plan, 1: (plan[0] / 2, plan[1])}, make_secure_sum("plain")).z
     assert server_z == pytest.approx(me.floor)
     assert me.on_task(RoundTask(1, False, server_z, None)).n_prototypes > 0
+
+
+def test_a_client_refuses_a_round_past_its_own_budget_and_keeps_its_own_account(tmp_path):
+    """The client does its own arithmetic: a round that would take it past its own epsilon_budget is
+    refused before anything runs, however the server counts; what it spends is on its own disk."""
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.method.client import FedDyMemClient, GlobalMemory
+    from fedsecmem.method.round import RoundClient, RoundTask
+    from fedsecmem.privacy.budget import CLIENT_STATE_FILE, ClientBudget
+    from fedsecmem.protocols.errors import ProtocolError
+
+    cfg = _dp_config("privacy.epsilon=null", "privacy.noise_multiplier=2.0", "privacy.epsilon_budget=13.0")
+    patches = np.random.default_rng(0).normal(size=(12, 4, 4, 8)).astype(np.float32)
+    client = FedDyMemClient(0, Embeddings(patches, None), cfg.feddymem, 0, 0.5)
+    me = RoundClient(cfg, client, None, None)
+    me.budget = ClientBudget(cfg, 0, me.plan, tmp_path, run_id="run-1")
+    memory = GlobalMemory(patches[0, 0, :2], None)
+    spent = []
+    for r in range(1, 20):
+        try:
+            me.on_task(RoundTask(r, r > 1, 2.0, memory if r > 1 else None))
+        except ProtocolError as exc:
+            assert "round would take it to epsilon" in str(exc) and "its own budget 13" in str(exc)
+            break
+        for _ in range(me.budget.releases(2.0)[0].count):  # the round's private releases, as computed
+            me.charge_release()
+        spent.append(me.budget.epsilon())
+    else:
+        raise AssertionError("the budget never stopped the client")
+    assert len(spent) == 2 and spent[-1] <= 13.0 and len(client.losses) == len(spent) - 1  # nothing trained once refused
+    saved = json.loads((tmp_path / CLIENT_STATE_FILE.format(cid=0)).read_text())
+    assert saved["run_id"] == "run-1"
+    assert PrivacyAccountant.from_json(saved["accountant"]).epsilon(0) == pytest.approx(spent[-1])
+    again = ClientBudget(cfg, 0, me.plan, tmp_path, run_id="run-1")  # a restarted client keeps what it spent
+    assert again.epsilon() == pytest.approx(spent[-1])

@@ -32,7 +32,7 @@ from fedsecmem.audits.ledger import SERVER
 from fedsecmem.detector.evaluate import evaluate_client
 from fedsecmem.privacy.ledgers import begin, party_ledger
 from fedsecmem.method.client import FedDyMemClient
-from fedsecmem.privacy.budget import min_survivors
+from fedsecmem.privacy.budget import ClientBudget, min_survivors
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import ERROR_KIND
 from fedsecmem.protocols.dp_release import NoisySum
@@ -106,6 +106,9 @@ class FedDyMemMember:
         cfg, pv = self.cfg, self.cfg.privacy
         d, e = self.dims
         round_task = decode_task(env.body, env.round, pv.dp, d, e or None)
+        if pv.dp and self.side.budget is None:  # this client's own accountant, for this run
+            self.side.budget = ClientBudget(cfg, self.cid, self.side.plan, self.out, env.run_id)
+            self.member.on_release = self.side.charge_release
         ready = self.side.on_task(round_task)
         parties = {kind: KMeansParty(*pts) for kind in ("patches", "images")
                    if (pts := self.side.points(kind)) is not None}
@@ -174,6 +177,7 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
                 kind, body = me.handle(env)
             except (ProtocolError, WireError, OverflowRisk, ValueError) as exc:
                 log.warning("client %d: cannot do %s: %s", cid, env.kind, exc)
+                ledger.append("refused", round=env.round, step=env.step, task=env.kind, reason=str(exc)[:900])
                 kind, body = ERROR_KIND, BodyBuilder().text("reason", str(exc)[:900]).build()
             reply = Envelope(env.run_id, cid, env.round, env.step, kind, body).to_bytes()
             ok, reason = conn.push(reply)
@@ -182,6 +186,9 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
                 console.print(f"[yellow]client {cid}: server refused {kind} (round {env.round} step {env.step}): {reason}")
             done = (env.round, env.step)
             if kind == "scores":
+                if me.side.budget is not None:  # what this client counted itself, beside the server's figure
+                    ledger.append("dp", round=env.round, noise_multiplier=me.side.z, delta=cfg.privacy.delta,
+                                  epsilon=me.side.budget.epsilon())
                 scored += 1
                 console.print(f"client {cid}: round {env.round} scored")
             if env.kind == "finish":

@@ -41,7 +41,8 @@ from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.detector.scoring import Scores
 from fedsecmem.method.aggregation import RoundInfo, aggregation_summary, global_memory_over, kmeans_for
 from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
-from fedsecmem.privacy.budget import RunPrivacy, noise_floor, secagg_threshold
+from fedsecmem.audits.accountant import Step
+from fedsecmem.privacy.budget import ClientBudget, RunPrivacy, noise_floor, secagg_threshold
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
@@ -94,9 +95,16 @@ class RoundClient:
         self.cfg, self.client, self.test, self.test_emb = cfg, client, test, test_emb
         self.contribution: Contribution | None = None
         pv, fc = cfg.privacy, cfg.feddymem
+        self.plan = client.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
         # the least noise this client accepts: what its own epsilon target needs (its own calibration)
-        self.floor = (noise_floor(cfg, client.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator
-                                                          else 0)) if pv.dp else None)
+        self.floor = noise_floor(cfg, self.plan) if pv.dp else None
+        self.budget: ClientBudget | None = None  # its own accountant (set by the driver in a private run)
+        self.z: float | None = None  # the noise multiplier of the round in progress
+
+    def charge_release(self) -> None:
+        """One private release this client is about to compute: charged (and saved) first."""
+        if self.budget is not None and self.z is not None:
+            self.budget.charge([Step(self.z, 1.0, 1)])
 
     def check_noise(self, z: float | None) -> None:
         """Refuse a private round whose noise multiplier is below this client's own floor: its
@@ -117,11 +125,20 @@ class RoundClient:
         self.check_noise(task.z)  # before anything is trained or released
         if task.memory is not None:
             cl.receive(task.memory)
+        train = task.train and cl.generator is not None
+        if train and cl.global_memory is None:
+            raise ProtocolError("asked to train without a global memory")
+        self.z = task.z
+        if self.budget is not None:  # its own budget: the whole round's cost, before any of it
+            steps = (self.budget.training(task.z) if train else []) + self.budget.releases(task.z)
+            refused = self.budget.refuse(steps)
+            if refused is not None:
+                raise ProtocolError(refused)
+            if train:
+                self.budget.charge(self.budget.training(task.z))
         loss, trained = 0.0, False
         t = time.perf_counter()
-        if task.train and cl.generator is not None:
-            if cl.global_memory is None:
-                raise ProtocolError("asked to train without a global memory")
+        if train:
             if task.z is not None:
                 targets = torch.from_numpy(cl.global_memory.patches)
                 loss = cl.train_towards_dp(targets, task.z, pv.sgd_clip, pv.sgd_batch_images)

@@ -14,7 +14,7 @@ from fedsecmem.method.aggregation import Aggregated, RoundInfo, make_aggregator,
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
 from fedsecmem.method.context import MethodContext, MethodOutput, timed
 from fedsecmem.method.round import RoundClient, RoundServer
-from fedsecmem.privacy.budget import RunPrivacy
+from fedsecmem.privacy.budget import ClientBudget, RunPrivacy
 from fedsecmem.progress import console, task
 from fedsecmem.protocols.secure_sum import SecureSum
 
@@ -90,6 +90,18 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
     # or federated k-means over the secure sum; the leakage measurement observes every sum
     aggregate = make_aggregator(cfg, ss, privacy.noisy if privacy is not None else None,
                                 ctx.leakage.on_sum if ctx.leakage is not None else None)
+    if privacy is not None:  # every client keeps its own accountant too, charged as the server's is
+        by_id = {m.cid: m for m in members}
+        for m in members:
+            m.budget = ClientBudget(cfg, m.cid, m.plan, ctx.out)
+        server_charge = privacy.noisy.on_release
+
+        def charge(clients) -> None:
+            server_charge(clients)
+            for c in clients:
+                by_id[c].charge_release()
+
+        privacy.noisy.on_release = charge
     scored: list = []
     stopped = None
     label = f"feddymem rounds ({cfg.protocol}{', DP' if privacy else ''})"
@@ -112,6 +124,9 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
             record = server.close(r, agg.memory, dict(enumerate(agg.bytes_up)), dict(enumerate(agg.bytes_down)),
                                   agg.info, ready, {m.cid: s.metrics() for m, s in zip(members, scored)},
                                   [m.cid for m in members])
+            if privacy is not None and ctx.ledgers is not None:
+                for m in members:
+                    ctx.ledgers.client_privacy(r, m.cid, m.budget.epsilon(), privacy.z, cfg.privacy.delta)
             eps = f", eps {record['epsilon']:.2f}" if privacy is not None else ""
             advance(1, description=f"{label[:-1]}{eps})" if eps else None)
     if not server.per_round:

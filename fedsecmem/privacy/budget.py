@@ -16,6 +16,7 @@ state is saved after every round and when a run fails.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate
@@ -24,9 +25,13 @@ from fedsecmem.protocols.secagg import default_threshold
 from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
 from fedsecmem.protocols.secure_sum import SecureSum
 
-__all__ = ["RunPrivacy", "STATE_FILE", "min_survivors", "secagg_threshold"]
+__all__ = [
+    "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "min_survivors", "noise_floor", "releases_per_round",
+    "run_plan", "secagg_threshold",
+]
 
 STATE_FILE = "privacy_state.json"
+CLIENT_STATE_FILE = "privacy_state-client-{cid}.json"  # a client's own accountant, in its own folder
 
 
 def secagg_threshold(cfg) -> int:
@@ -167,3 +172,49 @@ class RunPrivacy:
                                       for c, (q, s) in self.sgd_plans.items()}},
             "stopped": self.stopped, "state_file": STATE_FILE,
         }
+
+
+class ClientBudget:
+    """A client's own accountant: it charges every DP-SGD round and every release it makes itself,
+    before it runs or leaves (saved first), and refuses a round that would take it past its own
+    ``privacy.epsilon_budget``, whatever the server's arithmetic says."""
+
+    def __init__(self, cfg, cid: int, sgd_plan: tuple[float, int], out: Path | None = None,
+                 run_id: str | None = None):
+        pv = cfg.privacy
+        self.cfg, self.cid, self.plan, self.run_id = cfg, cid, sgd_plan, run_id
+        self.path = None if out is None else Path(out) / CLIENT_STATE_FILE.format(cid=cid)
+        self.accountant = PrivacyAccountant([cid], pv.delta, pv.accountant)
+        if self.path is not None and self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            if saved.get("run_id") == run_id:  # a restarted client of the same run keeps what it spent
+                self.accountant = PrivacyAccountant.from_json(saved["accountant"])
+
+    def training(self, z: float) -> list[Step]:
+        q, steps = self.plan
+        return [Step(z, q, steps)] if steps > 0 else []
+
+    def releases(self, z: float) -> list[Step]:
+        return [Step(z, 1.0, releases_per_round(self.cfg))]
+
+    def refuse(self, steps: list[Step]) -> str | None:
+        """Why this client will not spend ``steps`` (its own budget), or None."""
+        budget = self.cfg.privacy.epsilon_budget
+        if budget is None:
+            return None
+        after = self.accountant.would_spend(self.cid, steps)
+        if after > budget:
+            return (f"client {self.cid}: the round would take it to epsilon {after:.2f} > its own budget "
+                    f"{budget:g} (spent {self.epsilon():.2f}); refused")
+        return None
+
+    def charge(self, steps: list[Step]) -> None:
+        self.accountant.record(self.cid, steps)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"run_id": self.run_id, "accountant": self.accountant.to_json()}))
+            tmp.replace(self.path)  # written before what it charges runs or leaves
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.cid)

@@ -97,10 +97,13 @@ class RunLedgers(RoundHooks):
             client.message("received", SERVER, stage, body, round=self.round)
 
     def privacy(self, r: int, per_client: dict[int, float], z: float, delta: float) -> None:
-        """Epsilon spent after round ``r``: the server records all, each client its own."""
-        eps = record_dp(self.server, r, per_client, z, delta)
-        for c, e in eps.items():
-            self.clients[int(c)].append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=e)
+        """Epsilon the server counted for every client after round ``r``."""
+        record_dp(self.server, r, per_client, z, delta)
+
+    def client_privacy(self, r: int, cid: int, epsilon: float, z: float, delta: float) -> None:
+        """Epsilon client ``cid`` counted itself after round ``r`` (its own accountant)."""
+        self.clients[cid].append("dp", round=r, noise_multiplier=z, delta=delta,
+                                 epsilon=epsilon if epsilon != float("inf") else None)
 
     def dropouts(self, r: int, clients: list[int]) -> None:
         if clients:
