@@ -302,3 +302,17 @@ def test_a_client_refuses_a_round_past_its_own_budget_and_keeps_its_own_account(
     assert PrivacyAccountant.from_json(saved["accountant"]).epsilon(0) == pytest.approx(spent[-1])
     again = ClientBudget(cfg, 0, me.plan, tmp_path, run_id="run-1")  # a restarted client keeps what it spent
     assert again.epsilon() == pytest.approx(spent[-1])
+
+
+def test_the_pld_accountant_agrees_with_opacus_prv_and_is_tighter_than_rdp():
+    """dp_accounting's PLD (pessimistic, a sound upper bound) against Opacus' PRV on the main job's
+    history (24 releases at rate 1 and 8 DP-SGD steps at rate 0.3, z = 3.22) and the design's
+    reference point; both well under RDP, which is what calibrating with PLD saves."""
+    main_job = [Step(3.22, 1.0, 24), Step(3.22, 0.296, 8)]
+    for history in (main_job, [Step(1.0, 0.01, 1000)]):
+        pld, prv, rdp = (epsilon_of(history, 1e-5, k) for k in ("pld", "prv", "rdp"))
+        assert pld == pytest.approx(prv, rel=0.02) and pld < rdp
+    assert epsilon_of([Step(1.0, 0.01, 1000)], 1e-5, "pld") == pytest.approx(1.84, abs=0.03)
+    plan = [(1.0, 24), (0.296, 8)]
+    z_rdp, z_pld = calibrate(8.0, 1e-5, plan, "rdp"), calibrate(8.0, 1e-5, plan, "pld")
+    assert z_pld < 0.97 * z_rdp and epsilon_of([Step(z_pld, q, n) for q, n in plan], 1e-5, "pld") <= 8.0
