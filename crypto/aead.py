@@ -2,7 +2,12 @@
 
 The associated data binds a ciphertext to its sender, receiver, protocol
 session and stage, so the server can neither read, alter, redirect nor replay
-it into another stage or session without the receiver noticing.
+it into another stage or session without the receiver noticing, provided the
+key it was sealed under is the receiver's own: a server that relays its own
+public key as the receiver's could read what is sealed for it. SecAgg+ closes
+that gap by signed key advertisements (each client signs its keys with its
+Ed25519 identity key and checks its neighbours' signatures before sealing
+anything, ``protocols/secagg.py``); other uses must authenticate keys likewise.
 """
 
 from __future__ import annotations

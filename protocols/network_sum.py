@@ -15,7 +15,9 @@ labels would be out of step). Threat models are those of ``secagg`` and
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import time
 
@@ -145,8 +147,12 @@ class CollectiveMember:
     """A client's side of the network k-means runs of one round: its parties (by name), its noise,
     and the SecAgg+ instance in progress. ``handle`` answers one task with (reply kind, body)."""
 
-    def __init__(self, cid: int, frac_bits: int, rounding: str, max_length: int, clip: dict[str, float] | None = None):
+    def __init__(self, cid: int, frac_bits: int, rounding: str, max_length: int, clip: dict[str, float] | None = None,
+                 signer: Ed25519PrivateKey | None = None, verify_keys: Mapping[int, Ed25519PublicKey] | None = None):
+        """``signer``/``verify_keys``: this client's provisioned Ed25519 key and every client's public one
+        (SecAgg+ key advertisements are signed and checked)."""
         self.cid, self.frac_bits, self.rounding, self.max_length = cid, frac_bits, rounding, max_length
+        self.signer, self.verify_keys = signer, verify_keys
         self.clip = clip or {}
         self.on_release: Callable[[], None] | None = None  # called before each private answer (its accountant)
         self.parties: dict[str, KMeansParty] = {}
@@ -204,5 +210,5 @@ class CollectiveMember:
             raise ProtocolError(f"compute: setup length {setup.length} but the answer has {len(vector)} values")
         parties = body.int("parties", 2)
         self._encoded = FixedPoint(setup.bits, self.frac_bits, parties).encode(vector, self.rounding)
-        self._secagg = SecAggClient(self.cid, setup)
+        self._secagg = SecAggClient(self.cid, setup, self.signer, self.verify_keys)
         return "advertise", encode_secagg(self._secagg.advertise())

@@ -27,6 +27,11 @@ names its sender in ``cheaters``; the sum stays exact as long as t honest
 shares of each secret come back. A client whose own shares all agree on a
 secret other than the one it advertised is named by ``CheatingDetected``
 (the deployment retries the round without it).
+Key substitution (Bonawitz et al.'s active server relaying its own key as a
+neighbour's, to read the shares sealed for it) is refused: each client signs
+its advertised keys and seed commitment with its Ed25519 identity key (the
+provisioned key when deployed, a fresh key per instance in process) and checks
+every neighbour's signature before sealing any share (``ProtocolAbort``).
 Not covered: an actively malicious server that lies about dropouts to
 different clients (that needs the consistency-check round and signatures of
 the full protocol), and inputs that are themselves wrong (no input validation).
@@ -45,7 +50,11 @@ import os
 import struct
 from dataclasses import dataclass
 
+from typing import Mapping
+
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedsecmem.crypto import aead, shamir
 from fedsecmem.crypto.agreement import KeyPair, agree, generate_keypair, hkdf, keypair_from_private
@@ -54,7 +63,7 @@ from fedsecmem.crypto.prg import SEED_BYTES, add_masks, ring_dtype
 from fedsecmem.protocols.errors import CheatingDetected, ProtocolAbort, ProtocolError
 from fedsecmem.protocols.graph import connected, harary_graph
 from fedsecmem.protocols.secagg_messages import (
-    AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, SESSION_BYTES, Setup, SharesForYou,
+    COMMITMENT_BYTES, SIGNATURE_BYTES, AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, SESSION_BYTES, Setup, SharesForYou,
     UnmaskRequest, UnmaskShares,
 )
 
@@ -66,6 +75,7 @@ _SHARE_INFO = b"fedsecmem/secagg/share-encryption"
 _PAIR_INFO = b"fedsecmem/secagg/pairwise-mask"
 _SELF_INFO = b"fedsecmem/secagg/self-mask"
 _COMMIT_INFO = b"fedsecmem/secagg/self-seed-commitment"
+_ADVERTISE_INFO = b"fedsecmem/secagg/advertised-keys"
 # t-subsets of returned shares the server tries when the first t do not reconstruct what was
 # committed to (a cheating share holder); enough for every t-subset at n <= 16.
 MAX_SUBSETS = 20_000
@@ -128,6 +138,11 @@ def seed_commitment(b: bytes, session: bytes, cid: int) -> bytes:
     return hashlib.sha256(_COMMIT_INFO + session + struct.pack(">Q", cid) + b).digest()
 
 
+def advertised_bytes(session: bytes, cid: int, c_public: bytes, s_public: bytes, commitment: bytes) -> bytes:
+    """What a client signs when it advertises its keys (and its neighbours verify)."""
+    return _ADVERTISE_INFO + session + struct.pack(">Q", cid) + c_public + s_public + commitment
+
+
 def _sign(u: int, v: int) -> int:
     """u adds +PRG(s_uv) when u < v and -PRG(s_uv) otherwise, so each pair cancels."""
     return 1 if u < v else -1
@@ -141,10 +156,14 @@ def _check(cond: bool, msg: str) -> None:
 class SecAggClient:
     """One client of one SecAgg+ instance (one vector summed)."""
 
-    def __init__(self, cid: int, setup: Setup):
+    def __init__(self, cid: int, setup: Setup, signer: Ed25519PrivateKey | None = None,
+                 verify_keys: Mapping[int, Ed25519PublicKey] | None = None):
+        """``signer``: this client's Ed25519 key, signing its advertised keys; ``verify_keys``: every
+        client's public signing key, to check its neighbours' advertisements (None: unsigned mode)."""
         _check(setup.receiver == cid, f"client {cid}: setup addressed to client {setup.receiver}")
         self.cid = cid
         self.setup = setup
+        self.signer, self.verify_keys = signer, verify_keys
         self.stage = "advertise"
         self.c_keys = generate_keypair()
         self.s_keys = generate_keypair()
@@ -161,14 +180,34 @@ class SecAggClient:
     def advertise(self) -> AdvertiseKeys:
         self._enter("advertise", self.setup.session)
         self.stage = "share"
-        return AdvertiseKeys(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public,
-                             seed_commitment(self.self_seed_b, self.setup.session, self.cid))
+        commitment = seed_commitment(self.self_seed_b, self.setup.session, self.cid)
+        signature = b"" if self.signer is None else self.signer.sign(
+            advertised_bytes(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public, commitment))
+        return AdvertiseKeys(self.setup.session, self.cid, self.c_keys.public, self.s_keys.public, commitment, signature)
+
+    def _check_signed(self, msg: NeighbourKeys) -> None:
+        """Every neighbour's keys are the ones it signed: a server that substitutes a key (to read the
+        shares sent to that neighbour) is refused before any share is made."""
+        if self.verify_keys is None:
+            return
+        for v, (c_public, s_public) in sorted(msg.keys.items()):
+            proof = msg.proofs.get(v, b"")
+            key = self.verify_keys.get(v)
+            try:
+                if key is None or len(proof) != COMMITMENT_BYTES + SIGNATURE_BYTES:
+                    raise InvalidSignature
+                key.verify(proof[COMMITMENT_BYTES:],
+                           advertised_bytes(msg.session, v, c_public, s_public, proof[:COMMITMENT_BYTES]))
+            except InvalidSignature:
+                raise ProtocolAbort(f"client {self.cid}: the keys relayed for client {v} are not the ones it "
+                                    "signed (substituted?); refusing to share") from None
 
     def share_keys(self, msg: NeighbourKeys) -> EncryptedShares:
         self._enter("share", msg.session, msg.receiver)
         t = self.setup.threshold
         unknown = set(msg.keys) - set(self.setup.neighbours)
         _check(not unknown, f"client {self.cid}: keys of non-neighbours {sorted(unknown)}")
+        self._check_signed(msg)
         if len(msg.keys) + 1 < t:
             raise ProtocolAbort(f"client {self.cid}: only {len(msg.keys)} neighbours advertised keys, "
                                 f"threshold {t} cannot be met")
@@ -345,6 +384,8 @@ class SecAggServer:
             self.stage = "share"
             return {u: NeighbourKeys(self.params.session, u,
                                      {v: (self.keys[v].c_public, self.keys[v].s_public)
+                                      for v in self.params.neighbours[u] if v in self.keys},
+                                     {v: self.keys[v].b_commitment + self.keys[v].signature
                                       for v in self.params.neighbours[u] if v in self.keys})
                     for u in self.keys}
         if stage == "share":

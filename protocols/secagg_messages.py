@@ -3,13 +3,14 @@ replayed from another instance or spoofed; ``nbytes`` is its payload size on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 ID_BYTES = 8
 SESSION_BYTES = 16
 COMMITMENT_BYTES = 32  # SHA-256
+SIGNATURE_BYTES = 64  # Ed25519
 PUBLIC_KEY_BYTES = 32
 
 
@@ -39,10 +40,11 @@ class AdvertiseKeys:
     c_public: bytes
     s_public: bytes
     b_commitment: bytes = bytes(COMMITMENT_BYTES)
+    signature: bytes = b""  # Ed25519 over session, sender, both keys and the commitment (empty: unsigned)
 
     @property
     def nbytes(self) -> int:
-        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES + COMMITMENT_BYTES
+        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES + COMMITMENT_BYTES + len(self.signature)
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,12 @@ class NeighbourKeys:
     session: bytes
     receiver: int
     keys: dict[int, tuple[bytes, bytes]]
+    proofs: dict[int, bytes] = field(default_factory=dict)  # neighbour -> its commitment + signature
 
     @property
     def nbytes(self) -> int:
-        return SESSION_BYTES + ID_BYTES + len(self.keys) * (ID_BYTES + 2 * PUBLIC_KEY_BYTES)
+        return (SESSION_BYTES + ID_BYTES + len(self.keys) * (ID_BYTES + 2 * PUBLIC_KEY_BYTES)
+                + sum(ID_BYTES + len(v) for v in self.proofs.values()))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecmem.crypto import ckks
 from fedsecmem.crypto.fixed_point import FixedPoint
@@ -170,12 +171,15 @@ def drive_secagg(server: SecAggServer, encoded: Mapping[int, np.ndarray], drop: 
     drop = drop or {}
     meter = meter if meter is not None else Traffic()
     setups = server.setups()
+    # in process every client signs its advertised keys with a fresh Ed25519 key of this instance
+    signers = {c: Ed25519PrivateKey.generate() for c in sorted(encoded)}
+    verify_keys = {c: k.public_key() for c, k in signers.items()}
     machines = {}
     for c in sorted(encoded):
         meter.send_down(c, setups[c].nbytes)
         _tapped(tap, "down", c, "setup", setups[c])
         t = time.perf_counter()
-        machines[c] = SecAggClient(c, setups[c])
+        machines[c] = SecAggClient(c, setups[c], signers[c], verify_keys)
         meter.client_seconds += time.perf_counter() - t
     transcript, close_seconds = [], {}
     outgoing = {c: None for c in machines}

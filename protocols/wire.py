@@ -21,7 +21,7 @@ from fedsecmem.protocols.kmeans_party import (
     DP_ASSIGN, REQUESTS, CellStats, LloydStats, Moments, PartitionStats, Pca, PrivateCells, Request, plan_of,
 )
 from fedsecmem.protocols.secagg_messages import (
-    COMMITMENT_BYTES, AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
+    COMMITMENT_BYTES, SIGNATURE_BYTES, AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
     SharesForYou, UnmaskRequest, UnmaskShares,
 )
 
@@ -247,8 +247,10 @@ def encode_secagg(msg) -> pb.Payload:
         b.int("threshold", msg.threshold).int("length", msg.length).int("bits", msg.bits).int("receiver", msg.receiver)
     elif isinstance(msg, AdvertiseKeys):
         b.blob("c_public", msg.c_public).blob("s_public", msg.s_public).blob("b_commitment", msg.b_commitment)
+        b.blob("signature", msg.signature)
     elif isinstance(msg, NeighbourKeys):
         b.id_blobs("c", {k: v[0] for k, v in msg.keys.items()}).id_blobs("s", {k: v[1] for k, v in msg.keys.items()})
+        b.id_blobs("proofs", msg.proofs)
     elif isinstance(msg, (EncryptedShares, SharesForYou)):
         b.id_blobs("ciphertexts", msg.ciphertexts)
     elif isinstance(msg, MaskedInput):
@@ -271,13 +273,20 @@ def decode_secagg(kind: type, payload: pb.Payload, sender: int, receiver: int, m
         return Setup(session, receiver, body.ids("neighbours"), body.int("threshold", 1),
                      body.int("length", 1, max_length), body.int("bits", 32, 64))
     if kind is AdvertiseKeys:
+        signature = body.blob("signature", max_size=SIGNATURE_BYTES) if "signature" in payload.blobs else b""
+        if len(signature) not in (0, SIGNATURE_BYTES):
+            raise WireError(f"AdvertiseKeys: a signature is {SIGNATURE_BYTES} bytes")
         return AdvertiseKeys(session, sender, body.blob("c_public", PUBLIC_KEY_BYTES),
-                             body.blob("s_public", PUBLIC_KEY_BYTES), body.blob("b_commitment", COMMITMENT_BYTES))
+                             body.blob("s_public", PUBLIC_KEY_BYTES), body.blob("b_commitment", COMMITMENT_BYTES),
+                             signature)
     if kind is NeighbourKeys:
         c, s = body.id_blobs("c", PUBLIC_KEY_BYTES), body.id_blobs("s", PUBLIC_KEY_BYTES)
         if set(c) != set(s):
             raise WireError("NeighbourKeys: key maps name different clients")
-        return NeighbourKeys(session, receiver, {k: (c[k], s[k]) for k in c})
+        proofs = body.id_blobs("proofs", max_items=1 << 16) if "proofs" in payload.id_blobs else {}
+        if any(len(v) != COMMITMENT_BYTES + SIGNATURE_BYTES and len(v) != COMMITMENT_BYTES for v in proofs.values()):
+            raise WireError("NeighbourKeys: a proof is a commitment and a signature")
+        return NeighbourKeys(session, receiver, {k: (c[k], s[k]) for k in c}, proofs)
     if kind is EncryptedShares:
         return EncryptedShares(session, sender, body.id_blobs("ciphertexts", max_items=1 << 16))
     if kind is SharesForYou:

@@ -334,11 +334,39 @@ def test_a_client_sharing_a_seed_other_than_it_committed_to_is_named(monkeypatch
 
     def advertise(self):
         msg = honest(self)
-        if self.cid == 2:
-            msg = secagg.AdvertiseKeys(msg.session, msg.sender, msg.c_public, msg.s_public, bytes(32))
+        if self.cid == 2:  # commits to (and signs) a seed it will not share
+            signed = self.signer.sign(secagg.advertised_bytes(msg.session, 2, msg.c_public, msg.s_public, bytes(32)))
+            msg = secagg.AdvertiseKeys(msg.session, msg.sender, msg.c_public, msg.s_public, bytes(32), signed)
         return msg
 
     monkeypatch.setattr(secagg.SecAggClient, "advertise", advertise)
     with pytest.raises(CheatingDetected, match="client 2 shared a self-mask seed other than") as err:
         _run(_ints(5, 50, 64, seed=7), 64)
     assert err.value.clients == {2}
+
+
+def test_a_server_that_substitutes_a_neighbours_key_is_refused():
+    """Bonawitz et al.'s active server: it relays its own key as client 1's, to read the shares that
+    client 0 encrypts for client 1. The advertisement is signed; client 0 checks and refuses."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedsecmem.crypto.agreement import generate_keypair
+
+    params = secagg.make_params([0, 1, 2, 3], 10, 64)
+    server = secagg.SecAggServer(params)
+    signers = {c: Ed25519PrivateKey.generate() for c in params.clients}
+    verify = {c: k.public_key() for c, k in signers.items()}
+    clients = {c: secagg.SecAggClient(c, s, signers[c], verify) for c, s in server.setups().items()}
+    for c in clients.values():
+        server.receive(c.advertise())
+    relayed = server.close_stage()
+    honest = relayed[0]
+    assert clients[0].share_keys(honest).ciphertexts  # untouched: shares go out
+    fake = generate_keypair()
+    forged = secagg.NeighbourKeys(honest.session, 0, {**honest.keys, 1: (fake.public, honest.keys[1][1])},
+                                  honest.proofs)
+    again = secagg.SecAggClient(0, server.setups()[0], signers[0], verify)
+    again.advertise()
+    with pytest.raises(ProtocolAbort, match="keys relayed for client 1 are not the ones it signed"):
+        again.share_keys(forged)
+    assert again.stage == "share"  # nothing was encrypted under the substituted key

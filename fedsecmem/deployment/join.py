@@ -23,7 +23,7 @@ from fedsecmem.config import RunConfig
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.data.partition import partition
-from fedsecmem.crypto.pki import client_name
+from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
 from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, max_bytes
 from fedsecmem.deployment.messages import WITHHELD, decode_task, encode_ready, get_memory, put_json
 from fedsecmem.method.round import RoundClient
@@ -71,8 +71,15 @@ class FedDyMemMember:
                                      fc.use_generator, resolve_device(cfg.backbone.device))
         self.side = RoundClient(cfg, self.client, mine.test, self.test_emb)
         pv = cfg.privacy
+        certs = Path(cfg.deploy.certs)
+        try:  # its SecAgg+ key advertisements are signed with its provisioned key, its neighbours' checked
+            signer = signing_key(certs, client_name(cid))
+            verify_keys = {c: verify_key(certs, client_name(c)) for c in range(cfg.clients.n)}
+        except ProvisioningError as exc:
+            raise UserError(f"deploy.certs: {exc}") from None
         self.member = CollectiveMember(cid, cfg.secure.secagg.frac_bits, cfg.secure.secagg.rounding, MAX_VECTOR,
-                                       {"patches": pv.clip_norm, "images": pv.image_clip_norm} if pv.dp else None)
+                                       {"patches": pv.clip_norm, "images": pv.image_clip_norm} if pv.dp else None,
+                                       signer, verify_keys)
 
     @property
     def dims(self) -> tuple[int, int]:
