@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedsecmem.errors import UserError
 from fedsecmem.methods import METHODS, supporting
+from fedsecmem.protocols.graph import check_sparse_graph
+from fedsecmem.protocols.secagg import default_threshold
 
 __all__ = [
     "AuditConfig", "BackboneConfig", "CkksConfig", "ClientsConfig", "DEFECT_FAMILIES", "DataConfig",
@@ -177,6 +179,13 @@ class SecAggConfig(Strict):
     neighbours: int | None = Field(None, ge=1, description="k of the k-regular graph (null = complete graph)")
     threshold: int | None = Field(None, ge=2, description="Shamir threshold t (null = majority of k + 1)")
     rounding: Literal["nearest", "stochastic"] = "nearest"
+    # a sparse graph (neighbours < n - 1) must meet Bell et al. 2020's bounds for these fractions
+    dropout_fraction: float = Field(0.1, ge=0, lt=1, description="clients expected to drop out in a round")
+    collusion_fraction: float = Field(0.1, ge=0, lt=1, description="clients that may collude with the server")
+    security_bits: int = Field(40, ge=1, le=128, description="a sparse graph exposes an input with "
+                                                             "probability at most 2^-security_bits")
+    correctness_bits: int = Field(20, ge=1, le=128, description="a sparse graph fails a sum with probability "
+                                                                "at most 2^-correctness_bits")
 
     @model_validator(mode="after")
     def _check(self) -> "SecAggConfig":
@@ -331,6 +340,10 @@ class RunConfig(Strict):
             if a.threshold is not None and not (k + 1) / 2 < a.threshold <= k + 1:
                 raise ValueError(f"secure: secagg.threshold {a.threshold} must be a majority of the "
                                  f"{k + 1} share holders ({(k + 1) // 2 + 1}..{k + 1})")
+            problem = check_sparse_graph(n, k, a.threshold or default_threshold(k), a.dropout_fraction,
+                                         a.collusion_fraction, a.security_bits, a.correctness_bits)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property

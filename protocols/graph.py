@@ -8,6 +8,7 @@ is the complete graph of the original SecAgg.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -46,3 +47,41 @@ def connected(nodes: set[int], neighbours: dict[int, tuple[int, ...]]) -> bool:
                 seen.add(v)
                 todo.append(v)
     return seen == nodes
+
+
+def sparse_graph_risks(n: int, k: int, t: int, dropout: float, collusion: float) -> dict[str, float]:
+    """The failure events of SecAgg+ on a k-regular graph (Bell et al. 2020), union bound over the n
+    clients, each neighbour counted as an independent draw (binomial tails):
+    - ``isolated``: an honest client's neighbours all dropped or colluding, so the server with the
+      colluders strips every mask of its input: n (dropout + collusion)^k;
+    - ``collusion``: colluding neighbours hold t shares of an honest client's secrets:
+      n P[Bin(k, collusion) >= t];
+    - ``dropout``: fewer than t of a client and its neighbours survive to return shares, so the sum
+      fails: n P[Bin(k + 1, 1 - dropout) < t]."""
+    def tail(m: int, p: float, at_least: int) -> float:
+        return sum(math.comb(m, j) * p**j * (1 - p) ** (m - j) for j in range(max(at_least, 0), m + 1))
+
+    return {"isolated": min(1.0, n * (dropout + collusion) ** k),
+            "collusion": min(1.0, n * tail(k, collusion, t)),
+            "dropout": min(1.0, n * (1.0 - tail(k + 1, 1.0 - dropout, t)))}
+
+
+def check_sparse_graph(n: int, k: int, t: int, dropout: float, collusion: float, security_bits: int,
+                       correctness_bits: int) -> str | None:
+    """Why a k-regular graph does not meet Bell et al.'s bounds for these fractions (None: it does,
+    or it is the complete graph, whose promise holds for any coalition below t)."""
+    if k >= n - 1:
+        return None
+    risk = sparse_graph_risks(n, k, t, dropout, collusion)
+    if risk["isolated"] > 2.0 ** -security_bits:
+        return (f"secure: secagg.neighbours {k} of {n} clients: an honest client is isolated by dropouts and "
+                f"colluders with probability {risk['isolated']:.1e} > 2^-{security_bits} (Bell et al. 2020: "
+                f"n (dropout_fraction + collusion_fraction)^k); use the complete graph (neighbours: null)")
+    if risk["collusion"] > 2.0 ** -security_bits:
+        return (f"secure: secagg.threshold {t} with {k} neighbours: colluders hold t shares of an honest client "
+                f"with probability {risk['collusion']:.1e} > 2^-{security_bits}; raise the threshold")
+    if risk["dropout"] > 2.0 ** -correctness_bits:
+        return (f"secure: secagg.threshold {t} with {k} neighbours: a client keeps fewer than t live share "
+                f"holders with probability {risk['dropout']:.1e} > 2^-{correctness_bits}; lower the threshold "
+                "or add neighbours")
+    return None

@@ -277,6 +277,12 @@ class SecAggClient:
         if len(alive) < self.setup.threshold:
             raise ProtocolAbort(f"client {self.cid}: only {len(alive)} masked inputs, threshold "
                                 f"{self.setup.threshold}; refusing to unmask")
+        if self.setup.sparse and len(alive - {self.cid}) < self.setup.threshold:
+            # on a sparse graph t - 1 colluders could be all of this client's live neighbours, and the
+            # dropped ones' keys would strip its last pairwise masks: its input would stand alone
+            raise ProtocolAbort(f"client {self.cid}: only {len(alive - {self.cid})} live neighbours of "
+                                f"{len(self.setup.neighbours)}, t - 1 = {self.setup.threshold - 1} colluders could be "
+                                "all of them; refusing to unmask")
         b = {v: self.held[v][0].to_bytes() for v in sorted(alive) if v in self.held}
         s = {v: self.held[v][1].to_bytes() for v in sorted(dropped) if v in self.held}
         self.stage = "done"
@@ -306,7 +312,8 @@ class SecAggServer:
 
     def setups(self) -> dict[int, Setup]:
         p = self.params
-        return {c: Setup(p.session, c, p.neighbours[c], p.threshold, p.length, p.bits) for c in p.clients}
+        return {c: Setup(p.session, c, p.neighbours[c], p.threshold, p.length, p.bits, len(p.clients))
+                for c in p.clients}
 
     @property
     def expected(self) -> set[int]:

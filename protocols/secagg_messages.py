@@ -24,10 +24,15 @@ class Setup:
     threshold: int
     length: int
     bits: int
+    clients: int = 0  # n of the instance (0: unknown); fewer neighbours than n - 1 is a sparse graph
+
+    @property
+    def sparse(self) -> bool:
+        return 0 < len(self.neighbours) < self.clients - 1
 
     @property
     def nbytes(self) -> int:
-        return SESSION_BYTES + ID_BYTES * (2 + len(self.neighbours)) + 4 + 8 + 1
+        return SESSION_BYTES + ID_BYTES * (2 + len(self.neighbours)) + 4 + 8 + 1 + 4
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,7 @@ def encode_secagg(msg) -> pb.Payload:
     if isinstance(msg, Setup):
         b.tensor("neighbours", np.array(msg.neighbours, np.int64))
         b.int("threshold", msg.threshold).int("length", msg.length).int("bits", msg.bits).int("receiver", msg.receiver)
+        b.int("clients", msg.clients)
     elif isinstance(msg, AdvertiseKeys):
         b.blob("c_public", msg.c_public).blob("s_public", msg.s_public).blob("b_commitment", msg.b_commitment)
         b.blob("signature", msg.signature)
@@ -271,7 +272,7 @@ def decode_secagg(kind: type, payload: pb.Payload, sender: int, receiver: int, m
     session = body.blob("session", SESSION_BYTES)
     if kind is Setup:
         return Setup(session, receiver, body.ids("neighbours"), body.int("threshold", 1),
-                     body.int("length", 1, max_length), body.int("bits", 32, 64))
+                     body.int("length", 1, max_length), body.int("bits", 32, 64), body.int("clients", 0))
     if kind is AdvertiseKeys:
         signature = body.blob("signature", max_size=SIGNATURE_BYTES) if "signature" in payload.blobs else b""
         if len(signature) not in (0, SIGNATURE_BYTES):

@@ -32,7 +32,7 @@ BELOW = {
     "crypto": set(),
     "protocols": {"crypto"},
     "audits": {"crypto"},
-    "foundation": set(),
+    "foundation": {"crypto", "protocols"},  # the config checks protocol settings (SecAgg+ graph bounds)
     "data": {"foundation"},
     "detector": {"foundation", "data"},
     "privacy": {"foundation", "crypto", "protocols", "audits"},

@@ -38,7 +38,9 @@ def test_integer_sum_is_exact_modulo_ring(bits):
 @pytest.mark.parametrize("k", [None, 4])
 def test_dropouts_at_each_stage(stage, k):
     xs = _ints(10, 300, 32, seed=1)
-    gone = {3, 7}
+    # on the sparse graph (t = 3) two dropouts may be both live neighbours short of some client, which
+    # then refuses to unmask (t - 1 colluders could be all it has left): one dropout there
+    gone = {3, 7} if k is None else {3}
     total, server, *_ = _run(xs, 32, k=k, drop={stage: gone})
     in_sum = [c for c in xs if stage == "unmask" or c not in gone]
     assert sorted(server.masked) == in_sum
@@ -370,3 +372,56 @@ def test_a_server_that_substitutes_a_neighbours_key_is_refused():
     with pytest.raises(ProtocolAbort, match="keys relayed for client 1 are not the ones it signed"):
         again.share_keys(forged)
     assert again.stage == "share"  # nothing was encrypted under the substituted key
+
+
+# ---- a sparse graph: one colluder and one dropout (attack, then defence) ---------------------------
+
+def _strip_victim(params, server, run, victim, dropped, colluder):
+    """The server with one colluding client: every mask of the victim's masked input stripped, from
+    what the unmask stage revealed and the colluder's own mask key; None if the shares are not there."""
+    t, session = params.threshold, params.session
+    replies = [m for m in run.transcript if isinstance(m, secagg.UnmaskShares)]
+    b = [shamir.Share.from_bytes(r.self_mask_shares[victim]) for r in replies if victim in r.self_mask_shares]
+    s = [shamir.Share.from_bytes(r.key_shares[dropped]) for r in replies if dropped in r.key_shares]
+    if len(b) < t or len(s) < t:
+        return None
+    v_public = server.keys[victim].s_public
+    seeds = [secagg._self_seed(shamir.combine(b, t), session),
+             secagg._pair_seed(secagg.keypair_from_private(shamir.combine(s, t)), v_public, session, victim, dropped),
+             secagg._pair_seed(run.clients[colluder].s_keys, v_public, session, victim, colluder)]
+    signs = [-1, -secagg._sign(victim, dropped), -secagg._sign(victim, colluder)]
+    return prg.add_masks(server.masked[victim].vector.copy(), seeds, signs)
+
+
+def test_on_a_sparse_graph_one_colluder_and_one_dropout_cannot_isolate_an_input():
+    """n = 6, k = 2, t = 2: the victim's two neighbours are a client that drops after sharing keys and
+    a client colluding with the server. Before, the victim revealed its self-mask share and the
+    dropped neighbour's key share, and the server stripped every mask of its input exactly. Now a
+    client on a sparse graph with fewer than t live neighbours refuses to unmask: nothing is revealed."""
+    xs = _ints(6, 64, 64, seed=8)
+    params = secagg.make_params(sorted(xs), 64, 64, neighbours=2, threshold=2)
+    victim = 0
+    dropped, colluder = params.neighbours[victim]
+    server = secagg.SecAggServer(params)
+    try:
+        run = drive_secagg(server, xs, {"mask": {dropped}})
+    except ProtocolAbort:
+        run = None  # the honest clients refused: no sum, and no single input either
+    if run is not None:
+        stripped = _strip_victim(params, server, run, victim, dropped, colluder)
+        assert stripped is None or not np.array_equal(stripped, xs[victim]), "the victim's input was recovered"
+
+
+def test_a_sparse_graph_outside_bell_et_al_bounds_is_refused_in_one_line():
+    from fedsecmem.config import config_from_dict
+    from fedsecmem.errors import UserError
+
+    base = {"method": "feddymem", "protocol": "secagg", "clients": {"n": 6}}
+    with pytest.raises(UserError, match=r"neighbours 2 of 6 clients: an honest client is isolated .* 2\^-40") as err:
+        config_from_dict({**base, "secure": {"secagg": {"neighbours": 2, "threshold": 2}}})
+    assert "\n" not in str(err.value)
+    config_from_dict({**base, "secure": {"secagg": {"neighbours": 5}}})  # the complete graph: always allowed
+    big = {"method": "feddymem", "protocol": "secagg", "clients": {"n": 1000}}
+    config_from_dict({**big, "secure": {"secagg": {"neighbours": 60}}})  # O(log n) neighbours at n = 1000
+    with pytest.raises(UserError, match="isolated"):
+        config_from_dict({**big, "secure": {"secagg": {"neighbours": 20}}})
