@@ -29,8 +29,9 @@ SETS = {  # benchmark -> (config, {label: (run tag, overrides)})
     "elpv": ("feddymem_elpv", {
         "central": ("central", ["method=central"]),
         "local": ("local", ["method=local"]),
-        "FedDyMem, SecAgg+": ("feddymem", []),
-        NEAR: ("feddymem_near1", ["feddymem.global_near=1"]),
+        "FedDyMem, SecAgg+, global_k 512": ("feddymem", ["feddymem.global_k=512"]),
+        NEAR: ("feddymem_near1", ["feddymem.global_k=512", "feddymem.global_near=1"]),
+        "FedDyMem, SecAgg+ (global_k 2048, the config's)": ("feddymem_k2048", []),
         "FedDyMem + DP (eps 8), SecAgg+": ("feddymem_dp", ["privacy.dp=true", "privacy.epsilon=8",
                                                             "feddymem.global_k=16", "feddymem.global_k_images=8"]),
     }),
