@@ -22,8 +22,9 @@ self-mask seed or mask key) cannot bend the sum: each client commits to its
 self-mask seed when it advertises its keys (SHA-256, ``seed_commitment``; its
 mask key is committed by its public key), the server accepts a reconstruction
 only if it matches the commitment (trying other t-subsets of the returned
-shares when the first do not), and every share off the matching polynomial
-names its sender in ``cheaters``; the sum stays exact as long as t honest
+shares when the first do not; then every share off the matching polynomial
+names its sender in ``cheaters``; a forgery outside the first t changes
+nothing and is not looked for); the sum stays exact as long as t honest
 shares of each secret come back. A client whose own shares all agree on a
 secret other than the one it advertised is named by ``CheatingDetected``
 (the deployment retries the round without it).
@@ -425,9 +426,11 @@ class SecAggServer:
 
     def _reconstruct(self, owner: int, replies: dict[int, UnmaskShares], kind: str) -> bytes:
         """``owner``'s self-mask seed (``kind="self"``) or mask key from the returned shares, checked
-        against what ``owner`` advertised (the seed's commitment, the key's public half). Shares
-        off the polynomial that reconstructs it are forgeries: their senders are recorded in
-        ``cheaters`` and the sum goes on without them. Raises ``CheatingDetected`` when ``owner``
+        against what ``owner`` advertised (the seed's commitment, the key's public half). When the
+        first t shares do not give it, other t-subsets are tried, and the shares off the polynomial
+        that does are forgeries: their senders are recorded in ``cheaters`` and the sum goes on
+        without them. (A forged share outside the first t cannot change the result and is not
+        looked for: checking every share on every sum cost 47x the server's time at 100 clients.) Raises ``CheatingDetected`` when ``owner``
         itself shared something other than it advertised, ``ProtocolAbort`` when too few honest
         shares are left to tell."""
         t, session = self.params.threshold, self.params.session
@@ -447,16 +450,17 @@ class SecAggServer:
                 return hmac.compare_digest(seed_commitment(secret, session, owner), self.keys[owner].b_commitment)
             return keypair_from_private(secret).public == self.keys[owner].s_public
 
-        for subset in itertools.islice(itertools.combinations(pairs, t), MAX_SUBSETS):
+        for i, subset in enumerate(itertools.islice(itertools.combinations(pairs, t), MAX_SUBSETS)):
             shares = [sh for _, sh in subset]
             try:
                 secret = shamir.combine(shares, t)
             except CryptoError:
                 continue
             if advertised(secret):
-                for sender, sh in pairs:  # every share off this polynomial is a forgery
-                    if shamir.interpolate(shares, sh.x) != sh.y:
-                        self.cheaters[sender] = f"sent a false share of client {owner}'s {what}"
+                if i > 0:  # the first t did not give it: every share off this polynomial is a forgery
+                    for sender, sh in pairs:
+                        if shamir.interpolate(shares, sh.x) != sh.y:
+                            self.cheaters[sender] = f"sent a false share of client {owner}'s {what}"
                 return secret
         first = [sh for _, sh in pairs[:t]]
         if all(shamir.interpolate(first, sh.x) == sh.y for _, sh in pairs):

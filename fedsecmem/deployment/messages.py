@@ -20,7 +20,7 @@ from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
 
 __all__ = [
     "MAX_ITEMS", "decode_ready", "decode_scores", "decode_task", "encode_ready", "encode_task", "get_json",
-    "get_memory", "put_json", "put_memory", "round_metrics",
+    "get_memory", "put_json", "put_memory", "row_metrics",
 ]
 
 MAX_ITEMS = 1 << 26  # values in one global memory array
@@ -100,7 +100,7 @@ def decode_scores(cid: int, env) -> dict:
     return row
 
 
-def round_metrics(row: dict) -> dict:
+def row_metrics(row: dict) -> dict:
     """The round metrics of a ``scores`` row, as ``Scored.metrics()`` gives them in process."""
     return {"image_patch_max": row.get("round_image_patch_max"), "image_knn": row.get("round_image_knn"),
             "global_used": row.get("round_global_used")}

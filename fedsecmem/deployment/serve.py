@@ -33,7 +33,7 @@ from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
 from fedsecmem.deployment.checks import check_deployable, crash_if_asked, max_bytes, party_tls
-from fedsecmem.deployment.messages import WITHHELD, decode_ready, decode_scores, encode_task, get_json, put_memory, round_metrics
+from fedsecmem.deployment.messages import WITHHELD, decode_ready, decode_scores, encode_task, get_json, put_memory, row_metrics
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.privacy.ledgers import (
@@ -186,7 +186,7 @@ class _Server:
             for side, now, before in (("up", self.coord.wire_up, wire_up0), ("down", self.coord.wire_down, wire_down0)):
                 self.wire[side].setdefault(str(c), []).append(now.get(c, 0) - before.get(c, 0))
         return self.round.close(r, memory, cost.bytes_up, cost.bytes_down, info, ready,
-                                {c: round_metrics(rows[c]) for c in rows}, targets)
+                                {c: row_metrics(rows[c]) for c in rows}, targets)
 
     def _targets(self) -> list[int]:
         return sorted(set(self.hello) - set(self.excluded))

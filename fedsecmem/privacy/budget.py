@@ -16,6 +16,7 @@ state is saved after every round and when a run fails.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -73,7 +74,13 @@ def noise_floor(cfg, sgd_plan: tuple[float, int]) -> float:
     pv = cfg.privacy
     if pv.epsilon is None:
         return pv.noise_multiplier
-    return calibrate(pv.epsilon, pv.delta, run_plan(cfg, sgd_plan), pv.accountant)
+    return _calibrated(pv.epsilon, pv.delta, tuple(run_plan(cfg, sgd_plan)), pv.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(epsilon: float, delta: float, plan: tuple[tuple[float, int], ...], kind: str) -> float:
+    """``calibrate`` once per plan: the server and each in-process client ask for the same floors."""
+    return calibrate(epsilon, delta, list(plan), kind)
 
 
 class RunPrivacy:
