@@ -1,6 +1,10 @@
 """Utility against privacy: image AUROC of FedDyMem with DP at epsilon in {1, 2, 4, 8, 16, inf}
 (delta 1e-5, SecAgg+ with distributed noise), beside non-DP FedDyMem, central and local, on textures
-and FMNIST-6/4 (3 seeds); the DP-SGD cost in generator training time."""
+and FMNIST-6/4 (3 seeds); the DP-SGD cost in generator training time.
+
+    python bench/bench_privacy.py                  # the table and plot (docs/benchmarks.md)
+    python bench/bench_privacy.py --accountants    # RDP against PLD on textures, epsilon 1-8
+"""
 
 from __future__ import annotations
 
@@ -160,5 +164,25 @@ What the table says:
     write_section("privacy", "Differential privacy: AUROC against epsilon", "python bench/bench_privacy.py", body)
 
 
+def accountants() -> None:
+    """The same private textures runs calibrated with RDP (the table's) and with PLD, side by side."""
+    cache = f"output.embedding_cache={OUT / 'cache'}"
+    rows = []
+    for eps in (1, 2, 4, 8):
+        cells = []
+        for kind, suffix in (("rdp", ""), ("pld", "_pld")):
+            res = [run_config("textures", f"dp_textures_e{eps}{suffix}_s{s}",
+                              [*DP, f"privacy.epsilon={eps}", *([f"privacy.accountant={kind}"] if suffix else []),
+                               f"seed={s}", cache]) for s in SEEDS]
+            cells += [f"{res[0]['privacy']['noise_multiplier']:.2f}", mean_std([r["auroc"]["image"] for r in res]),
+                      f"{np.mean([r['wall_seconds'] for r in res]):.0f}"]
+        rows.append(f"| {eps} | " + " | ".join(cells) + " |")
+    body = ("textures, SecAgg+, distributed noise, `global_k: 16`, 3 seeds; the RDP runs are the table's above.\n\n"
+            "| epsilon | RDP z | RDP image AUROC | RDP run s | PLD z | PLD image AUROC | PLD run s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+    write_section("privacy_accountants", "Differential privacy: RDP against PLD calibration",
+                  "python bench/bench_privacy.py --accountants", body)
+
+
 if __name__ == "__main__":
-    main()
+    accountants() if "--accountants" in sys.argv[1:] else main()
