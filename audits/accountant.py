@@ -1,6 +1,13 @@
-"""Per-client privacy accounting: Opacus' RDP (default) and PRV accountants, and the privacy loss
-distribution (PLD) accountant of Google's ``dp_accounting`` (``pld``: pessimistic estimates, a
-sound upper bound; within 2% of PRV and below RDP, tests/test_privacy.py).
+"""Per-client privacy accounting: the privacy loss distribution (PLD) accountant of Google's
+``dp_accounting`` (``pld``, the default: pessimistic estimates, a sound upper bound; within 2% of
+Opacus' PRV and below RDP, tests/test_privacy.py), and Opacus' RDP and PRV accountants.
+
+PLD is made cheap without giving up soundness: a history is first put in a canonical form
+(identical steps merged into one count; all releases at rate 1 merged into one Gaussian with
+1/z^2 = sum n_i/z_i^2, which is exactly their composition), each canonical history is computed
+once, and the loss is discretized on a 1e-3 grid (``PLD_DISCRETIZATION``): with pessimistic
+estimates any grid gives an upper bound, and 1e-3 moves epsilon by under 1e-4 relative to
+dp_accounting's default 1e-4 grid at a tenth of the time (tests/test_privacy.py).
 
 Every mechanism a client's data goes through is one entry of its history:
 a DP-SGD step of the memory generator (noise multiplier z_sgd, Poisson
@@ -18,6 +25,7 @@ planned run.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,10 @@ from typing import Iterable
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant, "pld": None}  # pld: dp_accounting's
+ACCOUNTANTS = {"pld": None, "rdp": RDPAccountant, "prv": PRVAccountant}  # pld: dp_accounting's
+DEFAULT_ACCOUNTANT = "pld"
+# the PLD's privacy-loss grid: coarser is faster and, with pessimistic estimates, still an upper bound
+PLD_DISCRETIZATION = 1e-3
 # Opacus' default RDP orders stop at 63; heavily noised releases are tightest at higher orders
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
 
@@ -39,15 +50,15 @@ class Step:
     count: int = 1
 
 
-def epsilon_of(history: Iterable[Step], delta: float, kind: str = "rdp") -> float:
-    """Opacus' epsilon at ``delta`` for a history of steps (0 for an empty history)."""
+def epsilon_of(history: Iterable[Step], delta: float, kind: str = DEFAULT_ACCOUNTANT) -> float:
+    """Epsilon at ``delta`` for a history of steps (0 for an empty history)."""
     hist = [(float(s.noise_multiplier), float(s.sample_rate), int(s.count)) for s in history if s.count > 0]
     if not hist:
         return 0.0
     if any(z <= 0 for z, _, _ in hist):
         return float("inf")
     if kind == "pld":
-        return _pld_epsilon(hist, delta)
+        return _pld_epsilon(canonical(hist), float(delta))
     acc = ACCOUNTANTS[kind]()
     acc.history = hist
     if kind == "rdp":
@@ -55,13 +66,29 @@ def epsilon_of(history: Iterable[Step], delta: float, kind: str = "rdp") -> floa
     return float(acc.get_epsilon(delta))
 
 
-def _pld_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:
-    """dp_accounting's PLD accountant over the same history: each step a Gaussian mechanism,
+def canonical(hist: list[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    """The same composition in fewest steps: the releases at rate 1 (Gaussian mechanisms) as one
+    Gaussian whose 1/z^2 is the sum of theirs (their exact composition), identical subsampled
+    steps as one count; sorted, so equal histories give equal keys."""
+    inverse_square = sum(n / z ** 2 for z, q, n in hist if q >= 1.0)
+    counts: dict[tuple[float, float], int] = {}
+    for z, q, n in hist:
+        if q < 1.0:
+            counts[(z, q)] = counts.get((z, q), 0) + n
+    steps = sorted((z, q, n) for (z, q), n in counts.items())
+    if inverse_square > 0:
+        steps.append((inverse_square ** -0.5, 1.0, 1))
+    return tuple(steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pld_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """dp_accounting's PLD accountant over a canonical history: each step a Gaussian mechanism,
     Poisson-subsampled at its rate, composed ``count`` times."""
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
-    acc = pld_privacy_accountant.PLDAccountant()
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     for z, q, n in hist:
         event = dp_event.GaussianDpEvent(z)
         if q < 1.0:
@@ -73,7 +100,7 @@ def _pld_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:
 class PrivacyAccountant:
     """The histories of every client of a run, and the (epsilon, delta) each has spent."""
 
-    def __init__(self, clients: Iterable[int], delta: float, kind: str = "rdp"):
+    def __init__(self, clients: Iterable[int], delta: float, kind: str = DEFAULT_ACCOUNTANT):
         if kind not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {kind!r}")
         if not 0 < delta < 1:
@@ -113,7 +140,7 @@ class PrivacyAccountant:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def calibrate(target_epsilon: float, delta: float, plan: list[tuple[float, int]], kind: str = "rdp",
+def calibrate(target_epsilon: float, delta: float, plan: list[tuple[float, int]], kind: str = DEFAULT_ACCOUNTANT,
               low: float = 0.05, high: float = 500.0, tolerance: float = 0.01) -> float:
     """Smallest noise multiplier z such that the planned history spends at most ``target_epsilon``.
 

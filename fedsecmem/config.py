@@ -221,7 +221,7 @@ class PrivacyConfig(Strict):
                                     "DP-SGD step when epsilon is null (0 = clipping only, epsilon infinite)")
     epsilon_budget: float | None = Field(None, gt=0, description="refuse any round that would take a "
                                          "client past this epsilon")
-    accountant: Literal["rdp", "prv", "pld"] = Field("rdp", description="rdp, prv (Opacus) or pld (dp_accounting)")
+    accountant: Literal["pld", "rdp", "prv"] = Field("pld", description="pld (dp_accounting, the tightest sound one), rdp or prv (Opacus)")
     noise: Literal["distributed", "local", "central"] = Field(
         "distributed", description="distributed: each client adds 1/t of the variance (secagg, ckks); "
         "local: each adds all of it; central: a trusted server adds it")
