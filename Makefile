@@ -47,7 +47,8 @@ run: $(STAMP)
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/central --set method=central
 	$(VENV)/bin/fedsecmem table $(RUN_DIR)/feddymem_dp $(RUN_DIR)/feddymem $(RUN_DIR)/local $(RUN_DIR)/central
 	$(VENV)/bin/fedsecmem audit verify $(RUN_DIR)/feddymem_dp
-	$(VENV)/bin/fedsecmem audit report $(RUN_DIR)/feddymem_dp
+	$(VENV)/bin/fedsecmem audit report $(RUN_DIR)/feddymem_dp --compare $(RUN_DIR)/local --compare $(RUN_DIR)/feddymem
+	$(VENV)/bin/fedsecmem audit check $(RUN_DIR)/feddymem_dp/report.json
 
 test: system $(STAMP)
 	$(PY) -m pytest -q

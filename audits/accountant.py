@@ -115,6 +115,15 @@ class PrivacyAccountant:
     def epsilon(self, client: int) -> float:
         return epsilon_of(self.history[int(client)], self.delta, self.kind)
 
+    def compact(self, client: int) -> list[list]:
+        """``client``'s history with identical (z, rate) steps merged: [[z, rate, count], ...] in the
+        order first charged. What a ledger signs, and all an auditor needs to recompute epsilon."""
+        counts: dict[tuple[float, float], int] = {}
+        for s in self.history[int(client)]:
+            key = (float(s.noise_multiplier), float(s.sample_rate))
+            counts[key] = counts.get(key, 0) + int(s.count)
+        return [[z, q, n] for (z, q), n in counts.items()]
+
     def would_spend(self, client: int, steps: Iterable[Step]) -> float:
         return epsilon_of([*self.history[int(client)], *steps], self.delta, self.kind)
 

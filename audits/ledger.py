@@ -328,12 +328,25 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
 
 RESULTS_FILE = "results.json"
 GLOBAL_MEMORY_FILE = "global_memory.npz"
+# the run's files the server signs in its ``run_end`` (``signed_files``), in the order a report lists them
+SIGNED_FILES = ("results.json", "config.yaml", "privacy_state.json", GLOBAL_MEMORY_FILE)
 
 
 def ledger_head(path: Path) -> dict:
-    """A ledger's head: its line count and the SHA-256 of its last line (recorded in results.json)."""
+    """A ledger's head: its line count and the SHA-256 of its last line. results.json records every
+    ledger's head as it was just before the run's ``run_end`` (which then signs results.json)."""
     lines = Path(path).read_bytes().splitlines()
     return {"lines": len(lines), "sha256": sha256(lines[-1]) if lines else GENESIS}
+
+
+def signed_files(run_dir: Path) -> dict[str, str]:
+    """The SHA-256 of each of the run's ``SIGNED_FILES`` present in ``run_dir`` (for ``run_end``)."""
+    out = {}
+    for name in SIGNED_FILES:
+        path = Path(run_dir) / name
+        if path.is_file():
+            out[name] = sha256(path.read_bytes())
+    return out
 
 
 def _last_run_end(entries: list[Entry]) -> Entry | None:
@@ -345,7 +358,9 @@ def _last_run_end(entries: list[Entry]) -> Entry | None:
 
 def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Problem]:
     """The ledgers end with the run ``results.json`` records: each one's last ``run_end`` names its
-    run id, the heads it records match, and the server's end names the global memory's digest."""
+    run id and comes right after the head results.json records, and the files the server's
+    ``run_end`` signs (results.json itself, the config, the privacy state, the global memory) are
+    the ones in the folder, byte for byte."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         return []
@@ -366,18 +381,26 @@ def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Pr
                                     "(cut back to an earlier run, or from another run)"))
         head = heads.get(party)
         if head is not None:
-            now = ledger_head(Path(run_dir) / LEDGER_DIR / name)
-            if now != head:
-                problems.append(Problem(name, now["lines"], f"head is line {now['lines']} ({now['sha256'][:16]}...), "
-                                        f"{RESULTS_FILE} recorded line {head.get('lines')} "
-                                        f"({str(head.get('sha256'))[:16]}...): cut or extended after the run"))
+            lines = (Path(run_dir) / LEDGER_DIR / name).read_bytes().splitlines()
+            at = int(head.get("lines", -1))
+            before = (sha256(lines[at - 1]) if 0 < at <= len(lines) else GENESIS if at == 0 else None)
+            if len(lines) != at + 1 or before != head.get("sha256"):
+                problems.append(Problem(name, len(lines), f"has {len(lines)} lines; {RESULTS_FILE} recorded line "
+                                        f"{at} ({str(head.get('sha256'))[:16]}...) followed by the run's end: cut or "
+                                        "extended after the run"))
     server = ledgers.get(SERVER)
-    memory = Path(run_dir) / GLOBAL_MEMORY_FILE
     end = _last_run_end(server) if server else None
-    if end is not None and memory.is_file() and end.record.get("global_memory_sha256") is not None:
-        if end.record["global_memory_sha256"] != sha256(memory.read_bytes()):
-            problems.append(Problem(f"{SERVER}.jsonl", end.line, f"run_end names another global memory than "
-                                                                 f"{GLOBAL_MEMORY_FILE} holds"))
+    if end is not None and end.record.get("run_id") == run_id:
+        signed = end.record.get("files") or {}
+        if heads and RESULTS_FILE not in signed:
+            problems.append(Problem(f"{SERVER}.jsonl", end.line, f"run_end does not sign {RESULTS_FILE}"))
+        for name, digest in sorted(signed.items()):
+            f = Path(run_dir) / name
+            if not f.is_file():
+                problems.append(Problem(name, None, f"signed in the server's run_end but missing from the folder"))
+            elif sha256(f.read_bytes()) != digest:
+                problems.append(Problem(name, None, "differs from the file the server signed at the run's end "
+                                        "(changed after the run)"))
     return problems
 
 
@@ -388,3 +411,32 @@ def events(run_dir: Path, party: str, event: str | None = None) -> list[dict]:
         return []
     out = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     return [r for r in out if event is None or r.get("event") == event]
+
+
+def collect(run_dir: Path, sources: list[Path]) -> list[str]:
+    """Copy the client ledgers of a deployment (each client's ``--out`` folder, or its ledger folder)
+    into ``run_dir/ledger`` so the run verifies as one folder. A ledger already there is replaced
+    only by one that continues it (the same lines first); anything else is refused, nothing copied."""
+    dest = Path(run_dir) / LEDGER_DIR
+    if not dest.is_dir():
+        raise ValueError(f"{run_dir}: no {LEDGER_DIR}/ folder (not a served run folder?)")
+    plan: list[tuple[Path, Path]] = []
+    for src in map(Path, sources):
+        folder = src / LEDGER_DIR if (src / LEDGER_DIR).is_dir() else src
+        found = sorted(p for p in folder.glob("client-*.jsonl") if p.is_file())
+        if not found:
+            raise ValueError(f"{src}: no client ledger (client-<id>.jsonl) in it or its {LEDGER_DIR}/ folder")
+        for path in found:
+            target = dest / path.name
+            if target.exists() and not path.read_bytes().startswith(target.read_bytes()):
+                raise ValueError(f"{target} exists and {path} does not continue it: refusing to replace a ledger")
+            plan.append((path, target))
+    done = []
+    for path, target in plan:
+        if target.exists() and target.read_bytes() == path.read_bytes():
+            continue
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(path.read_bytes())
+        tmp.replace(target)
+        done.append(target.name)
+    return done

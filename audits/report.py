@@ -1,8 +1,13 @@
 """The privacy report of a run folder: ``report.json`` (for machines) and ``report.html`` (one
 self-contained file, plots embedded as PNG data URIs, no network needed to view it).
 
-It reads only what the run wrote (``results.json``, the ledgers and the run's
-PNGs) and verifies the ledgers itself, so an auditor can regenerate it.
+It reads only what the run wrote (``results.json``, the ledgers, ``config.yaml`` and the run's
+PNGs) and verifies the ledgers itself, so an auditor can regenerate it. It refuses a run whose
+ledgers do not verify: the server's last ledger line signs results.json, the config, the privacy
+state and the global memory, so an edited results.json is refused, and every DP figure is read from
+the server's signed ``dp_plan`` and ``dp`` events (results.json is checked against them, field by
+field). ``report.json`` carries ``schema`` and ``schema_version`` (docs/schemas/report.schema.json);
+``fedsecmem audit check`` recomputes its figures independently.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 
-from fedsecmem.audits.ledger import events, verify_run
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, events, verify_run
+from fedsecmem.audits.mia import dp_auc_bound
+from fedsecmem.audits.report_schema import REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Report
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
@@ -54,54 +62,253 @@ def _epsilon_plot(per_client_per_round: list[list[float | None]], budget: float 
     return buf.getvalue()
 
 
-def build_report(run_dir: Path, keys=None) -> dict:
-    """``report.json``'s content for ``run_dir`` (ledgers verified with ``keys`` or keys.json)."""
+# A count below this is not printed (statistical disclosure control: a category with one image names it)
+SMALL_CELL = 5
+NOISE_STATEMENT = ("DP noise is drawn from the operating system's randomness, never from the seed: by design no "
+                   "one, the operator included, can reproduce it, so a re-run gives other noise and other figures "
+                   "within the stated guarantee.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: unreadable ({exc})") from None
+
+
+def _this_run(records: list[dict], run_id: str) -> list[dict]:
+    """The records of run ``run_id`` in a ledger that may hold earlier runs (from its last run_start)."""
+    starts = [i for i, r in enumerate(records) if r.get("event") == "run_start" and r.get("run_id") == run_id]
+    return records[starts[-1]:] if starts else []
+
+
+def verified_run(run_dir: Path, keys=None) -> tuple[dict, dict, dict[str, list[dict]]]:
+    """results.json, the verification summary and every party's records of this run, or a
+    ReportError naming why the run's figures cannot be backed by its signed ledgers."""
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
         raise ReportError(f"no results.json in {run_dir}")
+    results = _read_json(path)
+    if not isinstance(results, dict) or "run_id" not in results or "privacy" not in results:
+        raise ReportError(f"{path} is not a fedsecmem results file")
+    if not (run_dir / LEDGER_DIR).is_dir():
+        raise ReportError(f"no ledgers in {run_dir}: the report takes its figures from the signed ledgers "
+                          "(run with audit.ledger: true; a deployment's clients' ledgers are gathered with "
+                          "`fedsecmem audit collect`)")
+    v = verify_run(run_dir, keys)
+    if not v.ok:
+        raise ReportError(f"the ledgers do not verify ({len(v.problems)} problems; first: {v.problems[0]}); "
+                          f"`fedsecmem audit verify {run_dir}` lists them")
+    parties = {f.stem: _this_run(events(run_dir, f.stem), results["run_id"])
+               for f in sorted((run_dir / LEDGER_DIR).glob("*.jsonl"))}
+    return results, v.summary(), parties
+
+
+def signed_privacy(results: dict, server: list[dict]) -> dict | None:
+    """The run's DP figures from the server's signed events, checked against results.json (a
+    mismatch is a ReportError naming the field)."""
+    start = next(r for r in server if r["event"] == "run_start")
+    if not (start.get("privacy") or {}).get("dp"):
+        return None
+    plan = next((r for r in server if r["event"] == "dp_plan"), None)
+    dps = [r for r in server if r["event"] == "dp"]
+    if plan is None:
+        raise ReportError("the server's ledger has no dp_plan event: the noise used is not signed")
+    last = dps[-1] if dps else {"epsilon": {}, "history": {}}
+    eps = {int(c): e for c, e in last["epsilon"].items()}
+    pv = results["privacy"]
+    claimed = {"privacy.noise_multiplier": (pv.get("noise_multiplier"), plan["noise_multiplier"]),
+               "privacy.delta": (pv.get("delta"), plan["delta"])}
+    for c, e in eps.items():
+        got = (pv.get("per_client") or [None] * (c + 1))
+        claimed[f"privacy.per_client[{c}]"] = (got[c] if c < len(got) else None, e)
+    finite = [e for e in eps.values() if e is not None]
+    claimed["privacy.epsilon"] = (pv.get("epsilon"), max(finite) if finite and len(finite) == len(eps) else None)
+    for field, (said, signed) in claimed.items():
+        if not _same(said, signed):
+            raise ReportError(f"results.json {field} = {said} but the server's signed ledger says {signed}")
+    return {"plan": plan, "epsilon": eps, "history": {int(c): h for c, h in last.get("history", {}).items()},
+            "per_round": [[r["epsilon"].get(str(c)) for c in sorted(eps)] for r in dps],
+            "accountant": last.get("accountant", plan.get("accountant")), "rounds_charged": len(dps)}
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+
+
+def _client_signed(parties: dict[str, list[dict]], n: int) -> list[float | None]:
+    """Each client's own last signed epsilon (its own accountant), None where it kept none here."""
+    out = []
+    for c in range(n):
+        dps = [r for r in parties.get(f"client-{c}", []) if r["event"] == "dp"]
+        out.append(dps[-1].get("epsilon") if dps else None)
+    return out
+
+
+def group_privacy(epsilon: float | None, delta: float, k: int) -> dict:
+    """What an (epsilon, delta) guarantee for one image gives a person with ``k`` images (group
+    privacy): (k epsilon, k e^((k-1) epsilon) delta)."""
+    if epsilon is None:
+        return {"images": k, "epsilon": None, "delta": None}
+    d = k * math.exp(min((k - 1) * epsilon, 700)) * delta
+    return {"images": k, "epsilon": k * epsilon, "delta": min(d, 1.0)}
+
+
+def _suppress(count: int) -> int | str:
+    return count if count >= SMALL_CELL else f"<{SMALL_CELL}"
+
+
+def _config_of(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
     try:
-        r = json.loads(path.read_text())
-        pv, comm = r["privacy"], r["comm"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ReportError(f"{path} is not a fedsecmem results file ({exc})") from None
-    ledger = verify_run(run_dir, keys).summary() if (run_dir / "ledger").is_dir() else None
-    start = events(run_dir, "server", "run_start")
-    threat = r.get("threat_model") or (start[0].get("threat_model") if start else None)
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{path}: unreadable ({exc})") from None
+
+
+def _utility(results: dict, run_dir: Path, compare: list[Path], config: dict) -> dict:
+    """The run's AUROC per site beside each comparison run (same data and split, checked): each site
+    alone (method local) and, where given, the run without DP."""
+    rows = {c["client"]: {"client": c["client"], "this_run": c.get("auroc_image")} for c in results["per_client"]}
+    runs = []
+    for other in compare:
+        r = _read_json(Path(other) / "results.json")
+        oc = _config_of(Path(other))
+        for key in ("data", "clients", "seed"):
+            if oc.get(key) != config.get(key):
+                raise ReportError(f"--compare {other}: its {key} differs from this run's (not the same data and split)")
+        if (Path(other) / LEDGER_DIR).is_dir() and not verify_run(Path(other)).ok:
+            raise ReportError(f"--compare {other}: its ledgers do not verify")
+        label = "each site alone" if r.get("method") == "local" else (
+            f"{r.get('method')} without DP" if not (r.get("privacy") or {}).get("dp") else f"{r.get('method')} with DP")
+        runs.append({"label": label, "folder": str(other), "run_id": r.get("run_id"),
+                     "auroc_image": r["auroc"].get("image")})
+        for c in r["per_client"]:
+            rows.setdefault(c["client"], {"client": c["client"]})[label] = c.get("auroc_image")
+    alone = next((x["label"] for x in runs if x["label"] == "each site alone"), None)
+    worse = []
+    for row in rows.values():
+        if alone and row.get("this_run") is not None and row.get(alone) is not None:
+            row["gain_over_alone"] = row["this_run"] - row[alone]
+            if row["gain_over_alone"] < 0:
+                worse.append(row["client"])
+    return {"auroc_image": results["auroc"].get("image"), "auroc_pixel": results["auroc"].get("pixel"),
+            "primary_score": results["auroc"].get("primary_score"), "compared_with": runs,
+            "per_site": [rows[c] for c in sorted(rows)], "sites_worse_by_joining": worse,
+            "withheld": any(c.get("withheld") for c in results["per_client"])}
+
+
+def _leakage_for(adversary: str, leakage: dict | None) -> dict | None:
+    """The measured attack on the view that matches an adversary row (best attack's AUC)."""
+    if not leakage:
+        return None
+    views = leakage.get("views", {})
+    name = {"server": next((v for v in views if v.endswith("server")), None),
+            "memory": "global_memory" if "global_memory" in views else None}[adversary]
+    if name is None:
+        return None
+    best = max(views[name].items(), key=lambda kv: kv[1]["auc"])
+    return {"view": name, "attack": best[0], "auc": best[1]["auc"], "auc_ci": best[1]["auc_ci"]}
+
+
+def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
+    """``report.json``'s content for ``run_dir``: every privacy figure from the signed ledgers
+    (verified with ``keys`` or keys.json); results.json must be the file the server signed."""
+    from fedsecmem.audits.adversaries import adversaries
+    from fedsecmem.audits.inventory import inventory
+
+    run_dir = Path(run_dir)
+    r, ledger, parties = verified_run(run_dir, keys)
+    server = parties.get(SERVER) or []
+    if not server:
+        raise ReportError(f"the server's ledger holds no run {r['run_id']!r}")
+    start = server[0]
+    end = next((x for x in reversed(server) if x["event"] == "run_end"), {})
+    config = _config_of(run_dir)
     n = r.get("clients", len(r.get("per_client", [])))
-    budget = pv.get("epsilon_budget")
-    per_client_eps = pv.get("per_client") or []
-    rounds = r.get("per_round", [])
-    dropped = {x["round"]: x["dropped"] for x in rounds if x.get("dropped")}
+    signed = signed_privacy(r, server)
+    pv = r["privacy"]
+    threat = start.get("threat_model") or r.get("threat_model") or {}
+    dropped = {x["round"]: x["dropped"] for x in r.get("per_round", []) if x.get("dropped")}
+    unit = (signed["plan"].get("unit") if signed is not None else None) or "image"  # as signed before round 1
+    dp: dict = {"enabled": signed is not None, "unit": unit}
+    adv_rows: list[dict] = []
+    if signed is not None:
+        plan, eps = signed["plan"], signed["epsilon"]
+        budget = plan.get("epsilon_budget")
+        finite = [e for e in eps.values() if e is not None]
+        worst = max(finite) if finite and len(finite) == len(eps) else None
+        dp.update({
+            "delta": plan["delta"], "noise_multiplier": plan["noise_multiplier"], "accountant": signed["accountant"],
+            "epsilon_target": plan.get("epsilon_target"), "noise": plan.get("noise"), "sensitivity": plan.get("sensitivity"),
+            "min_survivors": plan.get("min_survivors"), "releases_per_round": plan.get("releases_per_round"),
+            "dp_sgd": plan.get("dp_sgd"), "epsilon_max": worst,
+            "epsilon_per_client": [eps[c] for c in sorted(eps)],
+            "epsilon_per_client_signed_by_client": _client_signed(parties, n),
+            "epsilon_per_client_per_round": signed["per_round"], "history": {str(c): h for c, h in signed["history"].items()},
+            "budget": budget, "budget_left": [None if e is None or budget is None else budget - e
+                                              for e in (eps[c] for c in sorted(eps))],
+            "stopped": pv.get("stopped"),
+            "mechanism": "Gaussian: DP-SGD of the memory generator (Opacus, one image per sample) and "
+                         "discrete-Gaussian noise on every k-means release",
+            "source": "the server's signed dp_plan and dp events (and each client's own dp events)"})
+        if unit == "image":
+            dp["per_patient"] = [group_privacy(worst, plan["delta"], k) for k in (2, 5, 10)]
+        secagg = ((config.get("secure") or {}).get("secagg") or {})
+        adv_rows = adversaries({str(c): h for c, h in signed["history"].items()}, protocol=r["protocol"],
+                               noise=plan.get("noise", "distributed"), min_survivors=plan.get("min_survivors") or 2,
+                               threshold=threat.get("threshold"), clients=n, delta=plan["delta"],
+                               kind=signed["accountant"], neighbours=secagg.get("neighbours"))
+        for row, view in zip(adv_rows, ("server", "server", "memory")):
+            row["measured_attack"] = _leakage_for(view, r.get("leakage"))
+            row["dp_bound_auc"] = None if row["epsilon"] is None else dp_auc_bound(row["epsilon"], plan["delta"])
+    files = {name: {"sha256": digest, "signed_in": "server run_end"} for name, digest in (end.get("files") or {}).items()}
+    env = r.get("environment") or {}
+    gov = config.get("governance") or {}
+    cache = (config.get("output") or {}).get("embedding_cache")
     report = {
-        "run": {"name": r.get("name"), "run_id": r.get("run_id") or (r.get("deployment") or {}).get("run_id"),
-                "method": r.get("method"), "benchmark": r.get("benchmark"), "rounds": r.get("rounds"),
+        "kind": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION,
+        "run": {"name": r.get("name"), "run_id": r.get("run_id"), "method": r.get("method"),
+                "benchmark": r.get("benchmark"), "rounds": r.get("rounds"), "folder": str(run_dir),
                 "transport": (r.get("aggregation") or {}).get("transport", "in-process simulation"),
-                "code_version": (r.get("environment") or {}).get("fedsecmem")},
-        "participants": [{"client": c["client"], "n_train": c.get("n_train"), "products": c.get("products")}
+                "code_version": env.get("fedsecmem"), "commit": env.get("commit")},
+        "participants": [{"client": c["client"], "n_train": _suppress(int(c.get("n_train") or 0)),
+                          "products": {k: _suppress(int(v)) for k, v in (c.get("products") or {}).items()}}
                          for c in r.get("per_client", [])],
         "protocol": r.get("protocol"),
         "threat_model": threat,
-        "dp": {"enabled": bool(pv.get("dp")), "delta": pv.get("delta"), "epsilon_max": pv.get("epsilon"),
-               "epsilon_per_client": per_client_eps, "epsilon_per_client_per_round": pv.get("per_client_per_round"),
-               "budget": budget,
-               "budget_left": ([None if e is None else budget - e for e in per_client_eps]
-                               if budget is not None else None),
-               "mechanism": ("Gaussian: DP-SGD of the memory generator (Opacus, one image per sample) and "
-                             "discrete-Gaussian noise on every k-means release" if pv.get("dp") else None),
-               "sensitivity": pv.get("sensitivity"), "noise_multiplier": pv.get("noise_multiplier"),
-               "noise": pv.get("noise"), "accountant": pv.get("accountant"), "stopped": pv.get("stopped"),
-               "unit": "one training image"},
+        "dp": dp,
+        "adversaries": adv_rows,
         "dropouts": dropped,
-        "bytes": {"up_per_client": [sum(x) for x in comm["bytes_up"]],
-                  "down_per_client": [sum(x) for x in comm["bytes_down"]]},
-        "utility": {"auroc_image": r["auroc"].get("image"), "auroc_pixel": r["auroc"].get("pixel"),
-                    "primary_score": r["auroc"].get("primary_score")},
+        "bytes": {"up_per_client": [sum(x) for x in r["comm"]["bytes_up"]],
+                  "down_per_client": [sum(x) for x in r["comm"]["bytes_down"]]},
+        "releases": inventory(server),
+        "utility": _utility(r, run_dir, list(compare), config),
         "ledger": ledger,
+        "files": files,
         "leakage": r.get("leakage"),
+        "reproducibility": {
+            "code_version": env.get("fedsecmem"), "commit": env.get("commit"), "python": env.get("python"),
+            "torch": env.get("torch"), "config_sha256": start.get("config_sha256"), "seed": r.get("seed"),
+            "noise": NOISE_STATEMENT if signed is not None else None,
+            "data_locations": [
+                {"what": "the run folder: results, ledgers, global memory, privacy state, plots", "where": str(run_dir),
+                 "delete": f"remove the folder {run_dir} (keep the ledgers and report if they are the audit record)"},
+                {"what": "the embedding cache: backbone embeddings of every image (personal data where images are)",
+                 "where": cache or "not kept (output.embedding_cache: null)",
+                 "delete": "fedsecmem clean CONFIG" if cache else "nothing to delete"}]},
+        "governance": {k: gov.get(k) for k in ("controller", "processors", "legal_basis", "purpose", "contact",
+                                                "retention")},
         "clients": n,
     }
-    return report
+    return Report.model_validate(report).model_dump(mode="json")
 
 
 def _table(head: list[str], rows: list[list]) -> str:
@@ -118,12 +325,16 @@ def _img(uri: str, alt: str) -> str:
     return f'<figure><img src="{uri}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-# After load, the page marks whether every image decoded (a headless browser check reads it).
+# After load, the page marks whether every image decoded and which sections have a rendered height
+# (a headless browser check reads both).
 _CHECK = """<script>
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
   document.body.setAttribute('data-images', imgs.length + (ok ? ' ok' : ' broken'));
+  var shown = Array.prototype.slice.call(document.querySelectorAll('section')).filter(function (s) {
+    return s.getBoundingClientRect().height > 20; }).map(function (s) { return s.id; });
+  document.body.setAttribute('data-sections', shown.join(' '));
 });
 </script>"""
 
@@ -135,84 +346,139 @@ figure{display:inline-block;margin:.5em}img{max-width:460px;border:1px solid #ee
 </style>"""
 
 
+SECTIONS = (("summary", "Summary"), ("participants", "Who took part"), ("protocol", "Protocol and threat model"),
+            ("dp", "Differential privacy"), ("adversaries", "Epsilon per adversary"),
+            ("releases", "What crossed the wire"), ("utility", "Utility: joining against each site alone"),
+            ("leakage", "Membership inference"), ("ledger", "Ledgers and signed files"),
+            ("reproducibility", "Reproducibility and data"), ("governance", "Governance"))
+
+
+def _section(key: str, body: str) -> str:
+    title = dict(SECTIONS)[key]
+    return f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _eps(v) -> str:
+    return "infinite (no guarantee)" if v is None else f"{v:.2f}"
+
+
 def render_html(report: dict, run_dir: Path) -> str:
     run_dir = Path(run_dir)
-    rn, dp, tm = report["run"], report["dp"], report["threat_model"] or {}
-    parts = [f"<h1>Privacy report: {html.escape(str(rn['name']))}</h1>",
-             f"<p>{html.escape(str(rn['method']))} on {html.escape(str(rn['benchmark']))}, "
-             f"{report['clients']} clients, {rn['rounds']} rounds, run <code>{html.escape(str(rn['run_id']))}</code>, "
-             f"{html.escape(str(rn['transport']))}, fedsecmem {html.escape(str(rn['code_version']))}.</p>"]
-    parts.append("<h2>Who took part</h2>" + _table(
-        ["client", "training images", "products"],
-        [[p["client"], p["n_train"], ", ".join(f"{k} {v}" for k, v in (p["products"] or {}).items())]
-         for p in report["participants"]]))
-    if report["dropouts"]:
-        parts.append("<p>Dropouts: " + "; ".join(f"round {r}: clients {c}" for r, c in report["dropouts"].items())
-                     + "</p>")
-    else:
-        parts.append("<p>No client dropped out.</p>")
-    parts.append("<h2>Protocol and threat model</h2>" + _table(
-        ["", ""], [["protocol", report["protocol"]], ["what the server could see", tm.get("server_sees", "-")],
-                   ["what a coalition of the server and clients could see", tm.get("coalition_sees", "-")],
-                   ["differential privacy", tm.get("dp", "-")]]))
-    parts.append("<h2>Differential privacy</h2>")
+    rn, dp, tm, u = report["run"], report["dp"], report["threat_model"] or {}, report["utility"]
+    esc = html.escape
+    out = {}
+    head = (f"<h1>Privacy report: {esc(str(rn['name']))}</h1><p>{esc(str(rn['method']))} on "
+            f"{esc(str(rn['benchmark']))}, {report['clients']} clients, {rn['rounds']} rounds, run "
+            f"<code>{esc(str(rn['run_id']))}</code>, {esc(str(rn['transport']))}, fedsecmem "
+            f"{esc(str(rn['code_version']))} (commit <code>{esc(str(rn['commit']))}</code>). Report schema "
+            f"{esc(report['kind'])} v{report['schema_version']}.</p>")
+    lg = report["ledger"]
+    summary = [["ledgers", f"verified: {sum(lg['parties'].values())} lines from {len(lg['parties'])} parties"],
+               ["privacy unit", f"one {dp['unit']}"]]
     if dp["enabled"]:
-        rows = [["privacy unit", dp["unit"]], ["mechanism", dp["mechanism"]],
-                ["sensitivity of a release (L2, per image)", _f(dp["sensitivity"])],
-                ["noise multiplier", _f(dp["noise_multiplier"])], ["noise placement", dp["noise"]],
-                ["accountant", dp["accountant"]], ["delta", dp["delta"]],
-                ["epsilon (max over clients)", _f(dp["epsilon_max"], ".2f")],
-                ["budget", "-" if dp["budget"] is None else dp["budget"]]]
+        summary.append(["epsilon (largest over clients, anyone who sees the global memory)",
+                        f"{_eps(dp['epsilon_max'])} at delta {dp['delta']:g}"])
+    else:
+        summary.append(["differential privacy", "off: no formal guarantee"])
+    if u["sites_worse_by_joining"]:
+        summary.append(["sites that did worse by joining", ", ".join(map(str, u["sites_worse_by_joining"]))])
+    out["summary"] = _table(["", ""], summary)
+    parts = [_table(["client", "training images", "images per category"],
+                    [[p["client"], p["n_train"], ", ".join(f"{k} {v}" for k, v in p["products"].items())]
+                     for p in report["participants"]]),
+             f"<p>Counts under {SMALL_CELL} are shown as &lt;{SMALL_CELL}: a small cell can single out a person.</p>"]
+    parts.append("<p>Dropouts: " + ("; ".join(f"round {r}: clients {c}" for r, c in report["dropouts"].items())
+                                    if report["dropouts"] else "none") + ".</p>")
+    out["participants"] = "".join(parts)
+    out["protocol"] = _table(["", ""], [["protocol", report["protocol"]],
+                                        ["what the server could see", tm.get("server_sees", "-")],
+                                        ["what a coalition of the server and clients could see", tm.get("coalition_sees", "-")],
+                                        ["differential privacy", tm.get("dp", "-")]])
+    if dp["enabled"]:
+        rows = [["privacy unit", f"one training {dp['unit']}"], ["mechanism", dp["mechanism"]],
+                ["sensitivity of a release (L2, per unit)", _f(dp["sensitivity"])],
+                ["noise multiplier (signed before round 1)", _f(dp["noise_multiplier"])],
+                ["noise placement", dp["noise"]], ["accountant", dp["accountant"]], ["delta", dp["delta"]],
+                ["target epsilon", dp["epsilon_target"]], ["budget", "-" if dp["budget"] is None else dp["budget"]],
+                ["where these figures come from", dp["source"]]]
         if dp["stopped"]:
             rows.append(["stopped by the budget", f"before round {dp['stopped']['round']}"])
-        parts.append(_table(["", ""], rows))
-        parts.append(_table(["client", "epsilon spent", "budget left"],
-                            [[c, _f(e, ".2f"), _f((dp["budget_left"] or [None] * (c + 1))[c], ".2f")]
-                             for c, e in enumerate(dp["epsilon_per_client"])]))
+        parts = [_table(["", ""], rows)]
+        parts.append(_table(["client", "epsilon (server's record)", "epsilon (client's own record)", "budget left"],
+                            [[c, _eps(e), "-" if own is None else _f(own, ".2f"), _f(left, ".2f")]
+                             for c, (e, own, left) in enumerate(zip(dp["epsilon_per_client"],
+                                                                    dp["epsilon_per_client_signed_by_client"],
+                                                                    dp["budget_left"]))]))
+        if dp.get("per_patient"):
+            parts.append("<p>The unit is one image. A patient with several images in a client's data is protected "
+                         "as a group (group privacy), more weakly: " + "; ".join(
+                             f"{g['images']} images: epsilon {_eps(g['epsilon'])}, delta {g['delta']:.2g}"
+                             for g in dp["per_patient"] if g["epsilon"] is not None)
+                         + ". Set <code>privacy.unit: patient</code> to protect each patient at the stated epsilon.</p>")
         png = _epsilon_plot(dp["epsilon_per_client_per_round"] or [], dp["budget"])
         if png:
             parts.append(_img(_png_uri(png), "epsilon per client per round"))
+        out["dp"] = "".join(parts)
+        rows = []
+        for a in report["adversaries"]:
+            m = a.get("measured_attack")
+            rows.append([a["adversary"], f"{a['noise_share']:.2f}", _eps(a["epsilon"]), a["in_words"],
+                         "-" if m is None else f"{m['auc']:.3f} ({m['attack']} on {m['view']})",
+                         _f(a["dp_bound_auc"]), a["assumes"]])
+        out["adversaries"] = ("<p>The same signed history, composed with the noise each adversary faces (share of "
+                              "the calibrated release variance, worst case the protocol allows); DP-SGD noise stays "
+                              "with the client and counts in full for everyone.</p>"
+                              + _table(["adversary", "noise share", "epsilon", "what it allows",
+                                        "measured attack AUC", "AUC the guarantee allows at most", "assumes"], rows))
     else:
-        parts.append("<p>Off: no formal guarantee; see the leakage measurement below.</p>")
+        out["dp"] = "<p>Off: no formal guarantee; see the leakage measurement.</p>"
+        out["adversaries"] = "<p>No differential privacy: no epsilon holds against any adversary.</p>"
     b = report["bytes"]
-    parts.append("<h2>Traffic</h2>" + _table(["client", "MB sent", "MB received"],
-                                              [[c, f"{u / 1e6:.2f}", f"{d / 1e6:.2f}"] for c, (u, d) in
-                                               enumerate(zip(b["up_per_client"], b["down_per_client"]))]))
-    u = report["utility"]
-    parts.append(f"<h2>Utility</h2><p>Image AUROC ({html.escape(str(u['primary_score']))} score): "
-                 f"<b>{_f(u['auroc_image'])}</b>; pixel AUROC: {_f(u['auroc_pixel'])}.</p>")
+    out["releases"] = ("<p>Every message kind the server's signed ledger records, what it carries and who sees it."
+                       "</p>" + _table(["stage", "direction", "messages", "MB", "carries", "from the images",
+                                        "covered by DP", "seen by"],
+                                       [[x["stage"], x["direction"], x["messages"], f"{x['bytes'] / 1e6:.3f}",
+                                         x["carries"], {True: "yes", False: "no", None: "?"}[x["from_images"]],
+                                         x["dp"], x["seen_by"]] for x in report["releases"]])
+                       + "<h3>Traffic per client</h3>"
+                       + _table(["client", "MB sent", "MB received"],
+                                [[c, f"{up / 1e6:.2f}", f"{down / 1e6:.2f}"]
+                                 for c, (up, down) in enumerate(zip(b["up_per_client"], b["down_per_client"]))]))
+    labels = [c["label"] for c in u["compared_with"]]
+    parts = [f"<p>Image AUROC of this run ({esc(str(u['primary_score']))} score): <b>{_f(u['auroc_image'])}</b>; "
+             f"pixel AUROC {_f(u['auroc_pixel'])}."
+             + "".join(f" {esc(c['label'])}: {_f(c['auroc_image'])}." for c in u["compared_with"]) + "</p>"]
+    if u["withheld"]:
+        parts.append("<p>Under DP the clients kept their test scores to themselves (evaluation-client-*.json).</p>")
+    head_row = ["site", "this run", *labels] + (["gain over alone"] if "each site alone" in labels else [])
+    parts.append(_table(head_row, [[row["client"], _f(row.get("this_run")), *[_f(row.get(lab)) for lab in labels]]
+                                   + ([f"{row['gain_over_alone']:+.3f}" if "gain_over_alone" in row else "-"]
+                                      if "each site alone" in labels else []) for row in u["per_site"]]))
+    if not labels:
+        parts.append("<p>No comparison run was given (<code>audit report --compare LOCAL_RUN</code>): whether each "
+                     "site gains by joining is not shown.</p>")
+    elif u["sites_worse_by_joining"]:
+        parts.append(f"<p class=bad>Sites {', '.join(map(str, u['sites_worse_by_joining']))} did worse by joining "
+                     "than alone.</p>")
+    else:
+        parts.append("<p class=ok>No site did worse by joining than alone.</p>")
     curve = run_dir / "auroc_per_round.png"
     if curve.is_file():
         parts.append(_img(_png_uri(curve.read_bytes()), "image AUROC per round"))
-    lg = report["ledger"]
-    parts.append("<h2>Ledgers</h2>")
-    if lg is None:
-        parts.append("<p class=bad>No ledgers in this run folder.</p>")
-    else:
-        verdict = ("<span class=ok>verified</span>" if lg["ok"] else
-                   f"<span class=bad>FAILED: {len(lg['problems'])} problems</span>")
-        parts.append(f"<p>{verdict}: {sum(lg['parties'].values())} lines from {len(lg['parties'])} parties, "
-                     f"{lg['messages_matched']} messages matched between clients and server; "
-                     f"key fingerprint <code>{html.escape(str(lg['key_fingerprint']))}</code>.</p>")
-        if lg["problems"]:
-            parts.append("<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in lg["problems"][:50]) + "</ul>")
+    out["utility"] = "".join(parts)
     lk = report["leakage"]
-    parts.append("<h2>Membership inference</h2>")
     if not lk:
-        parts.append("<p>Not measured in this run (<code>audit.leakage: true</code> measures it).</p>")
+        out["leakage"] = "<p>Not measured in this run (<code>audit.leakage: true</code> measures it).</p>"
     else:
         fpr = lk.get("fpr", 0.01)
-        rows = []
-        for view, atks in lk["views"].items():
-            for atk, res in atks.items():
-                rows.append([view, atk, f"{res['auc']:.3f} [{res['auc_ci'][0]:.3f}, {res['auc_ci'][1]:.3f}]",
-                             f"{res[f'tpr_at_{fpr:g}_fpr']:.3f} [{res['tpr_ci'][0]:.3f}, {res['tpr_ci'][1]:.3f}]",
-                             res["members"], res["nonmembers"]])
-        parts.append(f"<p>Members: training images; non-members: "
-                     f"{html.escape(lk.get('nonmembers', 'images of the same distribution not trained on'))}. "
-                     f"The attacker {html.escape(lk.get('attacker', ''))}; LiRA uses {lk.get('shadows')} shadow "
-                     f"releases per client. 95% bootstrap intervals; AUC 0.5 and TPR = FPR are chance.</p>")
-        parts.append(_table(["view", "attack", "AUC", f"TPR at {fpr:g} FPR", "members", "non-members"], rows))
+        rows = [[view, atk, f"{res['auc']:.3f} [{res['auc_ci'][0]:.3f}, {res['auc_ci'][1]:.3f}]",
+                 f"{res[f'tpr_at_{fpr:g}_fpr']:.3f} [{res['tpr_ci'][0]:.3f}, {res['tpr_ci'][1]:.3f}]",
+                 res["members"], res["nonmembers"]] for view, atks in lk["views"].items() for atk, res in atks.items()]
+        parts = [f"<p>Members: training images; non-members: "
+                 f"{esc(lk.get('nonmembers', 'images of the same distribution not trained on'))}. The attacker "
+                 f"{esc(lk.get('attacker', ''))}; LiRA uses {lk.get('shadows')} shadow releases per client. 95% "
+                 "bootstrap intervals; AUC 0.5 and TPR = FPR are chance.</p>",
+                 _table(["view", "attack", "AUC", f"TPR at {fpr:g} FPR", "members", "non-members"], rows)]
         bound = lk.get("dp_bound")
         if bound:
             parts.append(f"<p>What (epsilon {bound['epsilon']:.2f}, delta {bound['delta']:g})-DP alone promises "
@@ -221,15 +487,32 @@ def render_html(report: dict, run_dir: Path) -> str:
         roc = run_dir / "leakage_roc.png"
         if roc.is_file():
             parts.append(_img(_png_uri(roc.read_bytes()), "membership inference ROC"))
+        out["leakage"] = "".join(parts)
+    out["ledger"] = (f"<p class=ok>verified: {sum(lg['parties'].values())} lines from {len(lg['parties'])} parties, "
+                     f"{lg['messages_matched']} messages matched between clients and server; key fingerprint "
+                     f"<code>{esc(str(lg['key_fingerprint']))}</code>. Every figure above is taken from, or checked "
+                     "against, the signed records; the server's last line signs these files:</p>"
+                     + _table(["file", "SHA-256"], [[k, v["sha256"]] for k, v in report["files"].items()]))
+    rp = report["reproducibility"]
+    out["reproducibility"] = (_table(["", ""], [["code", f"fedsecmem {rp['code_version']}, commit {rp['commit']}"],
+                                                ["python / torch", f"{rp['python']} / {rp['torch']}"],
+                                                ["config (SHA-256, signed)", rp["config_sha256"]], ["seed", rp["seed"]],
+                                                ["noise", rp["noise"] or "-"]])
+                              + _table(["data", "where", "how to delete"],
+                                       [[d["what"], d["where"], d["delete"]] for d in rp["data_locations"]]))
+    gov = report["governance"]
+    out["governance"] = (_table(["", ""], [[k.replace("_", " "), v if v else "not stated"] for k, v in gov.items()])
+                         + "<p>Filled in by the operator in the config's <code>governance</code> section.</p>")
+    body = head + "".join(_section(key, out[key]) for key, _ in SECTIONS)
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<title>privacy report: {html.escape(str(rn['name']))}</title>{_STYLE}</head><body>"
-            + "\n".join(parts) + _CHECK + "</body></html>")
+            f"<title>privacy report: {esc(str(rn['name']))}</title>{_STYLE}</head><body>"
+            + body + _CHECK + "</body></html>")
 
 
-def write_report(run_dir: Path, keys=None) -> tuple[Path, Path, dict]:
+def write_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> tuple[Path, Path, dict]:
     """Write ``report.json`` and ``report.html`` into ``run_dir``; returns their paths and the report."""
     run_dir = Path(run_dir)
-    report = build_report(run_dir, keys)
+    report = build_report(run_dir, keys, compare)
     j, h = run_dir / REPORT_JSON, run_dir / REPORT_HTML
     j.write_text(json.dumps(report, indent=2))
     h.write_text(render_html(report, run_dir))

@@ -8,6 +8,7 @@ Bad input ends with a one-line ``error: ...`` and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -152,15 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--client-id", type=int, required=True, help="this client's id (0..clients.n-1)")
             s.add_argument("--out", default=None, help="this client's folder for its ledger (default: runs/<name>)")
-    au = sub.add_parser("audit", help="verify a run's ledgers or write its privacy report")
+    au = sub.add_parser("audit", help="verify a run's ledgers, write or check its privacy report")
     asub = au.add_subparsers(dest="audit_command", required=True)
     for name, helptext in (("verify", "check every ledger's chain and signatures and cross-check messages"),
-                           ("report", "write report.html and report.json into the run folder")):
+                           ("report", "write report.html and report.json into the run folder"),
+                           ("check", "recompute a report's figures from the signed ledgers, independently"),
+                           ("collect", "copy a deployment's client ledgers into the server's run folder")):
         a = asub.add_parser(name, help=helptext)
-        a.add_argument("run_dir", help="run folder (with results.json and ledger/)")
+        a.add_argument("run_dir", help="report.json (check) or run folder (with results.json and ledger/)")
+        if name == "collect":
+            a.add_argument("sources", nargs="+", help="each client's --out folder (or its ledger folder)")
+            continue
         a.add_argument("--keys", default=None, metavar="PROVISION_DIR",
                        help="take the parties' public keys from this `fedsecmem provision` folder "
                             "(default: the run's ledger/keys.json)")
+        if name == "report":
+            a.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                           help="a run of the same data and split to set beside this one (e.g. method local: "
+                                "each site alone; the run without DP); repeatable")
+    sc = sub.add_parser("schema", help="write the JSON Schemas of results.json and report.json")
+    sc.add_argument("--out", default="docs/schemas", help="folder (default docs/schemas)")
+    cl = sub.add_parser("clean", help="delete a config's embedding cache (image embeddings kept on disk)")
+    cl.add_argument("config", help="YAML configuration file (its output.embedding_cache is emptied)")
+    cl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
     sw = sub.add_parser("sweep", help="leakage against utility over epsilons and protocols")
     sw.add_argument("config", help="YAML configuration file (method feddymem)")
     sw.add_argument("--epsilons", default="1,2,4,8,inf", help="comma-separated; inf = DP off")
@@ -187,11 +203,37 @@ def _keys_from(provision_dir: str | None, run_dir: Path):
 
 
 def _audit(args) -> int:
+    from fedsecmem.audits.report import ReportError
     from fedsecmem.progress import console
 
+    if args.audit_command == "check":
+        from fedsecmem.audits.check import check_report
+
+        report = Path(args.run_dir)
+        report = report / "report.json" if report.is_dir() else report
+        try:
+            lines = check_report(report, _keys_from(args.keys, report.parent))
+        except ReportError as exc:
+            raise UserError(f"audit check: {exc}") from None
+        for ok, line in lines:
+            console.print(("ok   " if ok else "FAIL ") + line, style=None if ok else "bold red", markup=False,
+                          highlight=False)
+        failed = sum(not ok for ok, _ in lines)
+        console.print(f"{len(lines) - failed} checks passed, {failed} failed", highlight=False)
+        return 0 if failed == 0 else 1
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UserError(f"audit: no run folder {run_dir}")
+    if args.audit_command == "collect":
+        from fedsecmem.audits.ledger import collect
+
+        try:
+            done = collect(run_dir, [Path(s) for s in args.sources])
+        except ValueError as exc:
+            raise UserError(f"audit collect: {exc}") from None
+        console.print(f"collected {len(done)} ledgers into {run_dir / 'ledger'}: {', '.join(done) or 'none new'}",
+                      highlight=False)
+        return 0
     keys = _keys_from(args.keys, run_dir)
     if args.audit_command == "verify":
         from fedsecmem.audits.ledger import verify_run
@@ -206,18 +248,44 @@ def _audit(args) -> int:
             return 0
         console.print(f"[bold red]ledger verification FAILED: {len(v.problems)} problems", highlight=False)
         return 1
-    from fedsecmem.audits.report import ReportError, write_report
+    from fedsecmem.audits.report import write_report
     from fedsecmem.run.results import load_results
 
     load_results(run_dir)  # the report reads a results file of this schema (a one-line error otherwise)
+    for other in args.compare:
+        load_results(other)
     try:
-        j, h, report = write_report(run_dir, keys)
+        j, h, report = write_report(run_dir, keys, [Path(c) for c in args.compare])
     except ReportError as exc:
         raise UserError(f"audit report: {exc}") from None
-    lg = report["ledger"]
-    state = "no ledgers" if lg is None else ("ledgers verified" if lg["ok"] else "LEDGER VERIFICATION FAILED")
-    console.print(f"privacy report: {h} ({state}); data: {j}", highlight=False)
+    eps = report["dp"].get("epsilon_max")
+    console.print(f"privacy report: {h} (ledgers verified; epsilon {'-' if eps is None else f'{eps:.2f}'} "
+                  f"from the signed records); data: {j}", highlight=False)
     return 0
+
+
+def _schema(out: Path) -> None:
+    """docs/schemas/{results,report}.schema.json from the typed models."""
+    from fedsecmem.audits.report_schema import Report
+    from fedsecmem.run.results import Results
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in (("results", Results), ("report", Report)):
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}/results.schema.json and {out}/report.schema.json")
+
+
+def _clean(args) -> None:
+    from fedsecmem.config import load_config
+    from fedsecmem.detector.embedding_cache import clean_cache
+
+    cfg = load_config(args.config, args.overrides)
+    folder = cfg.output.embedding_cache
+    if folder is None:
+        print("output.embedding_cache is null: nothing is kept on disk")
+        return
+    files, size = clean_cache(folder)
+    print(f"removed {files} cache files ({size / 1e6:.1f} MB) from {folder}")
 
 
 def _provision(args) -> None:
@@ -267,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             join(load_config(args.config, args.overrides), args.client_id, Path(args.out) if args.out else None)
         elif args.command == "audit":
             return _audit(args)
+        elif args.command == "schema":
+            _schema(Path(args.out))
+        elif args.command == "clean":
+            _clean(args)
         elif args.command == "sweep":
             from fedsecmem.run.sweep import sweep_command
 

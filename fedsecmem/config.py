@@ -21,7 +21,7 @@ from fedsecmem.protocols.secagg import default_threshold
 __all__ = [
     "AuditConfig", "BackboneConfig", "CkksConfig", "ClientsConfig", "DEFECT_FAMILIES", "DataConfig",
     "DeployConfig", "FEDERATED", "FLConfig", "FMNIST_ANOMALY_CLASSES", "FMNIST_NORMAL_CLASSES",
-    "FedDyMemConfig", "MemoryConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
+    "FedDyMemConfig", "GovernanceConfig", "MemoryConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
     "SecAggConfig", "SecureConfig", "Strict", "TEXTURE_PRODUCTS", "config_from_dict", "load_config",
     "parse_overrides",
 ]
@@ -66,6 +66,8 @@ class DataConfig(Strict):
     # wafer type: normal = defect probability 0, defective = 1)
     uncertain_per_product: int = Field(20, ge=0, description="elpv: test cells of defect probability 1/3 "
                                        "and as many of 2/3 per wafer type (scored apart, never in the headline AUROC)")
+    patients: Path | None = Field(None, description="CSV image,patient (image = <product>/<n>): each training "
+                                  "image's patient, for privacy.unit: patient (mvtec: or train/good/<patient>/)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -233,6 +235,8 @@ class PrivacyConfig(Strict):
     kmeans_iters: int = Field(2, ge=0, description="Lloyd steps of the private k-means (fixed schedule)")
     sgd_clip: float = Field(1.0, gt=0, description="per-image gradient clip of DP-SGD")
     sgd_batch_images: int = Field(8, ge=1, description="expected images per Poisson-sampled DP-SGD batch")
+    unit: Literal["image", "patient"] = Field("image", description="what the guarantee protects: one training "
+                                              "image, or one patient with all their images (data.patients)")
 
 
 class OutputConfig(Strict):
@@ -259,6 +263,17 @@ class AuditConfig(Strict):
         if self.shadows % 2:
             raise ValueError(f"shadows: {self.shadows} must be even (complementary halves)")
         return self
+
+
+class GovernanceConfig(Strict):
+    """Facts an operator states for the privacy report (GDPR Art. 30/35); the toolkit only prints them."""
+
+    controller: str | None = Field(None, description="who decides purposes and means (e.g. the consortium)")
+    processors: list[str] = Field(default_factory=list, description="who processes on the controller's behalf")
+    legal_basis: str | None = Field(None, description="e.g. Art. 6(1)(e) and Art. 9(2)(j) GDPR")
+    purpose: str | None = Field(None, description="why the images are processed")
+    contact: str | None = Field(None, description="data-protection officer or contact point")
+    retention: str | None = Field(None, description="how long run folders and caches are kept")
 
 
 class DeployConfig(Strict):
@@ -303,6 +318,7 @@ class RunConfig(Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "RunConfig":

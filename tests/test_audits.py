@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecmem.audits.ledger import (
-    LEDGER_DIR, Ledger, cross_check, ledger_head, sha256, verify_ledger, verify_run, write_keys,
+    LEDGER_DIR, Ledger, cross_check, ledger_head, sha256, signed_files, verify_ledger, verify_run, write_keys,
 )
 from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits, tpr_at_fpr
 from fedsecmem.cli import main
@@ -71,7 +71,12 @@ def test_a_real_runs_ledgers_verify_and_record_what_happened(tiny_run, capsys):
     results = json.loads((tiny_run / "results.json").read_text())
     dp = [e for e in server if e["event"] == "dp"]
     assert len(dp) == 2 and max(dp[-1]["epsilon"].values()) == pytest.approx(results["privacy"]["epsilon"])
-    assert server[-1]["global_memory_sha256"] == sha256((tiny_run / "global_memory.npz").read_bytes())
+    for name in ("results.json", "config.yaml", "privacy_state.json", "global_memory.npz"):  # signed at the end
+        assert server[-1]["files"][name] == sha256((tiny_run / name).read_bytes())
+    plan = next(e for e in server if e["event"] == "dp_plan")  # the noise used, signed before round 1
+    assert server[0]["privacy"]["noise_multiplier"] is None and plan["noise_multiplier"] == results["privacy"]["noise_multiplier"]
+    assert server.index(plan) < next(i for i, e in enumerate(server) if e["event"] == "round_start")
+    assert dp[-1]["history"]["0"] and dp[-1]["accountant"] == "pld"
     assert results["ledger"]["key_fingerprint"] == v.key_fingerprint
     # every SecAgg+ stage of every client is there, at both ends
     stages = {e["stage"] for e in server if e["event"] == "message" and e["dir"] == "received"}
@@ -177,7 +182,8 @@ def test_a_restarted_party_continues_its_chain(tmp_path):
 
 
 def _two_runs(tmp: Path) -> tuple[Path, dict]:
-    """Deployed ledgers that continue across runs: runs "a" then "b" in one folder, results.json of "b"."""
+    """Deployed ledgers that continue across runs: runs "a" then "b" in one folder, results.json of "b"
+    (written with the server's head before its run_end, which then signs it and the memory)."""
     keys = {p: Ed25519PrivateKey.generate() for p in ("server", "client-0")}
     d = tmp / LEDGER_DIR
     memory = tmp / "global_memory.npz"
@@ -189,13 +195,13 @@ def _two_runs(tmp: Path) -> tuple[Path, dict]:
             led.append("run_start", run_id=run)
         c.message("sent", "server", "masked", run.encode())
         s.message("received", "client-0", "masked", run.encode())
-        s.append("run_end", status="completed", run_id=run, global_memory_sha256=sha256(memory.read_bytes()))
+        results = {"run_id": run, "ledger": {"heads": {"server": ledger_head(d / "server.jsonl")}}}
+        (tmp / "results.json").write_text(json.dumps(results))
+        s.append("run_end", status="completed", run_id=run, files=signed_files(tmp))
         c.append("run_end", status="completed", run_id=run)
         for led in (s, c):
             led.close()
     write_keys(tmp, {p: k.public_key() for p, k in keys.items()})
-    results = {"run_id": "b", "ledger": {"heads": {"server": ledger_head(d / "server.jsonl")}}}
-    (tmp / "results.json").write_text(json.dumps(results))
     return d, results
 
 
@@ -210,14 +216,15 @@ def test_ledgers_cut_back_to_an_earlier_runs_end_do_not_verify(tmp_path):
     assert not v.ok
     assert any(t.startswith("server.jsonl") and "not run 'b'" in t for t in text), text
     assert any(t.startswith("client-0.jsonl") and "not run 'b'" in t for t in text), text
-    assert any(t.startswith("server.jsonl") and "recorded line 6" in t for t in text), text
+    assert any(t.startswith("server.jsonl") and "recorded line 5" in t for t in text), text
     assert not any("does not end with run_end" in t or "hash chain" in t for t in text)  # each chain holds
 
 
 def test_a_swapped_global_memory_does_not_verify(tmp_path):
     _two_runs(tmp_path)
     (tmp_path / "global_memory.npz").write_bytes(b"another memory")
-    assert any("another global memory" in str(p) for p in verify_run(tmp_path).problems)
+    assert [str(p) for p in verify_run(tmp_path).problems] == [
+        "global_memory.npz: differs from the file the server signed at the run's end (changed after the run)"]
 
 
 def test_a_server_that_records_less_epsilon_than_a_client_counted_is_caught(tmp_path):
@@ -247,40 +254,221 @@ def test_cross_check_needs_the_server_ledger():
 
 # ---- the privacy report ---------------------------------------------------------------------------
 
-def test_report_has_every_section_and_its_numbers_come_from_the_run(tiny_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_local(tiny_run, tmp_path_factory):
+    """The same data and split with each client alone (method local): the report's comparison."""
+    from fedsecmem.run.runner import run
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["method"], cfg["privacy"] = "local", {"dp": False}
+    cfg["audit"]["leakage"] = True  # the same withheld images as the DP run (like-for-like)
+    out = tmp_path_factory.mktemp("local") / "out"
+    run(config_from_dict(cfg), out)
+    return out
+
+
+def test_report_has_every_section_and_its_numbers_come_from_the_signed_records(tiny_run, tiny_local, tmp_path, capsys):
+    from fedsecmem.audits.accountant import Step, epsilon_of
+    from fedsecmem.audits.report import SECTIONS
+    from fedsecmem.audits.report_schema import Report
+
     run = _copy(tiny_run, tmp_path)
-    assert main(["audit", "report", str(run)]) == 0
+    assert main(["audit", "report", str(run), "--compare", str(tiny_local)]) == 0
     assert "ledgers verified" in capsys.readouterr().out
     report = json.loads((run / "report.json").read_text())
+    Report.model_validate(report)  # the versioned contract
     results = json.loads((run / "results.json").read_text())
-    assert report["dp"]["epsilon_max"] == results["privacy"]["epsilon"]
-    assert report["ledger"]["ok"] and report["utility"]["auroc_image"] == results["auroc"]["image"]
-    assert "SecAgg+" in report["threat_model"]["server_sees"] and "t = 2" in report["threat_model"]["coalition_sees"]
+    server = [json.loads(x) for x in (run / LEDGER_DIR / "server.jsonl").read_text().splitlines()]
+    last_dp = [e for e in server if e["event"] == "dp"][-1]
+    dp = report["dp"]
+    assert dp["epsilon_per_client"] == [last_dp["epsilon"][str(c)] for c in range(3)]
+    assert dp["epsilon_max"] == pytest.approx(results["privacy"]["epsilon"]) and dp["unit"] == "image"
+    assert dp["epsilon_per_client_signed_by_client"] == pytest.approx(dp["epsilon_per_client"])  # each site's own
+    assert dp["per_patient"][0] == {"images": 2, "epsilon": pytest.approx(2 * dp["epsilon_max"]),
+                                    "delta": pytest.approx(2 * np.exp(dp["epsilon_max"]) * 1e-5)}
+    # epsilon per adversary: the signed history with the noise each faces (m = 2, t = 2 here)
+    adv = {a["adversary"].split(" (")[0]: a for a in report["adversaries"]}
+    history = [Step(z, q, n) for z, q, n in last_dp["history"]["0"]]
+    assert max(last_dp["history"], key=lambda c: last_dp["epsilon"][c])  # non-empty
+    memory = adv["anyone who sees the global memory"]
+    assert memory["noise_share"] == 1.0 and memory["epsilon"] == pytest.approx(dp["epsilon_max"], rel=1e-6)
+    colluders = adv["the server with up to 1 colluding client"]
+    # one colluder removes its share of a 2-upload sum: the victim's own share (z^2 / (m - 1) = z^2) is left
+    assert colluders["noise_share"] == 1.0 and colluders["epsilon"] == pytest.approx(dp["epsilon_max"], rel=1e-6)
+    alone = adv["the server alone"]
+    assert alone["noise_share"] == 2.0 and alone["epsilon"] < dp["epsilon_max"]
+    assert alone["measured_attack"]["view"] == "secagg_server" and alone["dp_bound_auc"] < 1
+    assert "odds that a given image was used can grow at most" in memory["in_words"]
+    assert epsilon_of(history, 1e-5) <= dp["epsilon_max"] + 1e-9
+    # the release inventory, from the ledger: every stage, what DP covers
+    stages = {(r["stage"], r["direction"]): r for r in report["releases"]}
+    assert stages[("mask", "from clients")]["dp"] == "yes" and stages[("mask", "from clients")]["from_images"]
+    assert stages[("advertise", "from clients")]["dp"] == "n/a"
+    assert not any(r["carries"] == "undescribed stage" for r in report["releases"])
+    # utility beside each site alone, per site, and who did worse by joining
+    u = report["utility"]
+    local = json.loads((tiny_local / "results.json").read_text())
+    assert u["compared_with"][0]["label"] == "each site alone"
+    for row, mine, theirs in zip(u["per_site"], results["per_client"], local["per_client"]):
+        assert row["this_run"] == mine["auroc_image"] and row["each site alone"] == theirs["auroc_image"]
+    assert u["sites_worse_by_joining"] == [r["client"] for r in u["per_site"] if r["gain_over_alone"] < 0]
+    # reproducibility, signed files, small cells
+    rp = report["reproducibility"]
+    assert rp["config_sha256"] == server[0]["config_sha256"] and rp["seed"] == 0 and "cannot" not in (rp["noise"] or "x")
+    assert set(report["files"]) == {"results.json", "config.yaml", "privacy_state.json", "global_memory.npz"}
+    assert all(isinstance(n, str) and n == "<5" or n >= 5 for p in report["participants"] for n in p["products"].values())
     html = (run / "report.html").read_text()
-    for heading in ("Who took part", "Protocol and threat model", "Differential privacy", "Traffic", "Utility",
-                    "Ledgers", "Membership inference"):
-        assert heading in html
+    for _, heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in html.replace("&#x27;", "'"), heading
     assert html.count("data:image/png;base64,") >= 2 and "src=\"http" not in html  # self-contained
-    # a tampered run's report says so
-    path = run / LEDGER_DIR / "server.jsonl"
-    path.write_bytes(b"".join(_lines(path)[:-1]))
+
+
+def test_a_forged_results_file_is_refused_by_the_report(tiny_run, tmp_path, capsys):
+    """The issue's attack: client 1's epsilon set to 3.0 and the attack AUC to 0.50 in results.json."""
+    run = _copy(tiny_run, tmp_path)
+    path = run / "results.json"
+    doc = json.loads(path.read_text())
+    doc["privacy"]["per_client"][1] = 3.0
+    for atks in doc["leakage"]["views"].values():
+        for res in atks.values():
+            res["auc"] = 0.5
+    path.write_text(json.dumps(doc, indent=2))
+    assert main(["audit", "report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json: differs from the file the server signed" in err, err
+    assert not (run / "report.json").exists()
+    # a ledger cut short is refused too
+    run2 = _copy(tiny_run, tmp_path / "cut")
+    ledger = run2 / LEDGER_DIR / "server.jsonl"
+    ledger.write_bytes(b"".join(_lines(ledger)[:-1]))
+    assert main(["audit", "report", str(run2)]) == 2
+    assert "the ledgers do not verify" in capsys.readouterr().err
+
+
+def test_figures_that_disagree_with_the_signed_dp_events_are_refused(tiny_run, tmp_path):
+    """Even with a results.json the server signed, a figure the dp events contradict is refused
+    (here the signed events are rewritten and re-signed with the folder's own keys: simulation)."""
+    from fedsecmem.audits.report import ReportError, signed_privacy
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    server = [json.loads(x) for x in (tiny_run / LEDGER_DIR / "server.jsonl").read_text().splitlines()]
+    forged = json.loads(json.dumps(server))
+    next(e for e in reversed(forged) if e["event"] == "dp")["epsilon"]["1"] = 0.1
+    with pytest.raises(ReportError, match=r"privacy.per_client\[1\] = .* but the server's signed ledger says 0.1"):
+        signed_privacy(results, forged)
+    plan = next(e for e in forged if e["event"] == "dp_plan")
+    plan["noise_multiplier"] = 99.0
+    with pytest.raises(ReportError, match="noise_multiplier"):
+        signed_privacy(results, forged)
+
+
+def test_audit_check_recomputes_every_figure_and_catches_an_edited_report(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
     assert main(["audit", "report", str(run)]) == 0
-    assert "LEDGER VERIFICATION FAILED" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["audit", "check", str(run / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "independent prv gives" in out and "0 failed" in out
+    path = run / "report.json"
+    report = json.loads(path.read_text())
+    report["dp"]["epsilon_per_client"][2] = 0.5
+    report["adversaries"][0]["epsilon"] = 0.01
+    path.write_text(json.dumps(report))
+    assert main(["audit", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL client 2: epsilon 0.5000 in the report" in out and "FAIL the server alone" in out
+    path.write_text(json.dumps({**report, "schema_version": 99}))
+    assert main(["audit", "check", str(path)]) == 2
+    assert "schema_version" in capsys.readouterr().err
+
+
+def test_the_checked_in_json_schemas_are_the_models(tmp_path):
+    assert main(["schema", "--out", str(tmp_path)]) == 0
+    for name in ("results", "report"):
+        assert (tmp_path / f"{name}.schema.json").read_text() == (ROOT / "docs" / "schemas" / f"{name}.schema.json").read_text(), \
+            f"docs/schemas/{name}.schema.json is stale: run `fedsecmem schema`"
+
+
+def test_adversary_epsilons_on_known_answers():
+    from fedsecmem.audits.accountant import Step, epsilon_of
+    from fedsecmem.audits.adversaries import adversaries, in_words
+
+    hist = {"0": [[4.0, 0.2, 10], [4.0, 1.0, 6]]}
+
+    def eps(z_release):
+        return epsilon_of([Step(4.0, 0.2, 10), Step(z_release, 1.0, 6)], 1e-5)
+
+    rows = adversaries(hist, protocol="secagg", noise="distributed", min_survivors=4, threshold=3, clients=6,
+                       delta=1e-5, kind="pld")
+    # each of >= 4 contributors adds 1/3 of z^2: the server alone faces 4/3, two colluders leave 2/3
+    assert [r["noise_share"] for r in rows] == pytest.approx([4 / 3, 2 / 3, 1.0])
+    assert [r["epsilon"] for r in rows] == pytest.approx([eps(4.0 * (4 / 3) ** 0.5), eps(4.0 * (2 / 3) ** 0.5), eps(4.0)])
+    plain = adversaries(hist, protocol="plain", noise="distributed", min_survivors=4, threshold=None, clients=6,
+                        delta=1e-5, kind="pld")
+    assert plain[0]["noise_share"] == pytest.approx(1 / 3)  # the plain server sees each upload with its share
+    central = adversaries(hist, protocol="secagg", noise="central", min_survivors=4, threshold=3, clients=6,
+                          delta=1e-5, kind="pld")
+    assert central[0]["epsilon"] is None and central[2]["epsilon"] == pytest.approx(eps(4.0))
+    local = adversaries(hist, protocol="plain", noise="local", min_survivors=4, threshold=None, clients=6,
+                        delta=1e-5, kind="pld")
+    assert all(r["epsilon"] == pytest.approx(eps(4.0)) for r in local)
+    assert "7.4-fold" in in_words(2.0, 1e-5) and in_words(None, 1e-5).startswith("no guarantee")
+
+
+def test_the_release_inventory_names_what_it_does_not_know():
+    from fedsecmem.audits.inventory import inventory
+
+    rows = inventory([{"event": "message", "dir": "received", "stage": "mask", "bytes": 10},
+                      {"event": "message", "dir": "received", "stage": "mask", "bytes": 5},
+                      {"event": "message", "dir": "sent", "stage": "request:dp_cells", "bytes": 3},
+                      {"event": "message", "dir": "received", "stage": "telemetry", "bytes": 1},
+                      {"event": "dp"}])
+    by = {r["stage"]: r for r in rows}
+    assert by["mask"]["messages"] == 2 and by["mask"]["bytes"] == 15 and by["mask"]["dp"] == "yes"
+    assert by["request:dp_cells"]["dp"] == "post-processing" and by["request:dp_cells"]["direction"] == "to clients"
+    assert by["telemetry"]["carries"] == "undescribed stage" and by["telemetry"]["dp"] == "unknown"
+
+
+def test_clean_removes_only_the_embedding_cache(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("emb-abc.npz", "emb-abc.json"):
+        (cache / name).write_bytes(b"x" * 100)
+    (cache / "notes.txt").write_text("mine")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output:\n  embedding_cache: {cache}\n")
+    assert main(["clean", str(cfg)]) == 0
+    assert "removed 2 cache files" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"]
 
 
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_report_renders_in_headless_chromium_with_every_image(tiny_run, tmp_path):
+def test_report_renders_in_headless_chromium_with_every_section_and_image(tiny_run, tiny_local, tmp_path):
+    from fedsecmem.audits.report import SECTIONS
+
     browser = _chromium()
     assert browser is not None, "the report check needs chromium: apt-get install chromium (make test installs it when run as root)"
     run = _copy(tiny_run, tmp_path)
-    assert main(["audit", "report", str(run)]) == 0
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert main(["audit", "report", str(run), "--compare", str(tiny_local)]) == 0
+    page = (run / "report.html").as_uri()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     n = (run / "report.html").read_text().count("data:image/png")
     assert f'data-images="{n} ok"' in dom, dom[-500:]
+    shown = dom.split('data-sections="')[1].split('"')[0].split()
+    assert shown == [key for key, _ in SECTIONS], shown  # every section laid out, in order
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,6000", page], capture_output=True,
+                   timeout=120)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert img.shape == (6000, 1200)
+    rows_with_ink = (img < 200).any(axis=1)
+    assert rows_with_ink.mean() > 0.3  # text and tables down the page, not a blank render
 
 
 def test_audit_commands_refuse_bad_input_in_one_line(tmp_path, capsys):

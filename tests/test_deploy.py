@@ -343,3 +343,34 @@ def test_server_killed_mid_round_under_dp_resumes_with_every_release_charged(tmp
         released = epsilon_of([Step(z, 1.0, masked), Step(z, q, steps * trained)], delta, pv["accountant"])
         assert pv["per_client"][c] >= released * (1 - 1e-9), (c, pv["per_client"][c], released)
     _assert_ledgers_verify(out, certs)
+
+
+def test_the_readmes_served_run_commands_give_a_folder_the_auditor_can_verify(tmp_path):
+    """The README's served-run block, run as written (in a scratch folder, with `.venv/bin/fedsecmem`
+    standing for this interpreter; serve and join get small data, a free port and short timeouts
+    appended): it ends with `audit verify`, `audit report` and `audit check` on the provisioned keys."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("# the same run across processes")[1].split("```")[0]
+    script = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#"))
+    assert "audit verify runs/served --keys certs" in script and "--out runs/served" in script
+    extra = ["data.products=[brick,grass]", "data.train_per_product=6", "data.test_normal_per_product=3",
+             "data.test_defect_per_product=3", "data.image_size=64", "data.crop_size=64", "feddymem.rounds=2",
+             "audit.leakage=false", "output.embedding_cache=null", "output.map_examples_per_product=0",
+             f"deploy.address=127.0.0.1:{_port()}", "deploy.stage_timeout_s=20", "deploy.poll_s=1",
+             "deploy.register_timeout_s=120", "deploy.round_timeout_s=120"]
+    sets = " ".join(f"--set '{x}'" for x in extra)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    wrapper = tmp_path / ".venv" / "bin" / "fedsecmem"
+    wrapper.write_text(f"""#!/bin/bash
+case "$1" in serve|join) exec {sys.executable} -m fedsecmem "$@" {sets} ;; *) exec {sys.executable} -m fedsecmem "$@" ;; esac
+""")
+    wrapper.chmod(0o755)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("FEDSECMEM_FAULT", None)
+    r = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "ledgers verified: 4 parties" in r.stdout and "0 failed" in r.stdout, r.stdout[-3000:]
+    report = json.loads((tmp_path / "runs" / "served" / "report.json").read_text())
+    assert report["run"]["transport"] == "grpc" and report["dp"]["enabled"]
+    assert all(e is not None for e in report["dp"]["epsilon_per_client_signed_by_client"])  # each site's own figure

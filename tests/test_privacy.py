@@ -11,7 +11,7 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate, epsilon_of
-from fedsecmem.config import DataConfig, RunConfig
+from fedsecmem.config import DataConfig, FedDyMemConfig, RunConfig
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.method.metric_loss import per_image_metric_loss
 from fedsecmem.protocols.dp_noise import discrete_gaussian, lattice_sensitivity
@@ -342,3 +342,114 @@ def test_the_fast_pld_is_dp_accountings_plain_pld_on_the_raw_history():
     ours = epsilon_of(history, 1e-5)
     assert ours == pytest.approx(reference, rel=1e-3) and ours >= reference * (1 - 1e-4)
     assert epsilon_of(history[:2], 1e-5) < ours  # and it still grows with every step
+
+
+# ---- one patient as the privacy unit ----------------------------------------------------------------
+
+PATIENT_OF = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7, 7, 8, 9, 9, 9, 10, 11, 11, 11])  # 1-4 images each
+
+
+def test_removing_one_patient_moves_every_release_by_at_most_the_bound(prototypes):
+    """Each of a patient's m images weighs 1/m, so removing the whole patient (all their images)
+    moves any release by at most the per-image bound, sqrt(2)."""
+    x, w, owner = prototypes
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.method.client import FedDyMemClient
+
+    n_images = owner.max() + 1
+    patches = np.zeros((n_images, 1, 1, 4), np.float32)  # only the weights are used below
+    cl = FedDyMemClient(0, Embeddings(patches, None), FedDyMemConfig(), 0, 0.1, use_generator=False,
+                        groups=PATIENT_OF)
+    unit = cl.unit_weights()
+    assert np.allclose(np.bincount(PATIENT_OF, weights=unit), 1.0) and cl.units == 12
+    wp = w * unit[owner]  # what rebuild() sends: each image's prototype weights times its unit weight
+    xu = clip_to_unit(x, 20.0)
+    rng = np.random.default_rng(0)
+    centres = xu[rng.choice(len(xu), 6, replace=False)]
+    nearest = ((xu[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    patient = PATIENT_OF[owner]
+    worst = 0.0
+    for labels, cells in ((np.zeros(len(xu), np.int64), 1), (nearest, len(centres))):
+        full = local_cell_stats(xu, wp, labels, cells)
+        for p in np.unique(PATIENT_OF):
+            keep = patient != p
+            change = np.linalg.norm(full - local_cell_stats(xu[keep], wp[keep], labels[keep], cells))
+            worst = max(worst, change)
+            assert change <= SENSITIVITY + 1e-9, (p, change)
+        # per image instead (weights 1 each): a patient of 4 images moves a release by far more
+        whole = local_cell_stats(xu, w, labels, cells)
+        keep = patient != 3
+        per_image = np.linalg.norm(whole - local_cell_stats(xu[keep], w[keep], labels[keep], cells))
+    assert worst > 0.5 * SENSITIVITY and per_image > SENSITIVITY  # the bound is tight and needed
+
+
+def test_dp_sgd_samples_and_clips_patients(embedder):
+    """With patients, the DP-SGD plan counts patients and every Opacus per-sample gradient is one
+    patient's (rows of the unit tensor), clipped as one."""
+    from fedsecmem.detector.backbone import Embeddings
+    from fedsecmem.method.client import FedDyMemClient
+
+    bench = load_benchmark(DataConfig(products=["brick", "retina", "cell"], train_per_product=8,
+                                      test_normal_per_product=1, test_defect_per_product=1,
+                                      image_size=64, crop_size=64), 0)
+    emb = embedder.embed(bench.train.images, 16)
+    cfg = FedDyMemConfig(local_epochs=1)
+    cl = FedDyMemClient(0, Embeddings(emb.patches, None), cfg, 0, 0.1, groups=PATIENT_OF)
+    assert cl.dp_sgd_plan(4, 1) == (4 / 12, 3)  # 12 patients, expected 4 a batch
+    x = torch.from_numpy(emb.patches.reshape(24, -1, emb.patches.shape[-1]))
+    rows, present = cl._units_of(x)
+    assert rows.shape[0] == 12 and present.sum(1).tolist() == np.bincount(PATIENT_OF).tolist()
+    p = x.shape[1]
+    assert torch.equal(rows[9, :p], x[17]) and torch.equal(rows[9, 2 * p:3 * p], x[19])  # patient 9: images 17-19
+    cl.rebuild_bank()
+    before = [t.detach().clone() for t in cl.generator.parameters()]
+    loss = cl.train_towards_dp(torch.from_numpy(cl.bank.items[:8]), 1.0, 1.0, 4)
+    assert np.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, cl.generator.parameters()))
+
+
+def test_a_patients_images_stay_with_one_client_and_every_image_needs_a_patient(tmp_path):
+    from fedsecmem.data.partition import partition
+    from fedsecmem.errors import UserError
+
+    data = DataConfig(products=["brick", "retina", "cell"], train_per_product=8, test_normal_per_product=2,
+                      test_defect_per_product=2, image_size=32, crop_size=32)
+    rows = ["image,patient"] + [f"{p}/{n},{p}-{n // 3}" for p in ("brick", "retina", "cell") for n in range(8)]
+    csv_path = tmp_path / "patients.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    bench = load_benchmark(data.model_copy(update={"patients": csv_path}), 0, patients=True)
+    assert len(np.unique(bench.train.groups)) == 9  # 3 patients per product, of 3, 3 and 2 images
+    clients = partition(bench, 3, 0.5, 0)
+    owner = {}
+    for c in clients:
+        for g in np.unique(c.train.groups):
+            assert owner.setdefault(int(g), c.client) == c.client  # never split across clients
+    assert sum(len(c.train) for c in clients) == 24
+    csv_path.write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(UserError, match=r"1 training images have no patient \(first: cell/7"):
+        load_benchmark(data.model_copy(update={"patients": csv_path}), 0, patients=True)
+    with pytest.raises(UserError, match="privacy.unit: patient needs each training image's patient"):
+        load_benchmark(data, 0, patients=True)
+
+
+def test_a_private_run_with_patients_accounts_per_patient_and_says_so(tmp_path):
+    from fedsecmem.audits.report import build_report
+    from fedsecmem.config import config_from_dict
+    from fedsecmem.run.runner import run
+
+    rows = ["image,patient"] + [f"{p}/{n},{p}-{n // 2}" for p in ("brick", "grass") for n in range(8)]
+    (tmp_path / "patients.csv").write_text("\n".join(rows) + "\n")
+    cfg = config_from_dict({
+        "name": "patients", "method": "feddymem", "protocol": "secagg",
+        "data": {"products": ["brick", "grass"], "train_per_product": 8, "test_normal_per_product": 2,
+                 "test_defect_per_product": 2, "image_size": 64, "crop_size": 64,
+                 "patients": str(tmp_path / "patients.csv")},
+        "clients": {"n": 2, "alpha": 10.0},
+        "privacy": {"dp": True, "epsilon": 8, "unit": "patient", "min_survivors": 2, "sgd_batch_images": 2},
+        "feddymem": {"rounds": 2, "global_k": 4, "global_k_images": 2},
+        "output": {"embedding_cache": None, "map_examples_per_product": 0}})
+    res = run(cfg, tmp_path / "out")
+    per = res["privacy"]["dp_sgd"]["per_client"]
+    for c, row in enumerate(res["per_client"]):
+        assert per[str(c)]["sample_rate"] == pytest.approx(min(1.0, 2 / (row["n_train"] / 2)))  # 2 images a patient
+    report = build_report(tmp_path / "out")
+    assert report["dp"]["unit"] == "patient" and report["dp"]["per_patient"] is None

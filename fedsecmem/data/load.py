@@ -6,14 +6,27 @@ from fedsecmem.data.elpv import make_elpv
 from fedsecmem.data.fmnist import make_fmnist, make_fmnist_ovr
 from fedsecmem.data.mvtec import make_mvtec
 from fedsecmem.data.textures import make_textures
+from fedsecmem.data.patients import attach_patients
 from fedsecmem.data.types import Benchmark
+from fedsecmem.errors import UserError
 
 __all__ = ["load_benchmark"]
 
 
-def load_benchmark(cfg, seed: int) -> Benchmark:
+def load_benchmark(cfg, seed: int, patients: bool = False) -> Benchmark:
     """``cfg``: a ``DataConfig``. Fashion-MNIST reuses ``train_per_product`` per normal class;
-    ELPV counts ``*_per_product`` per wafer type (``root``: a copy of its files, else the package)."""
+    ELPV counts ``*_per_product`` per wafer type (``root``: a copy of its files, else the package).
+    ``patients``: every training image must carry its patient (``privacy.unit: patient``)."""
+    bench = _load(cfg, seed)
+    if cfg.patients is not None:
+        attach_patients(bench, cfg.patients)
+    if patients and bench.train.groups is None:
+        raise UserError("privacy.unit: patient needs each training image's patient: data.patients (a CSV of "
+                        "image,patient) or, for mvtec, train/good/<patient>/ folders")
+    return bench
+
+
+def _load(cfg, seed: int) -> Benchmark:
     if cfg.benchmark == "textures":
         return make_textures(cfg.products, cfg.train_per_product, cfg.test_normal_per_product,
                              cfg.test_defect_per_product, cfg.defects, cfg.crop_size,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fedsecmem.data.patients import group_codes
 from fedsecmem.data.types import Benchmark, ImageSet
 from fedsecmem.errors import UserError
 
@@ -59,15 +60,19 @@ def make_mvtec(root: Path, image_size: int, categories: list[str] | None = None,
     unknown = [c for c in cats if c not in available]
     if unknown:
         raise UserError(f"data.categories: {unknown} not under {root} (found {available})")
-    tr_imgs, tr_prod = [], []
+    tr_imgs, tr_prod, tr_patient = [], [], []
     te_imgs, te_masks, te_prod, te_kinds = [], [], [], []
     have_masks = True
     for pi, cat in enumerate(cats):
-        train_files = _images_in(root / cat / "train" / "good")[:train_limit]
+        good = root / cat / "train" / "good"
+        # train/good/<patient>/*.png: one folder per patient (an image directly in good/ stands alone)
+        train_files = [*_images_in(good), *(p for d in sorted(x for x in good.iterdir() if x.is_dir())
+                                             for p in _images_in(d))][:train_limit] if good.is_dir() else []
         if not train_files:
-            raise UserError(f"data.root: no training images in {root / cat / 'train' / 'good'}")
+            raise UserError(f"data.root: no training images in {good}")
         tr_imgs += [_load_rgb(p, image_size) for p in train_files]
         tr_prod += [pi] * len(train_files)
+        tr_patient += [f"{cat}/{p.parent.name}/" if p.parent != good else f"{cat}/{p.name}" for p in train_files]
         test_dir = root / cat / "test"
         if not test_dir.is_dir():
             raise UserError(f"data.root: missing test folder {test_dir}")
@@ -88,8 +93,9 @@ def make_mvtec(root: Path, image_size: int, categories: list[str] | None = None,
                     te_masks.append(np.zeros((image_size, image_size), bool))
     if not te_imgs:
         raise UserError(f"data.root: no test images under {root}")
+    folders = len(tr_patient) > len(set(tr_patient))  # some patient has several images: folders were used
     train = ImageSet(np.stack(tr_imgs), np.zeros(len(tr_imgs), np.int64), np.array(tr_prod),
-                     ["good"] * len(tr_imgs), list(cats))
+                     ["good"] * len(tr_imgs), list(cats), groups=group_codes(tr_patient) if folders else None)
     labels = np.array([0 if k == "good" else 1 for k in te_kinds])
     test = ImageSet(np.stack(te_imgs), labels, np.array(te_prod), te_kinds, list(cats),
                     masks=np.stack(te_masks) if have_masks else None)

@@ -8,7 +8,10 @@ Test images with no product (Fashion-MNIST anomaly classes, product -1) are
 dealt in proportion to each client's share of the normal test images. Test
 images scored apart (ELPV's uncertain cells) are dealt last, by the same
 shares, from a generator of their own: how many there are never moves the
-training split or the headline test split.
+training split or the headline test split. When the training images carry
+patients (``ImageSet.groups``), patients are dealt instead of images (a patient
+counts under the product of its first image), so a patient's images stay with
+one client.
 """
 
 from __future__ import annotations
@@ -78,14 +81,20 @@ def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_tra
     """Deal ``bench`` over ``n_clients``; deterministic from ``seed``."""
     rng = np.random.default_rng([seed, 11])
     n_products = len(bench.train.product_names)
-    shares = dirichlet_shares(n_products, n_clients, alpha, bench.train.products, min_train, rng)
+    groups = bench.train.groups
+    if groups is None:  # every image is a unit
+        unit_product = bench.train.products
+    else:  # every patient is a unit, under the product of its first image
+        _, first = np.unique(groups, return_index=True)
+        unit_product = bench.train.products[first]
+    shares = dirichlet_shares(n_products, n_clients, alpha, unit_product, min_train, rng)
     train_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
     test_parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
     head = bench.test.headline
     for p in range(n_products):
-        idx = rng.permutation(np.flatnonzero(bench.train.products == p))
+        idx = rng.permutation(np.flatnonzero(unit_product == p))
         for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):
-            train_parts[c].append(part)
+            train_parts[c].append(part if groups is None else np.flatnonzero(np.isin(groups, np.unique(groups)[part])))
         for label in (0, 1):
             idx = rng.permutation(np.flatnonzero((bench.test.products == p) & (bench.test.labels == label) & head))
             for c, part in enumerate(_deal(idx, split_counts(idx.size, shares[p]))):

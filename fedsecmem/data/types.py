@@ -20,6 +20,8 @@ class ImageSet:
     products: (N,) index into ``product_names``; kinds: defect family or 'good';
     apart: (N,) bool or None: images of doubtful label (ELPV's uncertain cells), scored and
     reported apart (per kind), never counted in the headline AUROC; only a loader sets it.
+    groups: (N,) int or None: the patient of each image (``privacy.unit: patient``), from
+    ``data.patients`` or a folder layout; None when every image stands alone.
     """
 
     images: np.ndarray
@@ -29,6 +31,7 @@ class ImageSet:
     product_names: list[str]
     masks: np.ndarray | None = None
     apart: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -38,6 +41,8 @@ class ImageSet:
             raise ValueError("ImageSet: masks and images differ in length")
         if self.apart is not None and len(self.apart) != n:
             raise ValueError("ImageSet: apart and images differ in length")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError("ImageSet: groups and images differ in length")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -52,6 +57,7 @@ class ImageSet:
             product_names=self.product_names,
             masks=None if self.masks is None else self.masks[index],
             apart=None if self.apart is None else self.apart[index],
+            groups=None if self.groups is None else self.groups[index],
         )
 
     @property

@@ -30,8 +30,8 @@ from fedsecmem.method.round import RoundClient
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import SERVER
 from fedsecmem.detector.evaluate import evaluate_client
-from fedsecmem.privacy.ledgers import begin, party_ledger
-from fedsecmem.method.client import FedDyMemClient
+from fedsecmem.privacy.ledgers import begin, party_ledger, record_client_dp
+from fedsecmem.method.client import FedDyMemClient, patients_of
 from fedsecmem.privacy.budget import ClientBudget, min_survivors
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import ERROR_KIND
@@ -54,7 +54,7 @@ class FedDyMemMember:
 
     def __init__(self, cfg: RunConfig, cid: int, progress=None, out: Path | None = None):
         self.cfg, self.cid, self.out = cfg, cid, out
-        bench = load_benchmark(cfg.data, cfg.seed)
+        bench = load_benchmark(cfg.data, cfg.seed, patients=cfg.privacy.unit == "patient")
         try:
             mine = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)[cid]
         except ValueError as exc:
@@ -68,7 +68,8 @@ class FedDyMemMember:
             self.test_emb = embedder.embed(mine.test.images, bs, progress=advance)
         fc = cfg.feddymem
         self.client = FedDyMemClient(cid, self.train_emb, fc, cfg.seed + cid, cfg.memory.coreset_ratio,
-                                     fc.use_generator, resolve_device(cfg.backbone.device))
+                                     fc.use_generator, resolve_device(cfg.backbone.device),
+                                     groups=patients_of(cfg, mine.train))
         self.side = RoundClient(cfg, self.client, mine.test, self.test_emb)
         pv = cfg.privacy
         certs = Path(cfg.deploy.certs)
@@ -194,8 +195,7 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
             done = (env.round, env.step)
             if kind == "scores":
                 if me.side.budget is not None:  # what this client counted itself, beside the server's figure
-                    ledger.append("dp", round=env.round, noise_multiplier=me.side.z, delta=cfg.privacy.delta,
-                                  epsilon=me.side.budget.epsilon())
+                    record_client_dp(ledger, env.round, me.side.budget, me.side.z)
                 scored += 1
                 console.print(f"client {cid}: round {env.round} scored")
             if env.kind == "finish":

@@ -28,7 +28,7 @@ from pathlib import Path
 from fedsecmem.method.aggregation import secure_sum_for
 from fedsecmem.method.round import RoundServer
 from fedsecmem.privacy.threat_model import threat_model
-from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint, ledger_head, sha256
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint, ledger_head, sha256, signed_files
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
@@ -316,12 +316,13 @@ class _Server:
                                    {"anomaly_maps": None, "auroc_per_round": curve.name if curve else None},
                                    extra=extra)
         save_global_memory(rnd.memory, self.out / GLOBAL_MEMORY_FILE)
-        self.ledger.append("run_end", status="completed", run_id=self.coord.run_id,
-                           global_memory_sha256=file_digest(self.out / GLOBAL_MEMORY_FILE),
+        self.ledger.sync()
+        results.ledger["heads"] = {SERVER: ledger_head(self.ledger.path)}  # run_end follows it and signs results.json
+        doc = write_results(cfg, results, self.out)
+        self.ledger.append("run_end", status="completed", run_id=self.coord.run_id, files=signed_files(self.out),
                            auroc_image=results.auroc.image, epsilon=results.privacy.epsilon)
         self.ledger.close()
-        results.ledger["heads"] = {SERVER: ledger_head(self.ledger.path)}  # where the run's ledger ends
-        return write_results(cfg, results, self.out)
+        return doc
 
 
 def serve(cfg: RunConfig, out: Path, resume: bool = False) -> dict:

@@ -37,7 +37,7 @@ from fedsecmem.errors import UserError
 
 __all__ = [
     "FORMAT", "cache_ingredients", "cache_key", "embedder_source_digest", "file_sha256", "images_digest",
-    "load_cached", "store_cached", "weights_ingredient",
+    "clean_cache", "load_cached", "store_cached", "weights_ingredient",
 ]
 
 FORMAT = 2  # bump when the file layout or the meaning of the key changes
@@ -196,3 +196,21 @@ def store_cached(cfg, bench, train: Embeddings, test: Embeddings, timings: dict)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+
+
+def clean_cache(folder: Path) -> tuple[int, int]:
+    """Delete every cache file (``emb-*.npz`` and ``emb-*.json``) in ``folder`` and nothing else; the
+    folder goes too once empty. Returns (files, bytes) removed. The embeddings are derived from the
+    images (personal data where the images are), so a retention policy needs a way to drop them."""
+    folder = Path(folder)
+    files = bytes_ = 0
+    if not folder.is_dir():
+        return 0, 0
+    for path in sorted(folder.glob("emb-*")):
+        if path.is_file() and path.suffix in (".npz", ".json", ".tmp"):
+            bytes_ += path.stat().st_size
+            path.unlink()
+            files += 1
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return files, bytes_

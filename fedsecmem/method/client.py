@@ -36,7 +36,7 @@ from fedsecmem.detector.scoring import Scores, score_embeddings
 
 __all__ = [
     "Contribution", "FLOAT_BYTES", "FedDyMemClient", "GLOBAL_MEMORY_FILE", "GlobalMemory", "LossTerm",
-    "TARGET_SAMPLE", "load_global_memory", "save_global_memory",
+    "TARGET_SAMPLE", "load_global_memory", "patients_of", "save_global_memory",
 ]
 
 FLOAT_BYTES = 4
@@ -64,8 +64,9 @@ class Contribution:
     """What one client shares in a round."""
 
     prototypes: np.ndarray  # (P, M) reduced patch prototypes in memory space
-    weights: np.ndarray  # (P,) each image's prototypes sum to 1
-    images: np.ndarray | None  # (N, E) image-level embeddings (weight 1 each), or None
+    weights: np.ndarray  # (P,) each image's prototypes sum to its unit weight (1; 1/m for a patient's m images)
+    images: np.ndarray | None  # (N, E) image-level embeddings, or None
+    image_weights: np.ndarray | None = None  # (N,) each image's unit weight (None: 1 each)
 
     @property
     def nbytes(self) -> int:
@@ -109,8 +110,13 @@ class FedDyMemClient:
     """One client's state: its embeddings, generator, dynamic local bank and the global memory."""
 
     def __init__(self, cid: int, train: Embeddings, cfg, seed: int, coreset_ratio: float,
-                 use_generator: bool = True, device: torch.device | str = "cpu"):
+                 use_generator: bool = True, device: torch.device | str = "cpu", groups: np.ndarray | None = None):
+        """``groups``: the patient of each training image when a patient is the privacy unit (its
+        images then share a weight of 1 in every release, and DP-SGD samples and clips patients)."""
         self.cid = cid
+        self.groups = None if groups is None else np.asarray(groups)
+        if self.groups is not None and len(self.groups) != len(train.patches):
+            raise ValueError("groups and training images differ in length")
         self.device = torch.device(device)
         self.coreset_ratio = coreset_ratio
         self.train = train
@@ -160,8 +166,23 @@ class FedDyMemClient:
         t = time.perf_counter()
         protos, weights = reduce_images(z, self.cfg.reduce_ratio, self.cfg.reduce_iters)
         self.tick("reduce_s", t)
-        return Contribution(protos.reshape(-1, protos.shape[-1]), weights.reshape(-1),
-                            self.train.images if self.cfg.share_images else None)
+        unit = self.unit_weights()
+        return Contribution(protos.reshape(-1, protos.shape[-1]), (weights * unit[:, None]).reshape(-1),
+                            self.train.images if self.cfg.share_images else None,
+                            unit if self.cfg.share_images else None)
+
+    def unit_weights(self) -> np.ndarray:
+        """(N,) each training image's weight in a release: 1, or 1/m for each of a patient's m images
+        (so removing one unit moves a release by at most the same bound)."""
+        if self.groups is None:
+            return np.ones(len(self.train.patches))
+        _, inverse, counts = np.unique(self.groups, return_inverse=True, return_counts=True)
+        return 1.0 / counts[inverse]
+
+    @property
+    def units(self) -> int:
+        """How many privacy units this client holds: images, or patients."""
+        return len(self.train.patches) if self.groups is None else len(np.unique(self.groups))
 
     def tick(self, key: str, since: float) -> float:
         """Add the seconds since ``since`` to ``timings[key]``; returns now."""
@@ -227,8 +248,8 @@ class FedDyMemClient:
 
     def dp_sgd_plan(self, batch_images: int, local_epochs: int) -> tuple[float, int]:
         """(Poisson sampling rate, steps) of one round of DP-SGD: ``local_epochs`` passes of
-        expected ``batch_images`` images each."""
-        n = len(self.train.patches)
+        expected ``batch_images`` units (images, or patients) each."""
+        n = self.units
         q = min(1.0, batch_images / n)
         return q, local_epochs * max(1, int(np.ceil(n / batch_images))) if local_epochs > 0 else 0
 
@@ -245,6 +266,8 @@ class FedDyMemClient:
             raise ValueError("DP training needs memory_dim equal to the backbone dimension")
         x = torch.from_numpy(self.train.patches.reshape(len(self.train.patches), -1,
                                                         self.train.patches.shape[-1])).to(self.device)
+        x, present = self._units_of(x)  # (U, m_max * P, D): one row per unit; present (U, m_max)
+        per_unit = present.shape[1]
         targets = targets.to(self.device)
         q, steps = self.dp_sgd_plan(batch_images, cfg.local_epochs)
         rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))  # fresh per call
@@ -255,11 +278,16 @@ class FedDyMemClient:
         model.train()
         total = 0.0
         for _ in range(steps):
-            chosen = torch.rand(len(x), generator=rng) < q  # Poisson sampling: each image with probability q
+            chosen = torch.rand(len(x), generator=rng) < q  # Poisson sampling: each unit with probability q
             opt.zero_grad(set_to_none=True)
             if chosen.any():
                 batch = x[chosen.to(self.device)]
-                losses = per_image_metric_loss(model(batch), batch, targets, cfg.var_weight)
+                b, length, d = batch.shape
+                images = batch.reshape(b * per_unit, length // per_unit, d)
+                per_image = per_image_metric_loss(model(batch).reshape(b * per_unit, length // per_unit, -1),
+                                                  images, targets, cfg.var_weight).reshape(b, per_unit)
+                mask = present[chosen.to(self.device)]
+                losses = (per_image * mask).sum(1) / mask.sum(1)  # a unit's loss: the mean over its images
                 with warnings.catch_warnings():  # Opacus' hooks on a frozen input: expected, harmless
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     losses.mean().backward()
@@ -274,6 +302,25 @@ class FedDyMemClient:
         self.losses.append(mean)
         return mean
 
+    def _units_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, P, D) as units: unchanged with one image per unit; otherwise one row per patient
+        holding its images' patches side by side, padded to the largest patient with copies of its first
+        image (weight 0 in the loss, finite everywhere) (U, m*P, D), and which slots hold an image (U, m).
+        Opacus then takes one gradient per patient."""
+        n, p, d = x.shape
+        if self.groups is None:
+            return x, torch.ones((n, 1), dtype=x.dtype, device=x.device)
+        patients, inverse = np.unique(self.groups, return_inverse=True)
+        slots = [np.flatnonzero(inverse == u) for u in range(len(patients))]
+        m = max(len(s) for s in slots)
+        rows = x.new_zeros((len(patients), m, p, d))
+        present = x.new_zeros((len(patients), m))
+        for u, s in enumerate(slots):
+            rows[u, :len(s)] = x[torch.from_numpy(s).to(x.device)]
+            rows[u, len(s):] = x[int(s[0])]
+            present[u, :len(s)] = 1
+        return rows.reshape(len(patients), m * p, d), present
+
     def score(self, test: Embeddings, score_with: str, image_k: int, reweight_k: int = 0) -> Scores:
         """Patch score = distance to the nearest item of the local bank and/or the global memory;
         image kNN over the own image embeddings (plus the global image memory unless ``local``)."""
@@ -287,3 +334,8 @@ class FedDyMemClient:
             image_bank = self.joint_image_bank
         return score_embeddings(Embeddings(self.memory_space(test.patches), test.images), banks, image_bank, image_k,
                                 reweight_k)
+
+
+def patients_of(cfg, train) -> np.ndarray | None:
+    """A client's patient per training image when the privacy unit is a patient (else None)."""
+    return train.groups if cfg.privacy.unit == "patient" else None

@@ -158,7 +158,9 @@ class RoundClient:
             raise ProtocolError("k-means before the round's task")
         if kind == "patches":
             return c.prototypes, c.weights
-        return (c.images, np.ones(len(c.images))) if c.images is not None else None
+        if c.images is None:
+            return None
+        return c.images, (c.image_weights if c.image_weights is not None else np.ones(len(c.images)))
 
     def on_memory(self, memory: GlobalMemory | None) -> Scored:
         cl, sc = self.client, self.cfg.scoring
@@ -203,6 +205,9 @@ class RoundServer:
             refused = self.privacy.refuse(r)
             if refused is not None:
                 return refused
+            if r == 1:  # the noise actually used, signed before anything is released
+                for h in self.hooks:
+                    h.privacy_plan(self.privacy.plan())
         for h in self.hooks:
             h.begin_round(r)
         if self.privacy is not None and r > 1:
@@ -243,12 +248,10 @@ class RoundServer:
         used = [row["global_used"] for row in rows if row.get("global_used") is not None]
         if self.cfg.feddymem.global_near is not None and used:
             record["global_items_used"] = float(np.mean(used))
-        epsilon = None
         if self.privacy is not None:
             record["epsilon"] = self.privacy.end_round(self.out)
-            epsilon = self.privacy.per_round[-1]
         for h in self.hooks:
-            h.end_round(r, record, epsilon, self.z)
+            h.end_round(r, record, self.privacy)
         self.per_round.append(record)
         return record
 

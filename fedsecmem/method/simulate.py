@@ -11,7 +11,7 @@ from fedsecmem.detector.evaluate import headline_auroc, mean_defined
 from fedsecmem.detector.scoring import Scores
 from fedsecmem.errors import UserError
 from fedsecmem.method.aggregation import Aggregated, RoundInfo, make_aggregator, secure_sum_for
-from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, save_global_memory
+from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, patients_of, save_global_memory
 from fedsecmem.method.context import MethodContext, MethodOutput, timed
 from fedsecmem.method.round import RoundClient, RoundServer
 from fedsecmem.privacy.budget import ClientBudget, RunPrivacy
@@ -32,7 +32,8 @@ def make_clients(ctx: MethodContext, use_generator: bool) -> list[FedDyMemClient
     cfg = ctx.cfg
     device = resolve_device(cfg.backbone.device)
     return [FedDyMemClient(c.client, ctx.train_emb.subset(c.train_index), cfg.feddymem, cfg.seed + c.client,
-                           cfg.memory.coreset_ratio, use_generator, device) for c in ctx.clients]
+                           cfg.memory.coreset_ratio, use_generator, device, groups=patients_of(cfg, c.train))
+            for c in ctx.clients]
 
 
 def collect_timings(ctx: MethodContext, clients: list[FedDyMemClient]) -> None:
@@ -126,7 +127,7 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
                                   [m.cid for m in members])
             if privacy is not None and ctx.ledgers is not None:
                 for m in members:
-                    ctx.ledgers.client_privacy(r, m.cid, m.budget.epsilon(), privacy.z, cfg.privacy.delta)
+                    ctx.ledgers.client_privacy(r, m.budget, privacy.z)
             eps = f", eps {record['epsilon']:.2f}" if privacy is not None else ""
             advance(1, description=f"{label[:-1]}{eps})" if eps else None)
     if not server.per_round:

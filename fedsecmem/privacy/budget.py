@@ -147,6 +147,16 @@ class RunPrivacy:
         self.save(out)
         return max(eps.values())
 
+    def plan(self) -> dict:
+        """What the run's noise is and what it was calibrated for (signed in the ledgers)."""
+        pv = self.cfg.privacy
+        return {"noise_multiplier": self.z, "delta": pv.delta, "accountant": pv.accountant,
+                "epsilon_target": pv.epsilon, "epsilon_budget": pv.epsilon_budget, "noise": pv.noise,
+                "min_survivors": self.noisy.min_survivors, "sensitivity": SENSITIVITY,
+                "releases_per_round": self.releases_per_round, "rounds": self.cfg.feddymem.rounds,
+                "unit": pv.unit,
+                "dp_sgd": {str(c): {"sample_rate": q, "steps_per_round": s} for c, (q, s) in self.sgd_plans.items()}}
+
     def state_dict(self) -> dict:
         """What a resumed run needs to go on with the same noise and the budget already spent (as
         Opacus' accountants' ``state_dict``): JSON-able."""

@@ -22,5 +22,9 @@ class RoundHooks:
     def on_sum(self, which: str, request: Any, outcome: Any) -> None:
         """One secure sum of the round's k-means (``which``: "patches" | "images"); simulator only."""
 
-    def end_round(self, r: int, record: dict, epsilon: dict[int, float] | None, z: float | None) -> None:
-        """Round ``r`` is done: its record, every client's epsilon after it (None without DP)."""
+    def privacy_plan(self, plan: dict) -> None:
+        """The noise the run uses and what it was calibrated for, once known (before round 1)."""
+
+    def end_round(self, r: int, record: dict, privacy: Any) -> None:
+        """Round ``r`` is done: its record and the run's ``RunPrivacy`` (None without DP: every
+        client's epsilon after the round, the noise and each client's whole history)."""

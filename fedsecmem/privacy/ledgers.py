@@ -25,7 +25,7 @@ from fedsecmem.privacy.threat_model import threat_model
 
 __all__ = [
     "PartyLedgerHooks", "RunLedgers", "begin", "config_digest", "coordinator_observer", "file_digest",
-    "last_task", "party_ledger", "record_dp", "run_start_fields", "write_party_keys",
+    "last_task", "party_ledger", "record_client_dp", "record_dp", "run_start_fields", "write_party_keys",
 ]
 
 
@@ -42,7 +42,9 @@ def run_start_fields(cfg, run_id: str) -> dict:
     pv = cfg.privacy
     privacy = {"dp": pv.dp}
     if pv.dp:
-        privacy.update(delta=pv.delta, epsilon_target=pv.epsilon, noise_multiplier=pv.noise_multiplier,
+        # a calibrated noise multiplier is not known yet: the ``dp_plan`` event signs it before round 1
+        privacy.update(delta=pv.delta, epsilon_target=pv.epsilon,
+                       noise_multiplier=pv.noise_multiplier if pv.epsilon is None else None,
                        noise=pv.noise, accountant=pv.accountant, clip_norm=pv.clip_norm,
                        image_clip_norm=pv.image_clip_norm, sgd_clip=pv.sgd_clip, epsilon_budget=pv.epsilon_budget)
     return {"run_id": run_id, "config_sha256": config_digest(cfg), "code_version": __version__,
@@ -50,11 +52,22 @@ def run_start_fields(cfg, run_id: str) -> dict:
             "threat_model": threat_model(cfg), "privacy": privacy}
 
 
-def record_dp(ledger: Ledger, r: int, per_client: dict[int, float], z: float, delta: float) -> dict[str, float | None]:
-    """The ``dp`` event of round ``r`` with every client's epsilon (infinite: null); returns them."""
+def record_dp(ledger: Ledger, r: int, privacy) -> dict[str, float | None]:
+    """The ``dp`` event of round ``r``: every client's epsilon (infinite: null) and the whole history
+    it was computed from (``PrivacyAccountant.compact``), so an auditor can recompute it."""
+    per_client = privacy.per_round[-1]
     eps = {str(c): (e if e != float("inf") else None) for c, e in per_client.items()}
-    ledger.append("dp", round=r, noise_multiplier=z, delta=delta, epsilon=eps)
+    acc = privacy.accountant
+    ledger.append("dp", round=r, noise_multiplier=privacy.z, delta=acc.delta, accountant=acc.kind, epsilon=eps,
+                  history={str(c): acc.compact(c) for c in per_client})
     return eps
+
+
+def record_client_dp(ledger: Ledger, r: int, budget, z: float | None) -> None:
+    """A client's own ``dp`` event: the epsilon it counted itself after round ``r`` and its history."""
+    acc, eps = budget.accountant, budget.epsilon()
+    ledger.append("dp", round=r, noise_multiplier=z, delta=acc.delta, accountant=acc.kind,
+                  epsilon=eps if eps != float("inf") else None, history=acc.compact(budget.cid))
 
 
 class RunLedgers(RoundHooks):
@@ -96,23 +109,21 @@ class RunLedgers(RoundHooks):
             self.server.message("sent", client.party, stage, body, round=self.round)
             client.message("received", SERVER, stage, body, round=self.round)
 
-    def privacy(self, r: int, per_client: dict[int, float], z: float, delta: float) -> None:
-        """Epsilon the server counted for every client after round ``r``."""
-        record_dp(self.server, r, per_client, z, delta)
+    def client_privacy(self, r: int, budget, z: float | None) -> None:
+        """Epsilon a client counted itself after round ``r`` (its own accountant, ``ClientBudget``)."""
+        record_client_dp(self.clients[budget.cid], r, budget, z)
 
-    def client_privacy(self, r: int, cid: int, epsilon: float, z: float, delta: float) -> None:
-        """Epsilon client ``cid`` counted itself after round ``r`` (its own accountant)."""
-        self.clients[cid].append("dp", round=r, noise_multiplier=z, delta=delta,
-                                 epsilon=epsilon if epsilon != float("inf") else None)
+    def privacy_plan(self, plan: dict) -> None:
+        self.server.append("dp_plan", **plan)
 
     def dropouts(self, r: int, clients: list[int]) -> None:
         if clients:
             self.server.append("dropout", round=r, clients=sorted(clients))
 
-    def end_round(self, r: int, record: dict, epsilon: dict[int, float] | None, z: float | None) -> None:
+    def end_round(self, r: int, record: dict, privacy) -> None:
         self.dropouts(r, record.get("dropped", []))
-        if epsilon is not None:
-            self.privacy(r, epsilon, z, self.delta)
+        if privacy is not None:
+            record_dp(self.server, r, privacy)
 
     def end(self, status: str, **fields) -> None:
         for led in self.all():
@@ -175,11 +186,14 @@ class PartyLedgerHooks(RoundHooks):
     def begin_round(self, r: int) -> None:
         self.ledger.append("round_start", round=r)
 
-    def end_round(self, r: int, record: dict, epsilon: dict[int, float] | None, z: float | None) -> None:
+    def privacy_plan(self, plan: dict) -> None:
+        self.ledger.append("dp_plan", **plan)
+
+    def end_round(self, r: int, record: dict, privacy) -> None:
         if record.get("dropped"):
             self.ledger.append("dropout", round=r, clients=record["dropped"])
-        if epsilon is not None:
-            record_dp(self.ledger, r, epsilon, z, self.delta)
+        if privacy is not None:
+            record_dp(self.ledger, r, privacy)
         self.ledger.sync()
 
 

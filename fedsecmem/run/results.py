@@ -118,6 +118,25 @@ class Environment(_Closed):
     fedsecmem: str
     torch: str
     python: str
+    commit: str | None = None  # the source tree's git commit (with "+changes" when it differs), if any
+
+
+def source_commit() -> str | None:
+    """The git commit of the source tree the package runs from, "+changes" appended when files
+    differ from it; None outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 class Results(_Closed):
@@ -199,7 +218,8 @@ def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], out
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "device": device,
         "threads": torch.get_num_threads(),
-        "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "environment": {"fedsecmem": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                        "commit": source_commit()},
         "files": files,
         **(extra or {}),
     }

@@ -28,7 +28,7 @@ from fedsecmem.run.results import results_document, write_results
 from fedsecmem.run.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
 from fedsecmem.privacy.threat_model import threat_model
-from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint
+from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint, signed_files
 from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
 from fedsecmem.method.context import MethodContext
 from fedsecmem.methods import METHODS, implementation
@@ -66,7 +66,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    bench = load_benchmark(cfg.data, cfg.seed)
+    bench = load_benchmark(cfg.data, cfg.seed, patients=cfg.privacy.unit == "patient")
     try:
         clients = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)
     except ValueError as exc:
@@ -142,17 +142,16 @@ def run(cfg: RunConfig, out: Path) -> dict:
             extra["leakage"]["dp_bound"] = {"epsilon": eps, "delta": cfg.privacy.delta,
                                             "auc": dp_auc_bound(eps, cfg.privacy.delta),
                                             "tpr": dp_tpr_bound(eps, cfg.privacy.delta, cfg.audit.fpr)}
-    if ledgers is not None:
-        memory = out / GLOBAL_MEMORY_FILE
-        _end_ledgers(ledgers, "completed", run_id=run_id,
-                     global_memory_sha256=file_digest(memory) if METHODS[cfg.method].memory_sharing else None,
-                     auroc_image=mean_defined(per_client, "auroc_image"), epsilon=(output.privacy or {}).get("epsilon"))
+    if ledgers is not None:  # the heads as they are before run_end, which then signs results.json
         extra["ledger"] = {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(ledgers.public),
                            "parties": len(ledgers.all()), "heads": ledgers.heads()}
     results = results_document(cfg, bench.name, per_client, output, timings, t_start, str(device), files,
                                pooled, n_images=len(bench.train) + len(bench.test), n_test=len(bench.test),
                                extra=extra)
-    return write_results(cfg, results, out)
+    doc = write_results(cfg, results, out)
+    _end_ledgers(ledgers, "completed", run_id=run_id, files=signed_files(out),
+                 auroc_image=mean_defined(per_client, "auroc_image"), epsilon=(output.privacy or {}).get("epsilon"))
+    return doc
 
 
 def _end_ledgers(ledgers, status: str, **fields) -> None:

@@ -1,0 +1,86 @@
+"""What crossed the wire, all of it: a release inventory built from the server's signed ledger.
+
+Every message a ledger records has a stage (the SecAgg+ stage of a simulated sum, the coordinator's
+task or reply kind when deployed). ``STAGES`` says, once, what each stage carries, whether it is
+derived from the clients' images, whether differential privacy covers it, and who sees it; the
+inventory counts the ledger's messages and bytes per stage and direction. A stage the ledger holds
+and ``STAGES`` does not describe is listed as such (never silently dropped).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+__all__ = ["STAGES", "Stage", "inventory"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    carries: str
+    from_images: bool  # derived from the clients' images (else: keys, control, or post-processing)
+    dp: str  # "yes", "no", "n/a" (not derived from images) or "post-processing"
+    seen_by: str
+
+
+_MASKED = Stage("the client's k-means statistics (per-cell weighted sums), noised when DP is on, then masked "
+                "by pairwise and self masks", True, "yes", "the server, only as the sum of at least t uploads")
+_CLEAR = Stage("the client's k-means statistics (per-cell weighted sums) without masks, noised when DP is on",
+               True, "yes", "the server, each upload")
+_KEYS = Stage("X25519 public keys, their Ed25519 signature and a commitment to the self-mask seed", False, "n/a",
+              "the server and the client's neighbours")
+_SHARES = Stage("Shamir shares of the client's mask keys, encrypted to each neighbour (AES-GCM)", False, "n/a",
+                "only the addressed neighbour can decrypt")
+_UNMASK = Stage("shares that remove dropped clients' pairwise masks and survivors' self masks", False, "n/a",
+                "the server")
+_REQUEST = Stage("the server's k-means request: cluster centres or a partition, computed from earlier releases",
+                 False, "post-processing", "the addressed clients")
+
+STAGES: dict[str, Stage] = {
+    # a simulated sum's stages (protocols.secure_sum) ...
+    "setup": Stage("the SecAgg+ session: neighbours and threshold", False, "n/a", "the addressed clients"),
+    "advertise": _KEYS, "share": _SHARES, "mask": _MASKED, "unmask": _UNMASK, "plain": _CLEAR,
+    "ckks": Stage("the client's k-means statistics encrypted under CKKS, noised when DP is on", True, "yes",
+                  "the server sees ciphertexts; the key holder can decrypt"),
+    # ... and a deployment's task and reply kinds (deployment.serve, protocols.network_sum)
+    "hello": Stage("a registration: training and test image counts, per-category image counts, DP-SGD rate "
+                   "and steps", True, "no", "the server"),
+    "round": Stage("the round's task: round number, noise multiplier, the global memory", False, "post-processing",
+                   "the addressed clients"),
+    "ready": Stage("trained or not; the mean training loss (only without DP)", True, "no (withheld under DP)",
+                   "the server"),
+    "compute": _REQUEST, "advertise_keys": _KEYS, "shares": _SHARES, "secagg_keys": _KEYS,
+    "secagg_relay": _SHARES, "masked": _MASKED, "secagg_unmask": _UNMASK, "vector": _CLEAR,
+    "memory": Stage("the final global memory", False, "post-processing", "every client"),
+    "scores": Stage("the client's test metrics (only without DP; 'withheld' under DP)", True,
+                    "no (withheld under DP)", "the server"),
+    "finish": Stage("the end of the run", False, "n/a", "every client"),
+    "bye": Stage("acknowledgement", False, "n/a", "the server"),
+    "refused": Stage("a client's refusal with its reason (e.g. its own budget)", False, "n/a", "the server"),
+}
+
+
+def _stage(name: str) -> Stage | None:
+    if name.startswith("request:"):
+        return _REQUEST
+    return STAGES.get(name)
+
+
+def inventory(server_events: list[dict]) -> list[dict]:
+    """One row per (stage, direction) of the server's ledger messages: counts, bytes, and what the
+    stage is (``STAGES``)."""
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for e in server_events:
+        if e.get("event") != "message":
+            continue
+        key = (str(e.get("stage")), "to clients" if e.get("dir") == "sent" else "from clients")
+        counts[key][0] += 1
+        counts[key][1] += int(e.get("bytes") or 0)
+    rows = []
+    for (name, direction), (n, size) in sorted(counts.items()):
+        st = _stage(name)
+        rows.append({"stage": name, "direction": direction, "messages": n, "bytes": size,
+                     "carries": st.carries if st else "undescribed stage",
+                     "from_images": st.from_images if st else None, "dp": st.dp if st else "unknown",
+                     "seen_by": st.seen_by if st else "unknown"})
+    return rows
