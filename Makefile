@@ -56,7 +56,7 @@ test: system $(STAMP)
 # The benchmarks also need anomalib (the parity reference, `bench` extra), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install --quiet -e '.[test,data,bench]'
+	$(PIP) install --quiet -e '.[test,data,bench,ray]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

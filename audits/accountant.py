@@ -41,13 +41,19 @@ PLD_DISCRETIZATION = 1e-3
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512, 1024]
 
 
+SGD, RELEASE = "sgd", "release"
+
+
 @dataclass(frozen=True)
 class Step:
-    """``count`` compositions of a (subsampled) Gaussian mechanism."""
+    """``count`` compositions of a (subsampled) Gaussian mechanism. ``kind``: a DP-SGD step (its
+    noise stays with the client) or a release (its noise may be shared out); the epsilon does not
+    depend on it, who faces which noise does (``audits.adversaries``)."""
 
     noise_multiplier: float
     sample_rate: float
     count: int = 1
+    kind: str = RELEASE
 
 
 def epsilon_of(history: Iterable[Step], delta: float, kind: str = DEFAULT_ACCOUNTANT) -> float:
@@ -97,6 +103,15 @@ def _pld_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> fl
     return float(acc.get_epsilon(delta))
 
 
+def step_of(entry: list) -> Step:
+    """A ``Step`` from its JSON form [z, rate, count(, kind)] (without a kind: rate 1 is a release)."""
+    z, q, n = float(entry[0]), float(entry[1]), int(entry[2])
+    kind = str(entry[3]) if len(entry) > 3 else (RELEASE if q >= 1.0 else SGD)
+    if kind not in (SGD, RELEASE):
+        raise ValueError(f"unknown step kind {kind!r}")
+    return Step(z, q, n, kind)
+
+
 class PrivacyAccountant:
     """The histories of every client of a run, and the (epsilon, delta) each has spent."""
 
@@ -116,27 +131,28 @@ class PrivacyAccountant:
         return epsilon_of(self.history[int(client)], self.delta, self.kind)
 
     def compact(self, client: int) -> list[list]:
-        """``client``'s history with identical (z, rate) steps merged: [[z, rate, count], ...] in the
-        order first charged. What a ledger signs, and all an auditor needs to recompute epsilon."""
-        counts: dict[tuple[float, float], int] = {}
+        """``client``'s history with identical (z, rate, kind) steps merged: [[z, rate, count, kind],
+        ...] in the order first charged. What a ledger signs, and all an auditor needs to recompute
+        epsilon (and, by kind, each adversary's)."""
+        counts: dict[tuple[float, float, str], int] = {}
         for s in self.history[int(client)]:
-            key = (float(s.noise_multiplier), float(s.sample_rate))
+            key = (float(s.noise_multiplier), float(s.sample_rate), s.kind)
             counts[key] = counts.get(key, 0) + int(s.count)
-        return [[z, q, n] for (z, q), n in counts.items()]
+        return [[z, q, n, kind] for (z, q, kind), n in counts.items()]
 
     def would_spend(self, client: int, steps: Iterable[Step]) -> float:
         return epsilon_of([*self.history[int(client)], *steps], self.delta, self.kind)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "delta": self.delta,
-                "history": {str(c): [[s.noise_multiplier, s.sample_rate, s.count] for s in h]
+                "history": {str(c): [[s.noise_multiplier, s.sample_rate, s.count, s.kind] for s in h]
                             for c, h in self.history.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrivacyAccountant":
         acc = cls([int(c) for c in data["history"]], float(data["delta"]), data["kind"])
         for c, h in data["history"].items():
-            acc.history[int(c)] = [Step(float(z), float(q), int(n)) for z, q, n in h]
+            acc.history[int(c)] = [step_of(entry) for entry in h]
         return acc
 
     def save(self, path: Path) -> None:

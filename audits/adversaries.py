@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from fedsecmem.audits.accountant import Step, epsilon_of
+from fedsecmem.audits.accountant import RELEASE, Step, epsilon_of, step_of
 
 __all__ = ["adversaries", "in_words", "odds_factor"]
 
@@ -34,10 +34,11 @@ def _faced(z: float, share_left: float) -> float:
 def _epsilon(history: list[list], share_left: float | None, delta: float, kind: str) -> float:
     """Epsilon of ``history`` when releases carry ``share_left`` x z^2 (None: as calibrated)."""
     steps = []
-    for z, q, n in history:
-        if q >= 1.0 and share_left is not None:
-            z = _faced(z, share_left)
-        steps.append(Step(float(z), float(q), int(n)))
+    for entry in history:
+        s = step_of(entry)
+        if s.kind == RELEASE and share_left is not None:  # DP-SGD noise stays with the client
+            s = Step(_faced(s.noise_multiplier, share_left), s.sample_rate, s.count, s.kind)
+        steps.append(s)
     return epsilon_of(steps, delta, kind)
 
 
@@ -56,46 +57,59 @@ def in_words(epsilon: float | None, delta: float, unit: str = "image") -> str:
     factor = math.exp(epsilon)
     strength = ("strong" if epsilon <= 1 else "moderate" if epsilon <= 4 else "weak" if epsilon <= 10
                 else "nominal")
-    return (f"{strength}: whatever the adversary knew before, its odds that a given {unit} was used can grow "
-            f"at most {factor:,.1f}-fold (except with probability {delta:g})")
+    return (f"{strength}: whatever the adversary knew before, seeing the results can raise its odds that a "
+            f"given {unit} was used at most {factor:,.1f}-fold, up to a small slack of probability {delta:g} "
+            "where the bound may fail")
 
 
 def adversaries(histories: dict[str, list[list]], *, protocol: str, noise: str, min_survivors: int,
                 threshold: int | None, clients: int, delta: float, kind: str,
-                neighbours: int | None = None) -> list[dict]:
+                neighbours: int | None = None, unit: str = "image") -> list[dict]:
     """One row per adversary: who, how much of the calibrated release noise it faces (worst case the
-    protocol allows), the largest epsilon over clients, and what the protocol assumes."""
+    protocol allows), the largest epsilon over clients, and what the protocol assumes.
+
+    SecAgg+ clients enforce its threshold t themselves (fewer than t inputs cannot be unmasked);
+    ``min_survivors`` m is enforced by the server, so a server that ignores it can reveal a sum of t.
+    Hence, with distributed noise: the server alone faces t/(m - 1), the server with t - 1 colluders
+    1/(m - 1) (the victim's own share); a client, or anyone shown the global memory, faces
+    (s - 1)/(m - 1) >= 1 for the s >= m sums an honest server releases."""
     m = max(int(min_survivors), 2)
+    t = max(int(threshold or 2), 2)
+    if protocol == "secagg":
+        colluders = t - 1
+        assumes_alone = (f"the server sees only sums SecAgg+ lets it unmask: at least t = {t} uploads, "
+                         "enforced by the clients")
+        assumes_coalition = (f"fewer than t = {t} collude (t - 1 can remove their own shares of a sum of t); "
+                             "more would break SecAgg+ itself")
+    elif protocol == "ckks":
+        colluders = 1
+        assumes_alone = ("the server follows the protocol and has only sums of at least m uploads decrypted "
+                         "(a server that has one upload decrypted faces that upload's share alone)")
+        assumes_coalition = "one client holds the CKKS secret key: the server with it decrypts each upload"
+    else:
+        colluders = clients - 1
+        assumes_alone = "the plain protocol: the server sees each client's upload"
+        assumes_coalition = "the server already sees each upload"
     if noise == "distributed":
-        alone = {"plain": 1 / (m - 1)}.get(protocol, m / (m - 1))
-        colluders = {"secagg": (threshold or 2) - 1, "ckks": clients - 1}.get(protocol, clients - 1)
-        # CKKS: any one client holds the secret key, so the server with one client decrypts each input
-        with_clients = (1 / (m - 1) if protocol in ("plain", "ckks")
-                        else max(m - colluders, 0) / (m - 1))
-        memory = 1.0  # a client sees the released memory and knows its own share: (m - 1)/(m - 1)
+        alone = {"secagg": t / (m - 1), "ckks": m / (m - 1)}.get(protocol, 1 / (m - 1))
+        with_clients = 1 / (m - 1)
+        memory = 1.0
     elif noise == "local":
         alone = with_clients = memory = 1.0
-        colluders = (threshold or 2) - 1 if protocol == "secagg" else clients - 1
     else:  # central: the server adds the noise to a clean sum
         alone = with_clients = 0.0
         memory = 1.0
-        colluders = (threshold or 2) - 1 if protocol == "secagg" else clients - 1
+    if not histories:
+        raise ValueError("no client history to compose")
 
     def worst(share: float | None) -> float | None:
         eps = max(_epsilon(h, share, delta, kind) for h in histories.values())
         return None if math.isinf(eps) else eps
 
-    who = {"plain": "sees each client's upload", "secagg": "sees only sums of at least "
-           f"{m} uploads (SecAgg+)", "ckks": "sees only ciphertexts and decrypted sums (CKKS)"}[protocol]
     rows = [
-        {"adversary": "the server alone", "assumes": f"the server {who}",
-         "noise_share": alone, "epsilon": worst(alone)},
+        {"adversary": "the server alone", "assumes": assumes_alone, "noise_share": alone, "epsilon": worst(alone)},
         {"adversary": f"the server with up to {colluders} colluding client{'' if colluders == 1 else 's'}",
-         "assumes": ("fewer than the SecAgg+ threshold t = %d collude; worst case: the sum holds only %d uploads"
-                     % (threshold or 2, m)) if protocol == "secagg" else
-                    ("one client holds the CKKS secret key: the server with it decrypts each upload"
-                     if protocol == "ckks" else "the server already sees each upload"),
-         "noise_share": with_clients, "epsilon": worst(with_clients)},
+         "assumes": assumes_coalition, "noise_share": with_clients, "epsilon": worst(with_clients)},
         {"adversary": "anyone who sees the global memory (a client, or an outsider it is shown to)",
          "assumes": "post-processing of the released sums; a client knows its own noise share",
          "noise_share": memory, "epsilon": worst(memory)},
@@ -105,5 +119,5 @@ def adversaries(histories: dict[str, list[list]], *, protocol: str, noise: str, 
                                "the config was checked against (a failure probability, not zero)")
     for row in rows:
         row["odds_factor"] = odds_factor(row["epsilon"])
-        row["in_words"] = in_words(row["epsilon"], delta)
+        row["in_words"] = in_words(row["epsilon"], delta, unit)
     return rows

@@ -6,23 +6,22 @@ ledgers, reads each client's signed mechanism history (the server's last ``dp`` 
 - recomputes every client's epsilon with the accountant the run used (must agree to 1e-6) and with an
   independent implementation from another library (for PLD, dp_accounting's, Opacus' PRV: agree
   within ``INDEPENDENT_TOLERANCE``; and Opacus' RDP, a looser sound bound, must not be below it);
-- checks the report's epsilon per client, noise multiplier and delta against the signed events, each
-  adversary's epsilon against a recomputation, the utility figures against results.json (itself
-  signed), and the file digests against the files;
+- rebuilds the whole report from the signed records (and the comparison runs it names, verified in
+  turn) and requires report.json to equal it field by field and report.html to be the page
+  rendered from it (so no figure, sentence or plot in either can be edited);
 - reports each check as a line; any failure makes the exit code 1.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedsecmem.audits.accountant import Step, epsilon_of
-from fedsecmem.audits.adversaries import adversaries
-from fedsecmem.audits.ledger import sha256
-from fedsecmem.audits.report import ReportError, signed_privacy, verified_run
+from fedsecmem.audits.accountant import epsilon_of, step_of
+from fedsecmem.audits.report import REPORT_HTML, ReportError, build_report, render_html, signed_privacy, verified_run
 from fedsecmem.audits.report_schema import Report
 
 __all__ = ["INDEPENDENT_TOLERANCE", "check_report"]
@@ -38,8 +37,25 @@ def _close(a: float | None, b: float | None, rel: float = 1e-6) -> bool:
     return abs(a - b) <= rel * max(1.0, abs(b))
 
 
+def _diff(a, b, path: str = "") -> list[str]:
+    """The paths where two JSON documents differ (numbers compared to 1e-9 relative)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            out += [where] if (key in a) != (key in b) else _diff(a[key], b[key], where)
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return [] if _close(float(a), float(b), 1e-9) else [path]
+    return [] if a == b else [path]
+
+
 def check_report(path: Path, keys=None) -> list[tuple[bool, str]]:
-    """Every check of ``path`` (report.json) as (passed, line)."""
+    """Every check of ``path`` (report.json, with report.html beside it) as (passed, line)."""
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"no report at {path}")
@@ -54,43 +70,32 @@ def check_report(path: Path, keys=None) -> list[tuple[bool, str]]:
     if report.run.run_id != results["run_id"]:
         out.append((False, f"the report is of run {report.run.run_id}, the folder holds run {results['run_id']}"))
         return out
-    for name, f in report.files.items():
-        p = run_dir / name
-        ok = p.is_file() and sha256(p.read_bytes()) == f.sha256
-        out.append((ok, f"{name}: {'matches' if ok else 'differs from'} the digest the report and the ledger state"))
     signed = signed_privacy(results, parties["server"])
-    dp = report.dp
-    if signed is None:
-        out.append((not dp.enabled, "DP off in the signed run_start" + ("" if not dp.enabled else ", on in the report")))
-    else:
+    if signed is not None:  # every client's epsilon, recomputed from its signed history, twice
         plan = signed["plan"]
-        out.append((_close(dp.noise_multiplier, plan["noise_multiplier"]) and _close(dp.delta, plan["delta"]),
-                    f"noise multiplier {dp.noise_multiplier} and delta {dp.delta} as signed in dp_plan"))
         kind, other = signed["accountant"], _INDEPENDENT[signed["accountant"]]
         for c, hist in sorted(signed["history"].items()):
-            steps = [Step(float(z), float(q), int(n)) for z, q, n in hist]
+            steps = [step_of(entry) for entry in hist]
             same = epsilon_of(steps, plan["delta"], kind)
             indep = epsilon_of(steps, plan["delta"], other)
             loose = epsilon_of(steps, plan["delta"], "rdp")
-            said = dp.epsilon_per_client[c] if c < len(dp.epsilon_per_client) else None
+            said = report.dp.epsilon_per_client[c] if c < len(report.dp.epsilon_per_client) else None
             said = math.inf if said is None else said
             out.append((_close(said, same), f"client {c}: epsilon {said:.4f} in the report, {same:.4f} recomputed "
                         f"from the signed history with {kind}"))
             out.append((abs(indep - same) <= INDEPENDENT_TOLERANCE * same and loose >= same * (1 - 1e-6),
                         f"client {c}: independent {other} gives {indep:.4f} (within {INDEPENDENT_TOLERANCE:.0%}), "
                         f"RDP's looser bound {loose:.4f} >= {same:.4f}"))
-        rows = adversaries({str(c): h for c, h in signed["history"].items()}, protocol=results["protocol"],
-                           noise=plan.get("noise", "distributed"), min_survivors=plan.get("min_survivors") or 2,
-                           threshold=(report.threat_model or {}).get("threshold"), clients=report.clients,
-                           delta=plan["delta"], kind=kind,
-                           neighbours=None)
-        for mine, theirs in zip(rows, report.adversaries):
-            out.append((_close(mine["epsilon"], theirs.epsilon, 1e-6),
-                        f"{theirs.adversary}: epsilon {theirs.epsilon} in the report, {mine['epsilon']} recomputed"))
-    auroc = results["auroc"].get("image")
-    out.append((_close(report.utility.auroc_image, auroc), f"image AUROC {report.utility.auroc_image} as in the "
-                f"signed results.json ({auroc})"))
-    for row in report.utility.per_site:
-        mine = next((c.get("auroc_image") for c in results["per_client"] if c["client"] == row["client"]), None)
-        out.append((_close(row.get("this_run"), mine), f"site {row['client']}: AUROC {row.get('this_run')} as signed"))
+    # every other figure: the report rebuilt from the signed records must be this one, field by field
+    rebuilt = build_report(run_dir, keys, [Path(c.folder) for c in report.utility.compared_with])
+    diffs = _diff(rebuilt, json.loads(path.read_text()))
+    out.append((not diffs, "report.json is the report rebuilt from the signed records" if not diffs else
+                f"report.json differs from the report rebuilt from the signed records at {len(diffs)} fields: "
+                + ", ".join(diffs[:8])))
+    html = run_dir / REPORT_HTML
+    if html.is_file():
+        same_html = html.read_text() == render_html(rebuilt, run_dir)
+        out.append((same_html, f"{REPORT_HTML} {'is' if same_html else 'is not'} the page rendered from them"))
+    else:
+        out.append((False, f"no {REPORT_HTML} beside the report"))
     return out

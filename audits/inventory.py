@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-__all__ = ["STAGES", "Stage", "inventory"]
+__all__ = ["STAGES", "Stage", "TO_CLIENTS", "inventory"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ STAGES: dict[str, Stage] = {
                    "and steps", True, "no", "the server"),
     "round": Stage("the round's task: round number, noise multiplier, the global memory", False, "post-processing",
                    "the addressed clients"),
-    "ready": Stage("trained or not; the mean training loss (only without DP)", True, "no (withheld under DP)",
-                   "the server"),
+    "ready": Stage("trained or not; how many prototypes and image embeddings it holds (which tells its image "
+                   "count); the mean training loss (only without DP)", True, "no", "the server"),
     "compute": _REQUEST, "advertise_keys": _KEYS, "shares": _SHARES, "secagg_keys": _KEYS,
     "secagg_relay": _SHARES, "masked": _MASKED, "secagg_unmask": _UNMASK, "vector": _CLEAR,
     "memory": Stage("the final global memory", False, "post-processing", "every client"),
@@ -60,15 +60,28 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def _stage(name: str) -> Stage | None:
+# a simulated SecAgg+ sum records the server's answer to a stage under that stage's name
+TO_CLIENTS: dict[str, Stage] = {
+    "advertise": Stage("the neighbours' advertised keys, signatures and seed commitments, relayed", False, "n/a",
+                       "the addressed clients"),
+    "share": Stage("the encrypted key shares addressed to this client, relayed", False, "n/a",
+                   "only the addressed client can decrypt"),
+    "mask": Stage("which clients' masked inputs arrived: the request for unmasking shares", False, "n/a",
+                  "the addressed clients"),
+}
+
+
+def _stage(name: str, to_clients: bool) -> Stage | None:
     if name.startswith("request:"):
         return _REQUEST
+    if to_clients and name in TO_CLIENTS:
+        return TO_CLIENTS[name]
     return STAGES.get(name)
 
 
-def inventory(server_events: list[dict]) -> list[dict]:
+def inventory(server_events: list[dict], dp: bool) -> list[dict]:
     """One row per (stage, direction) of the server's ledger messages: counts, bytes, and what the
-    stage is (``STAGES``)."""
+    stage is (``STAGES``). ``dp``: whether the run was private (without it nothing is covered)."""
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for e in server_events:
         if e.get("event") != "message":
@@ -78,9 +91,10 @@ def inventory(server_events: list[dict]) -> list[dict]:
         counts[key][1] += int(e.get("bytes") or 0)
     rows = []
     for (name, direction), (n, size) in sorted(counts.items()):
-        st = _stage(name)
+        st = _stage(name, direction == "to clients")
         rows.append({"stage": name, "direction": direction, "messages": n, "bytes": size,
                      "carries": st.carries if st else "undescribed stage",
-                     "from_images": st.from_images if st else None, "dp": st.dp if st else "unknown",
+                     "from_images": st.from_images if st else None,
+                     "dp": ("unknown" if st is None else st.dp if dp or st.dp == "n/a" else "no (DP off)"),
                      "seen_by": st.seen_by if st else "unknown"})
     return rows

@@ -329,7 +329,8 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
 RESULTS_FILE = "results.json"
 GLOBAL_MEMORY_FILE = "global_memory.npz"
 # the run's files the server signs in its ``run_end`` (``signed_files``), in the order a report lists them
-SIGNED_FILES = ("results.json", "config.yaml", "privacy_state.json", GLOBAL_MEMORY_FILE)
+SIGNED_FILES = ("results.json", "config.yaml", "privacy_state.json", GLOBAL_MEMORY_FILE, "auroc_per_round.png",
+                "leakage_roc.png", "anomaly_maps.png")
 
 
 def ledger_head(path: Path) -> dict:
@@ -392,8 +393,9 @@ def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Pr
     end = _last_run_end(server) if server else None
     if end is not None and end.record.get("run_id") == run_id:
         signed = end.record.get("files") or {}
-        if heads and RESULTS_FILE not in signed:
-            problems.append(Problem(f"{SERVER}.jsonl", end.line, f"run_end does not sign {RESULTS_FILE}"))
+        if RESULTS_FILE not in signed:  # e.g. a failed run's end, and a results file written afterwards
+            problems.append(Problem(RESULTS_FILE, None, f"not signed by the server's run_end (status "
+                                                        f"{end.record.get('status')!r}): not this run's results"))
         for name, digest in sorted(signed.items()):
             f = Path(run_dir) / name
             if not f.is_file():

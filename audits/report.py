@@ -157,8 +157,19 @@ def group_privacy(epsilon: float | None, delta: float, k: int) -> dict:
     return {"images": k, "epsilon": k * epsilon, "delta": min(d, 1.0)}
 
 
-def _suppress(count: int) -> int | str:
-    return count if count >= SMALL_CELL else f"<{SMALL_CELL}"
+def _participant(row: dict) -> dict:
+    """A site's counts for print: a count under ``SMALL_CELL`` is hidden, and then the row's other
+    counts (the total too) are rounded to a multiple of it, so no hidden count can be recovered by
+    subtracting the others from the total."""
+    products = {k: int(v) for k, v in (row.get("products") or {}).items()}
+    total = int(row.get("n_train") or 0)
+    if all(v >= SMALL_CELL for v in products.values()) and total >= SMALL_CELL:
+        return {"client": row["client"], "n_train": total, "products": products}
+
+    def rounded(v: int) -> int | str:
+        return f"~{SMALL_CELL * round(v / SMALL_CELL)}" if v >= SMALL_CELL else f"<{SMALL_CELL}"
+
+    return {"client": row["client"], "n_train": rounded(total), "products": {k: rounded(v) for k, v in products.items()}}
 
 
 def _config_of(run_dir: Path) -> dict:
@@ -173,19 +184,36 @@ def _config_of(run_dir: Path) -> dict:
         raise ReportError(f"{path}: unreadable ({exc})") from None
 
 
-def _utility(results: dict, run_dir: Path, compare: list[Path], config: dict) -> dict:
-    """The run's AUROC per site beside each comparison run (same data and split, checked): each site
-    alone (method local) and, where given, the run without DP."""
+# what decides the training split a site trains on: equal in a comparison run
+_SAME_SPLIT = (("data",), ("clients",), ("seed",), ("audit", "leakage"), ("audit", "holdout_fraction"),
+               ("privacy", "unit"))
+
+
+def _at(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = (tree or {}).get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _utility(results: dict, run_dir: Path, compare: list[Path], config: dict, keys=None) -> dict:
+    """The run's AUROC per site beside each comparison run: each site alone (method local) and,
+    where given, the run without DP. A comparison run must verify as this one does (its results
+    signed) and train each site on the same images (same data, split, holdout, unit, sizes)."""
     rows = {c["client"]: {"client": c["client"], "this_run": c.get("auroc_image")} for c in results["per_client"]}
+    sizes = {c["client"]: c.get("n_train") for c in results["per_client"]}
     runs = []
     for other in compare:
-        r = _read_json(Path(other) / "results.json")
+        try:
+            r, _, _ = verified_run(Path(other), keys)
+        except ReportError as exc:
+            raise ReportError(f"--compare {other}: {exc}") from None
         oc = _config_of(Path(other))
-        for key in ("data", "clients", "seed"):
-            if oc.get(key) != config.get(key):
-                raise ReportError(f"--compare {other}: its {key} differs from this run's (not the same data and split)")
-        if (Path(other) / LEDGER_DIR).is_dir() and not verify_run(Path(other)).ok:
-            raise ReportError(f"--compare {other}: its ledgers do not verify")
+        for key in _SAME_SPLIT:
+            if _at(oc, key) != _at(config, key):
+                raise ReportError(f"--compare {other}: its {'.'.join(key)} differs from this run's "
+                                  "(not the same training images)")
+        if {c["client"]: c.get("n_train") for c in r["per_client"]} != sizes:
+            raise ReportError(f"--compare {other}: its sites hold other numbers of training images")
         label = "each site alone" if r.get("method") == "local" else (
             f"{r.get('method')} without DP" if not (r.get("privacy") or {}).get("dp") else f"{r.get('method')} with DP")
         runs.append({"label": label, "folder": str(other), "run_id": r.get("run_id"),
@@ -205,9 +233,9 @@ def _utility(results: dict, run_dir: Path, compare: list[Path], config: dict) ->
             "withheld": any(c.get("withheld") for c in results["per_client"])}
 
 
-def _leakage_for(adversary: str, leakage: dict | None) -> dict | None:
+def _leakage_for(adversary: str | None, leakage: dict | None) -> dict | None:
     """The measured attack on the view that matches an adversary row (best attack's AUC)."""
-    if not leakage:
+    if not leakage or adversary is None:
         return None
     views = leakage.get("views", {})
     name = {"server": next((v for v in views if v.endswith("server")), None),
@@ -226,6 +254,10 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
 
     run_dir = Path(run_dir)
     r, ledger, parties = verified_run(run_dir, keys)
+    ledger["keys_source"] = ("the provisioned public keys given with --keys" if keys is not None else
+                             "the run folder's own ledger/keys.json: this shows the records are consistent, not "
+                             "who made them; compare its fingerprint with one kept elsewhere, or verify a "
+                             "deployment with --keys")
     server = parties.get(SERVER) or []
     if not server:
         raise ReportError(f"the server's ledger holds no run {r['run_id']!r}")
@@ -256,17 +288,19 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
             "budget": budget, "budget_left": [None if e is None or budget is None else budget - e
                                               for e in (eps[c] for c in sorted(eps))],
             "stopped": pv.get("stopped"),
-            "mechanism": "Gaussian: DP-SGD of the memory generator (Opacus, one image per sample) and "
+            "mechanism": f"Gaussian: DP-SGD of the memory generator (Opacus, one {unit} per sample) and "
                          "discrete-Gaussian noise on every k-means release",
             "source": "the server's signed dp_plan and dp events (and each client's own dp events)"})
         if unit == "image":
             dp["per_patient"] = [group_privacy(worst, plan["delta"], k) for k in (2, 5, 10)]
         secagg = ((config.get("secure") or {}).get("secagg") or {})
+        if not signed["history"]:
+            raise ReportError("the server's ledger has no dp event: no round's privacy was recorded")
         adv_rows = adversaries({str(c): h for c, h in signed["history"].items()}, protocol=r["protocol"],
                                noise=plan.get("noise", "distributed"), min_survivors=plan.get("min_survivors") or 2,
                                threshold=threat.get("threshold"), clients=n, delta=plan["delta"],
-                               kind=signed["accountant"], neighbours=secagg.get("neighbours"))
-        for row, view in zip(adv_rows, ("server", "server", "memory")):
+                               kind=signed["accountant"], neighbours=secagg.get("neighbours"), unit=unit)
+        for row, view in zip(adv_rows, ("server", None, "memory")):  # no coalition view is measured
             row["measured_attack"] = _leakage_for(view, r.get("leakage"))
             row["dp_bound_auc"] = None if row["epsilon"] is None else dp_auc_bound(row["epsilon"], plan["delta"])
     files = {name: {"sha256": digest, "signed_in": "server run_end"} for name, digest in (end.get("files") or {}).items()}
@@ -276,12 +310,10 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
     report = {
         "kind": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION,
         "run": {"name": r.get("name"), "run_id": r.get("run_id"), "method": r.get("method"),
-                "benchmark": r.get("benchmark"), "rounds": r.get("rounds"), "folder": str(run_dir),
+                "benchmark": r.get("benchmark"), "rounds": r.get("rounds"), "folder": run_dir.resolve().name,
                 "transport": (r.get("aggregation") or {}).get("transport", "in-process simulation"),
                 "code_version": env.get("fedsecmem"), "commit": env.get("commit")},
-        "participants": [{"client": c["client"], "n_train": _suppress(int(c.get("n_train") or 0)),
-                          "products": {k: _suppress(int(v)) for k, v in (c.get("products") or {}).items()}}
-                         for c in r.get("per_client", [])],
+        "participants": [_participant(c) for c in r.get("per_client", [])],
         "protocol": r.get("protocol"),
         "threat_model": threat,
         "dp": dp,
@@ -289,8 +321,8 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
         "dropouts": dropped,
         "bytes": {"up_per_client": [sum(x) for x in r["comm"]["bytes_up"]],
                   "down_per_client": [sum(x) for x in r["comm"]["bytes_down"]]},
-        "releases": inventory(server),
-        "utility": _utility(r, run_dir, list(compare), config),
+        "releases": inventory(server, signed is not None),
+        "utility": _utility(r, run_dir, list(compare), config, keys),
         "ledger": ledger,
         "files": files,
         "leakage": r.get("leakage"),
@@ -299,8 +331,9 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
             "torch": env.get("torch"), "config_sha256": start.get("config_sha256"), "seed": r.get("seed"),
             "noise": NOISE_STATEMENT if signed is not None else None,
             "data_locations": [
-                {"what": "the run folder: results, ledgers, global memory, privacy state, plots", "where": str(run_dir),
-                 "delete": f"remove the folder {run_dir} (keep the ledgers and report if they are the audit record)"},
+                {"what": "the run folder: results, ledgers, global memory, privacy state, plots",
+                 "where": f"the folder of this report ({run_dir.resolve().name})",
+                 "delete": "remove the folder (keep the ledgers and this report if they are the audit record)"},
                 {"what": "the embedding cache: backbone embeddings of every image (personal data where images are)",
                  "where": cache or "not kept (output.embedding_cache: null)",
                  "delete": "fedsecmem clean CONFIG" if cache else "nothing to delete"}]},
@@ -386,7 +419,9 @@ def render_html(report: dict, run_dir: Path) -> str:
     parts = [_table(["client", "training images", "images per category"],
                     [[p["client"], p["n_train"], ", ".join(f"{k} {v}" for k, v in p["products"].items())]
                      for p in report["participants"]]),
-             f"<p>Counts under {SMALL_CELL} are shown as &lt;{SMALL_CELL}: a small cell can single out a person.</p>"]
+             f"<p>Counts under {SMALL_CELL} are shown as &lt;{SMALL_CELL} (a small cell can single out a person), "
+             f"and the other counts of such a site rounded to a multiple of {SMALL_CELL} (~) so the hidden one cannot "
+             "be recovered by subtraction.</p>"]
     parts.append("<p>Dropouts: " + ("; ".join(f"round {r}: clients {c}" for r, c in report["dropouts"].items())
                                     if report["dropouts"] else "none") + ".</p>")
     out["participants"] = "".join(parts)
@@ -413,6 +448,7 @@ def render_html(report: dict, run_dir: Path) -> str:
             parts.append("<p>The unit is one image. A patient with several images in a client's data is protected "
                          "as a group (group privacy), more weakly: " + "; ".join(
                              f"{g['images']} images: epsilon {_eps(g['epsilon'])}, delta {g['delta']:.2g}"
+                             + (" (no guarantee left)" if g["delta"] is not None and g["delta"] >= 1 else "")
                              for g in dp["per_patient"] if g["epsilon"] is not None)
                          + ". Set <code>privacy.unit: patient</code> to protect each patient at the stated epsilon.</p>")
         png = _epsilon_plot(dp["epsilon_per_client_per_round"] or [], dp["budget"])

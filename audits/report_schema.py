@@ -35,7 +35,7 @@ class RunFacts(_Closed):
 
 class Participant(_Closed):
     client: int
-    n_train: int | str  # a count under SMALL_CELL is shown as "<5"
+    n_train: int | str  # a count under SMALL_CELL is shown as "<5", its row's other counts as "~10"
     products: dict[str, int | str]
 
 
@@ -61,7 +61,7 @@ class Privacy(_Closed):
     epsilon_per_client: list[float | None] = []
     epsilon_per_client_signed_by_client: list[float | None] = []
     epsilon_per_client_per_round: list[list[float | None]] = []
-    history: dict[str, list[list[float]]] = {}  # client -> [[z, sample rate, count], ...] as signed
+    history: dict[str, list[list[float | int | str]]] = {}  # client -> [[z, rate, count, kind], ...] as signed
     budget: float | None = None
     budget_left: list[float | None] = []
     stopped: dict[str, Any] | None = None

@@ -9,6 +9,8 @@ runs), so the grid can be filled over several sittings:
     python bench/bench_baselines.py                          # run what is missing, write the table
     python bench/bench_baselines.py --table textures         # the table of the benchmarks named
     python bench/bench_baselines.py --sensitivity textures   # SoftPull and WSA weight, alpha 0.5
+    FEDSECMEM_BACKEND=ray python bench/bench_baselines.py    # the grid's runs as Ray tasks (a local Ray,
+                                                             # or FEDSECMEM_RAY_ADDRESS=host:port)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, mean_std, run_config  # noqa: E402
+from common import OUT, mean_std, run_config, run_configs  # noqa: E402
 from markdown import write_section  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -40,15 +42,22 @@ METHODS = {  # label -> (run-name tag, overrides)
 }
 
 
-def runs(bench: str, tag: str, overrides: list[str], alpha: float) -> list[dict]:
+def jobs(bench: str, tag: str, overrides: list[str], alpha: float) -> list[tuple[str, str, list[str]]]:
     name = f"fed_{bench}_{tag}" + ("" if alpha == 0.5 else f"_a{alpha:g}")  # alpha 0.5: bench_feddymem's runs
-    return [run_config(bench, f"{name}_s{s}", [*overrides, f"clients.alpha={alpha}", f"seed={s}",
-                                                f"output.embedding_cache={OUT / 'cache'}"]) for s in SEEDS]
+    return [(bench, f"{name}_s{s}", [*overrides, f"clients.alpha={alpha}", f"seed={s}",
+                                     f"output.embedding_cache={OUT / 'cache'}"]) for s in SEEDS]
+
+
+def runs(bench: str, tag: str, overrides: list[str], alpha: float) -> list[dict]:
+    return [run_config(*job) for job in jobs(bench, tag, overrides, alpha)]
 
 
 def grid(bench: str) -> dict:
-    return {(label, alpha): runs(bench, tag, ov, alpha) for alpha in (0.5, 0.1, 10.0)
-            for label, (tag, ov) in METHODS.items()}
+    """Every (method, alpha) cell's runs, all started at once (as Ray tasks with FEDSECMEM_BACKEND=ray)."""
+    keys = [(label, alpha) for alpha in (0.5, 0.1, 10.0) for label in METHODS]
+    planned = [job for label, alpha in keys for job in jobs(bench, *METHODS[label], alpha)]
+    results = run_configs(planned)
+    return {key: results[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, key in enumerate(keys)}
 
 
 def per_client_round_mb(res: list[dict], key: str) -> float:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fedsecmem.config import load_config
+from fedsecmem.run.grid import finished, run_grid
 from fedsecmem.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +21,16 @@ def run_config(config: str, out: str, overrides: list[str]) -> dict:
     when the validated config it was made with is the one asked for now (a changed default, e.g. the
     accountant, re-runs it); the code version each figure came from is in its results.json."""
     path = OUT / out
-    done = path / "results.json"
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", overrides)
-    made_with = path / "config.yaml"
-    if done.exists() and made_with.exists() and yaml.safe_load(made_with.read_text()) == json.loads(cfg.model_dump_json()):
-        return json.loads(done.read_text())
-    return run(cfg, path)
+    return finished(cfg, path) or run(cfg, path)
+
+
+def run_configs(jobs: list[tuple[str, str, list[str]]]) -> list[dict]:
+    """Many ``run_config`` jobs at once: as Ray tasks when ``FEDSECMEM_BACKEND=ray`` (a local Ray, or
+    the cluster at ``FEDSECMEM_RAY_ADDRESS``), else one after another; finished runs are reused."""
+    backend = os.environ.get("FEDSECMEM_BACKEND", "inprocess")
+    grid = [(load_config(ROOT / "configs" / f"{config}.yaml", overrides), OUT / out) for config, out, overrides in jobs]
+    return run_grid(grid, backend, os.environ.get("FEDSECMEM_RAY_ADDRESS", ""))
 
 
 def mean_std(values: list[float | None]) -> str:

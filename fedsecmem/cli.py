@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value in every run (repeatable)")
     sw.add_argument("--inf-set", dest="inf_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value in the runs without DP only, e.g. a larger global memory")
+    sw.add_argument("--backend", choices=("inprocess", "ray"), default="inprocess",
+                    help="run the sweep's runs one after another here, or as Ray tasks")
+    sw.add_argument("--address", default="", help="with --backend ray: an existing cluster (default: a local Ray)")
     return p
 
 
@@ -314,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             out = Path(args.out) if args.out else Path("runs") / cfg.name
-            results = run(cfg, out)
+            if cfg.execution.backend == "ray":
+                from fedsecmem.deployment.ray_backend import run_on_ray
+
+                results = run_on_ray(cfg, out)
+            else:
+                results = run(cfg, out)
             print_run_summary(results, out)
         elif args.command == "table":
             print_comparison([Path(d) for d in args.runs])

@@ -20,7 +20,7 @@ from fedsecmem.protocols.secagg import default_threshold
 
 __all__ = [
     "AuditConfig", "BackboneConfig", "CkksConfig", "ClientsConfig", "DEFECT_FAMILIES", "DataConfig",
-    "DeployConfig", "FEDERATED", "FLConfig", "FMNIST_ANOMALY_CLASSES", "FMNIST_NORMAL_CLASSES",
+    "DeployConfig", "ExecutionConfig", "FEDERATED", "FLConfig", "FMNIST_ANOMALY_CLASSES", "FMNIST_NORMAL_CLASSES",
     "FedDyMemConfig", "GovernanceConfig", "MemoryConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
     "SecAggConfig", "SecureConfig", "Strict", "TEXTURE_PRODUCTS", "config_from_dict", "load_config",
     "parse_overrides",
@@ -265,6 +265,19 @@ class AuditConfig(Strict):
         return self
 
 
+class ExecutionConfig(Strict):
+    """Where the clients of ``fedsecmem run`` live (docs/scaling.md)."""
+
+    backend: Literal["inprocess", "ray"] = Field("inprocess", description="inprocess: every client in this "
+                                                 "process; ray: each client a Ray actor holding only its own data")
+    address: str = Field("", description="ray: empty = a local Ray started for the run; else the address of an "
+                         "existing cluster (e.g. ray://head:10001 or auto)")
+    cpus_per_client: float = Field(0.0, ge=0, description="ray: CPUs each client actor reserves (0: none, so "
+                                   "any number of clients share a local Ray; 1 or more on a cluster)")
+    gpus_per_client: float = Field(0.0, ge=0, description="ray: GPUs each client actor reserves (0 = CPU)")
+    local_cpus: int | None = Field(None, ge=1, description="ray: CPUs of the local Ray (null = all)")
+
+
 class GovernanceConfig(Strict):
     """Facts an operator states for the privacy report (GDPR Art. 30/35); the toolkit only prints them."""
 
@@ -319,6 +332,7 @@ class RunConfig(Strict):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "RunConfig":

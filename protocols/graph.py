@@ -85,3 +85,14 @@ def check_sparse_graph(n: int, k: int, t: int, dropout: float, collusion: float,
                 f"holders with probability {risk['dropout']:.1e} > 2^-{correctness_bits}; lower the threshold "
                 "or add neighbours")
     return None
+
+
+def smallest_graph(n: int, dropout: float, collusion: float, security_bits: int,
+                   correctness_bits: int) -> tuple[int, int]:
+    """The smallest degree k (and a threshold t for it) of a k-regular graph on n clients that meets
+    Bell et al.'s bounds (``check_sparse_graph``); (n - 1, default t) when only the complete graph does."""
+    for k in range(2, n - 1):
+        for t in range(1, k + 2):
+            if check_sparse_graph(n, k, t, dropout, collusion, security_bits, correctness_bits) is None:
+                return k, t
+    return n - 1, n // 2 + 1

@@ -71,7 +71,7 @@ def test_a_real_runs_ledgers_verify_and_record_what_happened(tiny_run, capsys):
     results = json.loads((tiny_run / "results.json").read_text())
     dp = [e for e in server if e["event"] == "dp"]
     assert len(dp) == 2 and max(dp[-1]["epsilon"].values()) == pytest.approx(results["privacy"]["epsilon"])
-    for name in ("results.json", "config.yaml", "privacy_state.json", "global_memory.npz"):  # signed at the end
+    for name in ("results.json", "config.yaml", "privacy_state.json", "global_memory.npz", "leakage_roc.png"):
         assert server[-1]["files"][name] == sha256((tiny_run / name).read_bytes())
     plan = next(e for e in server if e["event"] == "dp_plan")  # the noise used, signed before round 1
     assert server[0]["privacy"]["noise_multiplier"] is None and plan["noise_multiplier"] == results["privacy"]["noise_multiplier"]
@@ -268,7 +268,7 @@ def tiny_local(tiny_run, tmp_path_factory):
 
 
 def test_report_has_every_section_and_its_numbers_come_from_the_signed_records(tiny_run, tiny_local, tmp_path, capsys):
-    from fedsecmem.audits.accountant import Step, epsilon_of
+    from fedsecmem.audits.accountant import epsilon_of, step_of
     from fedsecmem.audits.report import SECTIONS
     from fedsecmem.audits.report_schema import Report
 
@@ -288,7 +288,7 @@ def test_report_has_every_section_and_its_numbers_come_from_the_signed_records(t
                                     "delta": pytest.approx(2 * np.exp(dp["epsilon_max"]) * 1e-5)}
     # epsilon per adversary: the signed history with the noise each faces (m = 2, t = 2 here)
     adv = {a["adversary"].split(" (")[0]: a for a in report["adversaries"]}
-    history = [Step(z, q, n) for z, q, n in last_dp["history"]["0"]]
+    history = [step_of(entry) for entry in last_dp["history"]["0"]]
     assert max(last_dp["history"], key=lambda c: last_dp["epsilon"][c])  # non-empty
     memory = adv["anyone who sees the global memory"]
     assert memory["noise_share"] == 1.0 and memory["epsilon"] == pytest.approx(dp["epsilon_max"], rel=1e-6)
@@ -298,7 +298,7 @@ def test_report_has_every_section_and_its_numbers_come_from_the_signed_records(t
     alone = adv["the server alone"]
     assert alone["noise_share"] == 2.0 and alone["epsilon"] < dp["epsilon_max"]
     assert alone["measured_attack"]["view"] == "secagg_server" and alone["dp_bound_auc"] < 1
-    assert "odds that a given image was used can grow at most" in memory["in_words"]
+    assert "raise its odds that a given image was used at most" in memory["in_words"]
     assert epsilon_of(history, 1e-5) <= dp["epsilon_max"] + 1e-9
     # the release inventory, from the ledger: every stage, what DP covers
     stages = {(r["stage"], r["direction"]): r for r in report["releases"]}
@@ -315,8 +315,13 @@ def test_report_has_every_section_and_its_numbers_come_from_the_signed_records(t
     # reproducibility, signed files, small cells
     rp = report["reproducibility"]
     assert rp["config_sha256"] == server[0]["config_sha256"] and rp["seed"] == 0 and "cannot" not in (rp["noise"] or "x")
-    assert set(report["files"]) == {"results.json", "config.yaml", "privacy_state.json", "global_memory.npz"}
-    assert all(isinstance(n, str) and n == "<5" or n >= 5 for p in report["participants"] for n in p["products"].values())
+    assert set(report["files"]) == {"results.json", "config.yaml", "privacy_state.json", "global_memory.npz",
+                                    "auroc_per_round.png", "leakage_roc.png"}  # every plot the report embeds
+    for p in report["participants"]:  # small cells hidden, and not recoverable from the row's total
+        values = list(p["products"].values())
+        assert all(isinstance(v, int) and v >= 5 or str(v)[0] in "<~" for v in values)
+        if any(str(v).startswith("<") for v in values):
+            assert isinstance(p["n_train"], str) and all(not isinstance(v, int) for v in values)
     html = (run / "report.html").read_text()
     for _, heading in SECTIONS:
         assert f"<h2>{heading}</h2>" in html.replace("&#x27;", "'"), heading
@@ -343,6 +348,43 @@ def test_a_forged_results_file_is_refused_by_the_report(tiny_run, tmp_path, caps
     ledger.write_bytes(b"".join(_lines(ledger)[:-1]))
     assert main(["audit", "report", str(run2)]) == 2
     assert "the ledgers do not verify" in capsys.readouterr().err
+
+
+def test_unsigned_results_or_plots_and_unverified_comparisons_are_refused(tiny_run, tiny_local, tmp_path, capsys):
+    """A results file the server's run_end does not sign (e.g. written after a failed run), a plot
+    swapped after the run, and a comparison run without signed records or with another split."""
+    from fedsecmem.audits.ledger import LEDGER_DIR as LD
+
+    run = _copy(tiny_run, tmp_path / "png")
+    (run / "leakage_roc.png").write_bytes((run / "auroc_per_round.png").read_bytes())
+    assert any(str(p).startswith("leakage_roc.png: differs") for p in verify_run(run).problems)
+    run = _copy(tiny_run, tmp_path / "unsigned")
+    server = run / LD / "server.jsonl"
+    lines = _lines(server)
+    end = json.loads(lines[-1])
+    assert end["event"] == "run_end" and "results.json" in end["files"]
+    # a failed run's end (re-signed with the folder's own key is beyond reach; simulate an unsigned file
+    # by a ledger whose last run_end names no files): the binding check reports the results as unsigned
+    from fedsecmem.audits.ledger import KEYS_FILE, check_run_binding, read_keys, verify_ledger
+
+    entries, _ = verify_ledger(server, "server", read_keys(run / LD / KEYS_FILE)["server"])
+    entries[-1].record["files"] = None
+    assert any("not signed by the server's run_end" in str(p) for p in check_run_binding(run, {"server": entries}))
+    # comparisons: no ledgers, or another holdout (other training images)
+    fake = tmp_path / "fake_local"
+    fake.mkdir()
+    for name in ("results.json", "config.yaml"):
+        shutil.copy(tiny_local / name, fake / name)
+    run = _copy(tiny_run, tmp_path / "cmp")
+    assert main(["audit", "report", str(run), "--compare", str(fake)]) == 2
+    assert "--compare" in capsys.readouterr().err
+    other = _copy(tiny_local, tmp_path / "other_split")
+    cfg_path = other / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("holdout_fraction: 0.25", "holdout_fraction: 0.5"))
+    from fedsecmem.audits.report import ReportError, build_report
+
+    with pytest.raises(ReportError, match="config.yaml: differs|holdout_fraction differs"):
+        build_report(run, None, [other])
 
 
 def test_figures_that_disagree_with_the_signed_dp_events_are_refused(tiny_run, tmp_path):
@@ -376,10 +418,17 @@ def test_audit_check_recomputes_every_figure_and_catches_an_edited_report(tiny_r
     path.write_text(json.dumps(report))
     assert main(["audit", "check", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL client 2: epsilon 0.5000 in the report" in out and "FAIL the server alone" in out
+    assert "FAIL client 2: epsilon 0.5000 in the report" in out and "adversaries[0].epsilon" in out
     path.write_text(json.dumps({**report, "schema_version": 99}))
     assert main(["audit", "check", str(path)]) == 2
     assert "schema_version" in capsys.readouterr().err
+    # a sentence edited in the page only, with report.json left as built
+    assert main(["audit", "report", str(run)]) == 0
+    html = run / "report.html"
+    html.write_text(html.read_text().replace("verified:", "verified (and approved):", 1))
+    capsys.readouterr()
+    assert main(["audit", "check", str(path)]) == 1
+    assert "FAIL report.html is not the page rendered from them" in capsys.readouterr().out
 
 
 def test_the_checked_in_json_schemas_are_the_models(tmp_path):
@@ -400,9 +449,15 @@ def test_adversary_epsilons_on_known_answers():
 
     rows = adversaries(hist, protocol="secagg", noise="distributed", min_survivors=4, threshold=3, clients=6,
                        delta=1e-5, kind="pld")
-    # each of >= 4 contributors adds 1/3 of z^2: the server alone faces 4/3, two colluders leave 2/3
-    assert [r["noise_share"] for r in rows] == pytest.approx([4 / 3, 2 / 3, 1.0])
-    assert [r["epsilon"] for r in rows] == pytest.approx([eps(4.0 * (4 / 3) ** 0.5), eps(4.0 * (2 / 3) ** 0.5), eps(4.0)])
+    # each contributor adds 1/3 of z^2; SecAgg+ clients unmask a sum of as few as t = 3 (m = 4 is the
+    # server's to enforce): the server alone faces 3/3, with two colluders the victim's 1/3 is left
+    assert [r["noise_share"] for r in rows] == pytest.approx([1.0, 1 / 3, 1.0])
+    assert [r["epsilon"] for r in rows] == pytest.approx([eps(4.0), eps(4.0 * (1 / 3) ** 0.5), eps(4.0)])
+    # a DP-SGD step at rate 1 is not a release: its noise is the client's alone, whoever colludes
+    sgd_at_one = adversaries({"0": [[4.0, 1.0, 10, "sgd"], [4.0, 1.0, 6, "release"]]}, protocol="secagg",
+                             noise="distributed", min_survivors=4, threshold=3, clients=6, delta=1e-5, kind="pld")
+    assert sgd_at_one[1]["epsilon"] == pytest.approx(epsilon_of(
+        [Step(4.0, 1.0, 10), Step(4.0 * (1 / 3) ** 0.5, 1.0, 6)], 1e-5))
     plain = adversaries(hist, protocol="plain", noise="distributed", min_survivors=4, threshold=None, clients=6,
                         delta=1e-5, kind="pld")
     assert plain[0]["noise_share"] == pytest.approx(1 / 3)  # the plain server sees each upload with its share
@@ -422,11 +477,15 @@ def test_the_release_inventory_names_what_it_does_not_know():
                       {"event": "message", "dir": "received", "stage": "mask", "bytes": 5},
                       {"event": "message", "dir": "sent", "stage": "request:dp_cells", "bytes": 3},
                       {"event": "message", "dir": "received", "stage": "telemetry", "bytes": 1},
-                      {"event": "dp"}])
+                      {"event": "dp"}], dp=True)
     by = {r["stage"]: r for r in rows}
     assert by["mask"]["messages"] == 2 and by["mask"]["bytes"] == 15 and by["mask"]["dp"] == "yes"
     assert by["request:dp_cells"]["dp"] == "post-processing" and by["request:dp_cells"]["direction"] == "to clients"
     assert by["telemetry"]["carries"] == "undescribed stage" and by["telemetry"]["dp"] == "unknown"
+    off = {r["stage"]: r for r in inventory([{"event": "message", "dir": "received", "stage": "mask", "bytes": 1},
+                                             {"event": "message", "dir": "received", "stage": "advertise",
+                                              "bytes": 1}], dp=False)}
+    assert off["mask"]["dp"] == "no (DP off)" and off["advertise"]["dp"] == "n/a"
 
 
 def test_clean_removes_only_the_embedding_cache(tmp_path, capsys):

@@ -175,3 +175,24 @@ def test_fedavg_averages_through_secagg(tmp_path):
     secure = _tiny("fedavg", tmp_path / "s", ["protocol=secagg"])
     assert secure["protocol"] == "secagg"
     assert abs(secure["auroc"]["image"] - plain["auroc"]["image"]) <= 0.002
+
+
+def test_a_client_without_test_images_is_not_scored_and_the_run_completes(tmp_path):
+    """Many clients, few test images: some clients get none. They take part in training and the
+    global memory, and their row says they were not scored (n_test 0, AUROC null)."""
+    from fedsecmem.config import config_from_dict
+    from fedsecmem.run.runner import run
+
+    cfg = config_from_dict({
+        "name": "sparse-test", "method": "feddymem", "protocol": "secagg",
+        "data": {"products": ["brick", "grass"], "train_per_product": 12, "test_normal_per_product": 1,
+                 "test_defect_per_product": 1, "image_size": 64, "crop_size": 64},
+        "clients": {"n": 6, "alpha": 10.0}, "privacy": {"dp": False},
+        "feddymem": {"rounds": 2, "global_k": 8, "global_k_images": 4},
+        "output": {"embedding_cache": None, "map_examples_per_product": 0}})
+    res = run(cfg, tmp_path / "out")
+    empty = [row for row in res["per_client"] if row["n_test"] == 0]
+    scored = [row for row in res["per_client"] if row["n_test"] > 0]
+    assert len(empty) >= 2 and all(row["auroc_image"] is None for row in empty)
+    assert scored and res["auroc"]["image"] is not None
+    assert all(r["participants"] == list(range(6)) for r in res["per_round"])  # everyone still trained and shared

@@ -453,3 +453,45 @@ def test_a_private_run_with_patients_accounts_per_patient_and_says_so(tmp_path):
         assert per[str(c)]["sample_rate"] == pytest.approx(min(1.0, 2 / (row["n_train"] / 2)))  # 2 images a patient
     report = build_report(tmp_path / "out")
     assert report["dp"]["unit"] == "patient" and report["dp"]["per_patient"] is None
+
+
+def test_the_leakage_holdout_withholds_whole_patients():
+    """Under unit patient the non-members are whole patients: none of their images is trained on."""
+    from fedsecmem.data.partition import partition
+    from fedsecmem.run.leakage import hold_out
+
+    data = DataConfig(products=["brick", "retina"], train_per_product=12, test_normal_per_product=2,
+                      test_defect_per_product=2, image_size=32, crop_size=32)
+    bench = load_benchmark(data, 0)
+    bench.train.groups = np.arange(len(bench.train)) // 4  # patients of 4 images
+    clients = partition(bench, 2, 10.0, 0)
+    kept, held = hold_out(clients, 0.25, 0, by_patient=True)
+    for c in kept:
+        trained = set(bench.train.groups[c.train_index])
+        withheld = set(bench.train.groups[held[c.client]])
+        assert withheld and not (trained & withheld)
+    per_image, _ = hold_out(clients, 0.25, 0)  # per image: the same as before patients existed
+    assert sum(len(c.train_index) for c in per_image) == sum(len(c.train_index) for c in clients) - sum(
+        min(max(1, round(0.25 * len(c.train_index))), len(c.train_index) - 2) for c in clients)
+
+
+def test_mvtec_patient_folders_name_one_person_across_categories(tmp_path):
+    from PIL import Image
+
+    from fedsecmem.data.mvtec import make_mvtec
+
+    for cat in ("chest", "knee"):
+        for who in ("ann", "bob"):
+            d = tmp_path / cat / "train" / "good" / who
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / f"{i}.png")
+        (tmp_path / cat / "train" / "good" / "alone.png").parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / cat / "train" / "good" / "alone.png")
+        t = tmp_path / cat / "test" / "good"
+        t.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(t / "x.png")
+    bench = make_mvtec(tmp_path, 32)
+    g = bench.train.groups
+    assert len(g) == 10 and len(np.unique(g)) == 4  # ann, bob, chest/alone.png, knee/alone.png
+    assert g[1] == g[6] and g[3] == g[8]  # ann's chest and knee images: one patient

@@ -65,14 +65,15 @@ def make_mvtec(root: Path, image_size: int, categories: list[str] | None = None,
     have_masks = True
     for pi, cat in enumerate(cats):
         good = root / cat / "train" / "good"
-        # train/good/<patient>/*.png: one folder per patient (an image directly in good/ stands alone)
+        # train/good/<patient>/*.png: one folder per patient, the same name in every category the same
+        # person (an image directly in good/ stands alone)
         train_files = [*_images_in(good), *(p for d in sorted(x for x in good.iterdir() if x.is_dir())
                                              for p in _images_in(d))][:train_limit] if good.is_dir() else []
         if not train_files:
             raise UserError(f"data.root: no training images in {good}")
         tr_imgs += [_load_rgb(p, image_size) for p in train_files]
         tr_prod += [pi] * len(train_files)
-        tr_patient += [f"{cat}/{p.parent.name}/" if p.parent != good else f"{cat}/{p.name}" for p in train_files]
+        tr_patient += [f"{p.parent.name}/" if p.parent != good else f"{cat}/{p.name}" for p in train_files]
         test_dir = root / cat / "test"
         if not test_dir.is_dir():
             raise UserError(f"data.root: missing test folder {test_dir}")

@@ -6,8 +6,9 @@ In medicine a patient often has several images; a guarantee per image is then we
 * ``data.patients``: a CSV file with columns ``image,patient``; ``image`` names a training image as
   ``<product>/<n>``, the n-th (from 0) training image of that product as the benchmark loads it
   (``fedsecmem run`` with the same data settings loads the same images in the same order);
-* the folder layout of ``benchmark: mvtec``: ``<category>/train/good/<patient>/<image>.png`` (an
-  image directly in ``train/good`` is a patient of its own).
+* the folder layout of ``benchmark: mvtec``: ``<category>/train/good/<patient>/<image>.png``, a
+  folder name being one person in every category (an image directly in ``train/good`` is a patient
+  of its own).
 
 Every training image must have a patient; a patient belongs to one client (the split deals
 patients, not images).

@@ -43,7 +43,7 @@ from fedsecmem.protocols.network_sum import CollectiveMember
 from fedsecmem.protocols.secure_sum import PlainSum
 from fedsecmem.protocols.wire import BodyBuilder, Envelope, WireError, parse_envelope
 
-__all__ = ["FedDyMemMember", "MAX_VECTOR", "join"]
+__all__ = ["ClientSession", "FedDyMemMember", "MAX_VECTOR", "join"]
 
 log = logging.getLogger("fedsecmem.client")
 MAX_VECTOR = 1 << 28  # values in one k-means vector a client accepts to compute
@@ -149,6 +149,65 @@ class FedDyMemMember:
         os.replace(tmp, path)
 
 
+class ClientSession:
+    """One client's side of a served run, whatever carries the bytes (gRPC in ``join``, Ray in
+    ``deployment.ray_backend``): each task envelope in, its reply envelope out, both recorded in the
+    client's own ledger."""
+
+    def __init__(self, cfg: RunConfig, cid: int, folder: Path, progress=None):
+        self.cfg, self.cid = cfg, cid
+        self.me = FedDyMemMember(cfg, cid, progress, folder)
+        self.ledger = party_ledger(folder, client_name(cid), cfg.deploy.certs)
+        self.run_id: str | None = None
+        self.done = (0, 0)  # (round, step) of the last task answered
+        self.scored = 0
+        self.finished = False
+
+    def answer(self, data: bytes) -> bytes:
+        """The reply to one task (an error envelope when this client cannot do it)."""
+        cfg, cid = self.cfg, self.cid
+        try:
+            env = parse_envelope(data)
+        except WireError as exc:
+            raise UserError(f"client {cid}: the server sent a malformed task: {exc}") from None
+        if self.run_id is None:
+            self.run_id = env.run_id
+            begin(self.ledger, cfg, self.run_id)
+        elif env.run_id != self.run_id:
+            raise UserError(f"client {cid}: the server started another run ({env.run_id}); rejoin to take part")
+        self.ledger.message("received", SERVER, env.kind, data, round=env.round, step=env.step)
+        crash_if_asked(client_name(cid), kind=env.kind, round=env.round)
+        try:
+            kind, body = self.me.handle(env)
+        except (ProtocolError, WireError, OverflowRisk, ValueError) as exc:
+            log.warning("client %d: cannot do %s: %s", cid, env.kind, exc)
+            self.ledger.append("refused", round=env.round, step=env.step, task=env.kind, reason=str(exc)[:900])
+            kind, body = ERROR_KIND, BodyBuilder().text("reason", str(exc)[:900]).build()
+        return Envelope(env.run_id, cid, env.round, env.step, kind, body).to_bytes()
+
+    def pushed(self, reply: bytes, ok: bool, reason: str = "") -> None:
+        """The server took (or refused) ``reply``: recorded, and the round's bookkeeping done."""
+        env = parse_envelope(reply)
+        self.ledger.message("sent", SERVER, env.kind, reply, round=env.round, step=env.step, accepted=ok)
+        if not ok and "second reply" not in reason:
+            console.print(f"[yellow]client {self.cid}: server refused {env.kind} (round {env.round} step "
+                          f"{env.step}): {reason}")
+        self.done = (env.round, env.step)
+        if env.kind == "scores":
+            if self.me.side.budget is not None:  # what this client counted itself, beside the server's figure
+                record_client_dp(self.ledger, env.round, self.me.side.budget, self.me.side.z)
+            self.scored += 1
+            console.print(f"client {self.cid}: round {env.round} scored")
+        if env.kind == "bye":
+            console.print(f"client {self.cid}: run {self.run_id} finished")
+            self.finished = True
+
+    def close(self, status: str) -> None:
+        if self.run_id is not None:
+            self.ledger.append("run_end", status=status, run_id=self.run_id)
+        self.ledger.close()
+
+
 def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
     """Take part in the run served at ``cfg.deploy.address`` as client ``cid``, keeping this
     client's ledger in ``out/ledger`` (default ``runs/<name>``); returns the rounds it scored."""
@@ -159,54 +218,23 @@ def join(cfg: RunConfig, cid: int, out: Path | None = None) -> int:
     dp = cfg.deploy
     folder = out if out is not None else Path("runs") / cfg.name
     with make_progress() as progress:
-        me = FedDyMemMember(cfg, cid, progress, folder)
-    ledger = party_ledger(folder, client_name(cid), dp.certs)
+        session = ClientSession(cfg, cid, folder, progress)
     conn = ServerConnection(dp.address, tls, max_bytes(cfg), dp.poll_s, dp.reconnect_s)
-    run_id, done, scored = None, (0, 0), 0
     status = "failed"
     console.print(f"client {cid}: connecting to {dp.address}")
     try:
-        while True:
-            data = conn.pull(*done)
+        while not session.finished:
+            data = conn.pull(*session.done)
             if data is None:
                 continue
-            try:
-                env = parse_envelope(data)
-            except WireError as exc:
-                raise UserError(f"client {cid}: the server sent a malformed task: {exc}") from None
-            if run_id is None:
-                run_id = env.run_id
-                begin(ledger, cfg, run_id)
-            elif env.run_id != run_id:
-                raise UserError(f"client {cid}: the server started another run ({env.run_id}); rejoin to take part")
-            ledger.message("received", SERVER, env.kind, data, round=env.round, step=env.step)
-            crash_if_asked(client_name(cid), kind=env.kind, round=env.round)
-            try:
-                kind, body = me.handle(env)
-            except (ProtocolError, WireError, OverflowRisk, ValueError) as exc:
-                log.warning("client %d: cannot do %s: %s", cid, env.kind, exc)
-                ledger.append("refused", round=env.round, step=env.step, task=env.kind, reason=str(exc)[:900])
-                kind, body = ERROR_KIND, BodyBuilder().text("reason", str(exc)[:900]).build()
-            reply = Envelope(env.run_id, cid, env.round, env.step, kind, body).to_bytes()
+            reply = session.answer(data)
             ok, reason = conn.push(reply)
-            ledger.message("sent", SERVER, kind, reply, round=env.round, step=env.step, accepted=ok)
-            if not ok and "second reply" not in reason:
-                console.print(f"[yellow]client {cid}: server refused {kind} (round {env.round} step {env.step}): {reason}")
-            done = (env.round, env.step)
-            if kind == "scores":
-                if me.side.budget is not None:  # what this client counted itself, beside the server's figure
-                    record_client_dp(ledger, env.round, me.side.budget, me.side.z)
-                scored += 1
-                console.print(f"client {cid}: round {env.round} scored")
-            if env.kind == "finish":
-                console.print(f"client {cid}: run {run_id} finished")
-                status = "completed"
-                return scored
+            session.pushed(reply, ok, reason)
+        status = "completed"
+        return session.scored
     except TransportError as exc:
         status = f"failed: {exc}"
         raise UserError(f"client {cid}: {exc}") from None
     finally:
         conn.close()
-        if run_id is not None:
-            ledger.append("run_end", status=status, run_id=run_id)
-        ledger.close()
+        session.close(status)

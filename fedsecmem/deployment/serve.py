@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import time
+from typing import Callable, Protocol
 from pathlib import Path
 
 
@@ -50,7 +51,7 @@ from fedsecmem.protocols.wire import Body, BodyBuilder
 from fedsecmem.method.context import MethodOutput, timed
 from fedsecmem.run.results import results_document, write_results
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_MEMORY", "FINISH_TIMEOUT_S", "serve"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_MEMORY", "FINISH_TIMEOUT_S", "Server", "Transport", "serve"]
 
 log = logging.getLogger("fedsecmem.server")
 CHECKPOINT = "checkpoint.json"
@@ -79,11 +80,20 @@ def _load_checkpoint(out: Path) -> tuple[dict, GlobalMemory]:
     return json.loads(path.read_text()), load_global_memory(out / CHECKPOINT_MEMORY)
 
 
-class _Server:
-    """Carries the round (``RoundServer``) to the clients over gRPC, checkpoints and resumes."""
+class Transport(Protocol):
+    """What carries the coordinator's tasks and replies (gRPC, or Ray): stopped at the end."""
 
-    def __init__(self, cfg: RunConfig, out: Path, resume: bool):
+    def stop(self, grace: float) -> object: ...
+
+
+class Server:
+    """Carries the round (``RoundServer``) to the clients through a transport (gRPC by default),
+    checkpoints and resumes."""
+
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool,
+                 transport: Callable[[Coordinator], Transport] | None = None, name: str = "grpc"):
         self.cfg, self.out = cfg, out
+        self.transport, self.transport_name = transport, name
         self.t_start = time.perf_counter()
         self.ckpt, memory = _load_checkpoint(out) if resume else ({}, None)
         n = cfg.clients.n
@@ -248,14 +258,15 @@ class _Server:
         cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
         first = int(self.ckpt.get("round_done", 0)) + 1
         n = cfg.clients.n
-        server = start_server(self.coord, dp.address, party_tls(cfg, "server"), dp.poll_s, max_bytes(cfg),
-                              workers=2 * n + 8)
+        server = (self.transport(self.coord) if self.transport is not None else
+                  start_server(self.coord, dp.address, party_tls(cfg, "server"), dp.poll_s, max_bytes(cfg),
+                               workers=2 * n + 8))
         begin(self.ledger, cfg, self.coord.run_id)
         status = "failed"
         try:
             self._register(first)
             self._setup_privacy()
-            label = f"feddymem rounds over gRPC ({cfg.protocol}{', DP' if self.privacy else ''})"
+            label = f"feddymem rounds over {self.transport_name} ({cfg.protocol}{', DP' if self.privacy else ''})"
             stopped = None
             with make_progress() as progress, task(progress, label, fc.rounds) as advance:
                 advance(first - 1)
@@ -300,7 +311,7 @@ class _Server:
         output = MethodOutput(scores=None, bytes_up=rnd.bytes_up, bytes_down=rnd.bytes_down,
                               rounds=len(rnd.per_round), protocol=cfg.protocol,
                               bank_sizes=[r.get("bank_size") for r in per_client], per_round=rnd.per_round,
-                              aggregation=rnd.aggregation(transport="grpc"), privacy=privacy)
+                              aggregation=rnd.aggregation(transport=self.transport_name), privacy=privacy)
         measured = [r for r in rnd.per_round if r.get("image_patch_max") is not None]  # none when clients withhold
         curve = round_curve(rnd.per_round, self.out / "auroc_per_round.png") if len(measured) > 1 else None
         extra = {"deployment": {"run_id": self.coord.run_id, "address": cfg.deploy.address,
@@ -330,4 +341,4 @@ def serve(cfg: RunConfig, out: Path, resume: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    return _Server(cfg, out, resume).run()
+    return Server(cfg, out, resume).run()

@@ -71,6 +71,9 @@ def score_embeddings(emb: Embeddings, patch_banks: list[MemoryBank], image_bank:
     (max, or PatchCore's re-weighted max when ``reweight_k > 1``) and from the k nearest items of
     ``image_bank`` (mean)."""
     n, h, w, d = emb.patches.shape
+    if n == 0:  # a client without test images: nothing to score
+        return Scores(np.zeros((0, h, w), np.float32), np.zeros(0, np.float32),
+                      np.zeros(0, np.float32) if image_bank is not None and emb.images is not None else None)
     flat = emb.patches.reshape(-1, d)
     patch = np.minimum.reduce([bank.nearest_distance(flat) for bank in patch_banks]).reshape(n, h, w)
     knn = None

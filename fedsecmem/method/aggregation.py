@@ -164,8 +164,8 @@ def collective_aggregator(kmeans: KMeansOver, ss: SecureSum | NoisySum, observer
                            "patches")
         images = None
         if all(c.images is not None for c in contribs):
-            images = lambda: observed(LocalCollective({i: (c.images, np.ones(len(c.images)))
-                                                       for i, c in enumerate(contribs)}, ss), "images")
+            images = lambda: observed(LocalCollective({i: c.image_points() for i, c in enumerate(contribs)}, ss),
+                                      "images")
         memory, cost, info = global_memory_over(kmeans, patches, images)
         n = len(contribs)
         return Aggregated(memory, [cost.bytes_up.get(i, 0) for i in range(n)],

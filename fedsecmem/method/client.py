@@ -68,6 +68,12 @@ class Contribution:
     images: np.ndarray | None  # (N, E) image-level embeddings, or None
     image_weights: np.ndarray | None = None  # (N,) each image's unit weight (None: 1 each)
 
+    def image_points(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The image embeddings and their weights for k-means (each its unit weight), or None."""
+        if self.images is None:
+            return None
+        return self.images, (self.image_weights if self.image_weights is not None else np.ones(len(self.images)))
+
     @property
     def nbytes(self) -> int:
         n = self.prototypes.size + self.weights.size + (0 if self.images is None else self.images.size)

@@ -158,9 +158,7 @@ class RoundClient:
             raise ProtocolError("k-means before the round's task")
         if kind == "patches":
             return c.prototypes, c.weights
-        if c.images is None:
-            return None
-        return c.images, (c.image_weights if c.image_weights is not None else np.ones(len(c.images)))
+        return c.image_points()
 
     def on_memory(self, memory: GlobalMemory | None) -> Scored:
         cl, sc = self.client, self.cfg.scoring

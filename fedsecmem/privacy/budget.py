@@ -20,7 +20,7 @@ import functools
 import json
 from pathlib import Path
 
-from fedsecmem.audits.accountant import PrivacyAccountant, Step, calibrate
+from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
 from fedsecmem.protocols.secagg import default_threshold
 from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
@@ -102,7 +102,7 @@ class RunPrivacy:
     def round_steps(self, cid: int, first: bool) -> list[Step]:
         """What one round costs a client: its DP-SGD steps (not before the first round) and the releases."""
         q, steps = self.sgd_plans[cid]
-        out = [] if first else [Step(self.z, q, steps)]
+        out = [] if first else [Step(self.z, q, steps, SGD)]
         return out + [Step(self.z, 1.0, self.releases_per_round)]
 
     def refuse(self, round_number: int) -> str | None:
@@ -133,7 +133,7 @@ class RunPrivacy:
         for cid in clients:
             q, steps = self.sgd_plans[cid]
             if steps > 0:
-                self.accountant.record(cid, [Step(self.z, q, steps)])
+                self.accountant.record(cid, [Step(self.z, q, steps, SGD)])
         self.save(self.out)
 
     def save(self, out: Path | None) -> None:
@@ -209,7 +209,7 @@ class ClientBudget:
 
     def training(self, z: float) -> list[Step]:
         q, steps = self.plan
-        return [Step(z, q, steps)] if steps > 0 else []
+        return [Step(z, q, steps, SGD)] if steps > 0 else []
 
     def releases(self, z: float) -> list[Step]:
         return [Step(z, 1.0, releases_per_round(self.cfg))]

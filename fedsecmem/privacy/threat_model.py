@@ -53,14 +53,16 @@ def threat_model(cfg) -> dict:
                                  "decrypt every input it received")
     pv = cfg.privacy
     if pv.dp and method.dp:
-        out["dp"] = f"(epsilon, delta) per client for one training image, {pv.noise} Gaussian noise"
+        out["dp"] = f"(epsilon, delta) per client for one training {pv.unit}, {pv.noise} Gaussian noise"
         if pv.noise == "distributed" and protocol == "secagg":
             m = min_survivors(cfg)
             t = out["threshold"]
-            # each client adds s^2/(m-1); after a coalition of t-1 subtracts its own, n-t+1 shares remain
-            out["noise_left_with_coalition"] = (n - t + 1) / (m - 1)
-            out["coalition_sees"] += (f"; that sum still carries {(n - t + 1) / (m - 1):.2f}x the calibrated "
-                                      "noise variance")
+            # each client adds s^2/(m-1); SecAgg+ unmasks a sum of as few as t (the clients enforce t,
+            # only an honest server enforces m), and a coalition of t-1 subtracts its own shares:
+            # the victim's share is what is left in the worst case (audits.adversaries)
+            out["noise_left_with_coalition"] = 1 / (m - 1)
+            out["coalition_sees"] += (f"; in the worst case (a sum of t = {t} uploads) that sum still carries "
+                                      f"{1 / (m - 1):.2f}x the calibrated noise variance")
     else:
         out["dp"] = "off"
     return out

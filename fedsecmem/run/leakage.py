@@ -133,18 +133,23 @@ def _mean_nn(bank_items: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return dist.reshape(n, p).mean(1)
 
 
-def hold_out(clients: list, fraction: float, seed: int) -> tuple[list, dict[int, np.ndarray]]:
+def hold_out(clients: list, fraction: float, seed: int, by_patient: bool = False) -> tuple[list, dict[int, np.ndarray]]:
     """Withhold ``fraction`` of every client's training images (at least one; the client keeps at
-    least two): the clients to train with, and client -> withheld indices into the train split."""
+    least two): the clients to train with, and client -> withheld indices into the train split.
+    ``by_patient``: withhold whole patients (``ImageSet.groups``), so that no non-member image
+    belongs to a patient still trained on (the unit the guarantee is for)."""
     kept, held = [], {}
     for c in clients:
-        n = len(c.train_index)
+        groups = c.train.groups if by_patient and c.train.groups is not None else np.arange(len(c.train_index))
+        units = np.unique(groups)
+        n = len(units)
         k = min(max(1, int(round(fraction * n))), n - 2)
         if k < 1:
-            raise ValueError(f"client {c.client} has {n} training images: too few to withhold non-members")
-        perm = np.random.default_rng(seed + c.client).permutation(n)  # which images: not a secret
-        keep = np.sort(perm[k:])
-        held[c.client] = c.train_index[np.sort(perm[:k])]
+            raise ValueError(f"client {c.client} has {n} training units: too few to withhold non-members")
+        perm = np.random.default_rng(seed + c.client).permutation(n)  # which units: not a secret
+        out = np.isin(groups, units[perm[:k]])
+        keep = np.flatnonzero(~out)
+        held[c.client] = c.train_index[np.flatnonzero(out)]
         kept.append(replace(c, train_index=c.train_index[keep], train=c.train.subset(keep)))
     return kept, held
 

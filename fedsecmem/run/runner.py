@@ -74,7 +74,8 @@ def run(cfg: RunConfig, out: Path) -> dict:
     held = None
     if cfg.audit.leakage:  # non-members for the membership inference (every method: same training data)
         try:
-            clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed)
+            clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed,
+                                     by_patient=cfg.privacy.unit == "patient")
         except ValueError as exc:
             raise UserError(f"audit.holdout_fraction: {exc}") from None
     timings["data_s"] = time.perf_counter() - t

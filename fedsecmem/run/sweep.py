@@ -136,10 +136,12 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def sweep(config: str, epsilons: list[float | None], protocols: list[str], out: Path, overrides: list[str],
-          inf_overrides: list[str]) -> list[dict]:
+          inf_overrides: list[str], backend: str = "inprocess", address: str = "") -> list[dict]:
+    """Every (protocol, epsilon) run, in sequence or as Ray tasks (``backend``); a run already
+    finished with the same config is reused."""
     from fedsecmem.config import load_config
     from fedsecmem.progress import console
-    from fedsecmem.run.runner import run
+    from fedsecmem.run.grid import run_grid
 
     plans = []
     for proto in protocols:
@@ -149,14 +151,17 @@ def sweep(config: str, epsilons: list[float | None], protocols: list[str], out: 
                 raise UserError(f"sweep: method must be one with DP ({', '.join(supporting('dp'))}), got {cfg.method}")
             plans.append((proto, eps, cfg))  # every config validated before the first run starts
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (proto, eps, cfg) in enumerate(plans):
-        tag = f"{proto}_eps{'inf' if eps is None else f'{eps:g}'}"
-        console.print(f"[bold]sweep {i + 1}/{len(plans)}: {tag}")
-        results = run(cfg, out / tag)
-        rows.append({**summarize(proto, eps, results), "run": tag})
-        _write(rows, out)
-    return rows
+    tags = [f"{proto}_eps{'inf' if eps is None else f'{eps:g}'}" for proto, eps, _ in plans]
+    done: dict[int, dict] = {}
+
+    def on_done(i: int, results: dict) -> None:
+        proto, eps, _ = plans[i]
+        done[i] = {**summarize(proto, eps, results), "run": tags[i]}
+        console.print(f"[bold]sweep {len(done)}/{len(plans)}: {tags[i]} done")
+        _write([done[j] for j in sorted(done)], out)
+
+    run_grid([(cfg, out / tag) for (_, _, cfg), tag in zip(plans, tags)], backend, address, on_done)
+    return [done[i] for i in range(len(plans))]
 
 
 def _write(rows: list[dict], out: Path) -> None:
@@ -171,6 +176,7 @@ def sweep_command(args) -> None:
     epsilons, protocols = parse_epsilons(args.epsilons), parse_protocols(args.protocols)
     name = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
-    rows = sweep(args.config, epsilons, protocols, out, args.overrides, args.inf_overrides)
+    rows = sweep(args.config, epsilons, protocols, out, args.overrides, args.inf_overrides, args.backend,
+                 args.address)
     console.print(table_markdown(rows), highlight=False)
     console.print(f"sweep: {out / 'sweep.md'}, {out / 'sweep.json'}, plot {out / SWEEP_PNG}", highlight=False)

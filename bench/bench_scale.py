@@ -1,0 +1,165 @@
+"""Scaling: FedDyMem over SecAgg+ with 10, 100 and 1,000 small clients (3 training images each), in
+process and on Ray, on the complete graph and on the k-regular graph whose degree Bell et al.'s
+bounds give for that n (``protocols.graph.smallest_graph``: dropout and collusion fractions 0.1,
+2^-40 security, 2^-20 correctness). Per configuration: the mean round time, the server's share of
+the secure aggregation, peak memory per process (driver; each Ray client actor), and bytes per
+client per round. A plot of round time against n.
+
+    python bench/bench_scale.py                  # the table and plot (docs/benchmarks.md, docs/scaling.md)
+    python bench/bench_scale.py --only 10        # one n
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OUT, ROOT  # noqa: E402
+from markdown import write_section  # noqa: E402
+
+from fedsecmem.config import config_from_dict  # noqa: E402
+from fedsecmem.protocols.graph import smallest_graph  # noqa: E402
+
+SIZES = (10, 100, 1000)
+IMAGES_PER_CLIENT = 3
+PLOT = ROOT / "docs" / "scaling.png"
+# the complete graph's pairwise work grows as n^2: measured up to this n
+COMPLETE_UP_TO = 100
+# Ray client actors each load torch and the backbone (~0.4 GB): measured up to this n here
+RAY_UP_TO = 10
+
+
+def config(n: int, neighbours: int | None, threshold: int | None, backend: str) -> dict:
+    per_product = math.ceil(IMAGES_PER_CLIENT * n / 6)
+    return {
+        "name": f"scale-{n}", "seed": 0, "method": "feddymem", "protocol": "secagg",
+        "data": {"benchmark": "textures", "train_per_product": per_product, "test_normal_per_product": 5,
+                 "test_defect_per_product": 5, "image_size": 64, "crop_size": 64},
+        "clients": {"n": n, "alpha": 100.0, "min_train": 2},
+        "privacy": {"dp": False},
+        "feddymem": {"rounds": 2, "global_k": 32, "global_k_images": 8, "kmeans_init": "pca-partition"},
+        "secure": {"secagg": {"neighbours": neighbours, "threshold": threshold}},
+        "audit": {"ledger": False, "leakage": False},
+        "output": {"embedding_cache": str(OUT / "cache"), "map_examples_per_product": 0},
+        "deploy": {"stage_timeout_s": 600, "round_timeout_s": 1800, "register_timeout_s": 1800},
+        "execution": {"backend": backend},
+    }
+
+
+class ActorMemory:
+    """Peak resident memory of Ray's client actor processes, sampled twice a second."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil, self.peak, self.stop = psutil, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            for p in self.psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info.get("cmdline") or [])
+                if "ClientActor" in cmd and p.info.get("memory_info") is not None:
+                    self.peak = max(self.peak, p.info["memory_info"].rss / 2**20)
+            time.sleep(0.5)
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def measure(n: int, graph: str, backend: str) -> dict:
+    from fedsecmem.deployment.ray_backend import run_on_ray
+    from fedsecmem.run.runner import run
+
+    k, t = (None, None) if graph == "complete" else smallest_graph(n, 0.1, 0.1, 40, 20)
+    cfg = config_from_dict(config(n, k, t, backend))
+    out = OUT / f"scale_{n}_{graph}_{backend}"
+    watch = ActorMemory() if backend == "ray" else None
+    t0 = time.perf_counter()
+    res = run_on_ray(cfg, out) if backend == "ray" else run(cfg, out)
+    wall = time.perf_counter() - t0
+    actor_mb = watch.done() if watch else None
+    rounds = res["per_round"]
+    tm = res["timing"]
+    # in process: the whole method (train, aggregate, score); on Ray: the same three parts as the server times them
+    spent = tm["method_s"] if backend == "inprocess" else (tm["client_round_s"] + tm["aggregation_s"]
+                                                           + tm["client_score_s"])
+    round_s = spent / len(rounds)
+    agg = tm.get("aggregation_s")
+    server = tm.get("aggregation_server_s")
+    up = np.mean([np.mean(b) for b in res["comm"]["bytes_up"]])
+    down = np.mean([np.mean(b) for b in res["comm"]["bytes_down"]])
+    return {"n": n, "graph": "complete" if k is None else f"k = {k}, t = {t}", "backend": backend,
+            "round_s": round_s, "aggregation_s": None if agg is None else agg / len(rounds),
+            "server_s": None if server is None else server / len(rounds), "wall_s": wall,
+            "driver_mb": res["peak_rss_mb"], "actor_mb": actor_mb, "up_kb": up / 1e3, "down_kb": down / 1e3,
+            "auroc": res["auroc"]["image"]}
+
+
+def main(only: int | None = None) -> None:
+    rows = []
+    for n in SIZES if only is None else (only,):
+        for graph in ("complete", "sparse"):
+            if graph == "complete" and n > COMPLETE_UP_TO:
+                continue
+            if graph == "sparse" and smallest_graph(n, 0.1, 0.1, 40, 20)[0] >= n - 1:
+                continue  # Bell et al.'s bounds allow no sparse graph this small
+            for backend in ("inprocess", "ray"):
+                if backend == "ray" and n > RAY_UP_TO:
+                    continue
+                rows.append(measure(n, graph, backend))
+                print(rows[-1], flush=True)
+
+    def f(v, fmt=".1f"):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"| {r['n']} | {r['graph']} | {r['backend']} | {f(r['round_s'])} | {f(r['aggregation_s'])} | "
+             f"{f(r['server_s'], '.2f')} | {f(r['driver_mb'], '.0f')} | {f(r['actor_mb'], '.0f')} | "
+             f"{f(r['up_kb'])} | {f(r['down_kb'])} |" for r in rows]
+    ratio = [r for r in rows if r["n"] == 10 and r["graph"] == "complete"]
+    verdict = ""
+    if len(ratio) == 2:
+        x = ratio[1]["round_s"] / ratio[0]["round_s"]
+        verdict = (f"\nRay against in process at 10 clients (complete graph): {x:.2f}x the round time "
+                   f"(target 1.5x: {'met' if x <= 1.5 else 'not met'}).\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (graph, backend), style in ((("complete", "inprocess"), "-o"), (("sparse", "inprocess"), "-s"),
+                                    (("complete", "ray"), "^")):
+        pts = [(r["n"], r["round_s"]) for r in rows if r["backend"] == backend
+               and (r["graph"] == "complete") == (graph == "complete")]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{graph} graph, {backend}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients")
+    ax.set_ylabel("seconds per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+    body = (f"FedDyMem over SecAgg+, no DP, {IMAGES_PER_CLIENT} training images per client (textures, 64 px), "
+            "2 rounds, `global_k: 32`; the sparse graph is the smallest k-regular graph within Bell et al.'s "
+            "bounds for that n (dropout and collusion fractions 0.1). Round: a client round (train, rebuild, "
+            "reduce), the secure k-means (aggregation; server: the server's share of it) and scoring. Peak "
+            "memory per process: the driver (in process: every client), and the largest Ray client actor. "
+            "Plot: [scaling.png](scaling.png).\n\n"
+            "| clients | graph | backend | round s | aggregation s / round | server s / round | driver MB | "
+            "actor MB | KB up / client / round | KB down / client / round |\n"
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n" + verdict)
+    write_section("scaling", "Scaling: 10 to 1,000 clients", "python bench/bench_scale.py", body)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None)
