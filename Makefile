@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test,data]'
+	$(PIP) install --quiet -e '.[test,data,ray]'
 	touch $(STAMP)
 
 # The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same

@@ -399,7 +399,7 @@ def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Pr
         for name, digest in sorted(signed.items()):
             f = Path(run_dir) / name
             if not f.is_file():
-                problems.append(Problem(name, None, f"signed in the server's run_end but missing from the folder"))
+                problems.append(Problem(name, None, "signed in the server's run_end but missing from the folder"))
             elif sha256(f.read_bytes()) != digest:
                 problems.append(Problem(name, None, "differs from the file the server signed at the run's end "
                                         "(changed after the run)"))

@@ -12,6 +12,7 @@ client per round. A plot of round time against n.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -52,26 +53,36 @@ def config(n: int, neighbours: int | None, threshold: int | None, backend: str) 
         "audit": {"ledger": False, "leakage": False},
         "output": {"embedding_cache": str(OUT / "cache"), "map_examples_per_product": 0},
         "deploy": {"stage_timeout_s": 600, "round_timeout_s": 1800, "register_timeout_s": 1800},
-        "execution": {"backend": backend},
+        "execution": {"backend": backend, "threads_per_client": 1},
     }
 
 
 class ActorMemory:
-    """Peak resident memory of Ray's client actor processes, sampled twice a second."""
+    """Peak resident memory of Ray's client actor processes, sampled twice a second (Linux /proc)."""
 
     def __init__(self):
-        import psutil
-
-        self.psutil, self.peak, self.stop = psutil, 0.0, threading.Event()
+        self.peak, self.stop = 0.0, threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
+    @staticmethod
+    def _actor_rss_mb() -> list[float]:
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                if b"ClientActor" not in cmd:
+                    continue
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        out.append(int(line.split()[1]) / 1024)
+            except OSError:
+                continue
+        return out
+
     def _watch(self) -> None:
         while not self.stop.is_set():
-            for p in self.psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info.get("cmdline") or [])
-                if "ClientActor" in cmd and p.info.get("memory_info") is not None:
-                    self.peak = max(self.peak, p.info["memory_info"].rss / 2**20)
+            self.peak = max([self.peak, *self._actor_rss_mb()])
             time.sleep(0.5)
 
     def done(self) -> float:

@@ -316,12 +316,16 @@ class SecAggServer:
         return {c: Setup(p.session, c, p.neighbours[c], p.threshold, p.length, p.bits, len(p.clients))
                 for c in p.clients}
 
+    def _senders(self):
+        """Who may send in the current stage (a container, looked up in O(1): the work per message
+        stays O(k), so a stage costs the server n k, not n^2)."""
+        return {"advertise": self.params.neighbours, "share": self.keys, "mask": self.shares,
+                "unmask": self.masked}.get(self.stage, {})
+
     @property
     def expected(self) -> set[int]:
         """Who may still send in the current stage."""
-        prev = {"advertise": set(self.params.clients), "share": set(self.keys), "mask": set(self.shares),
-                "unmask": set(self.masked)}.get(self.stage, set())
-        return prev
+        return set(self._senders())
 
     _TYPES = {"advertise": AdvertiseKeys, "share": EncryptedShares, "mask": MaskedInput, "unmask": UnmaskShares}
 
@@ -340,7 +344,7 @@ class SecAggServer:
         _check(want is not None and isinstance(msg, want),
                f"server: {type(msg).__name__} refused in stage {self.stage}")
         _check(msg.session == p.session, f"server: message from client {msg.sender} for another session (replay?)")
-        _check(msg.sender in self.expected, f"server: client {msg.sender} is not expected in stage {self.stage}")
+        _check(msg.sender in self._senders(), f"server: client {msg.sender} is not expected in stage {self.stage}")
         _check(msg.sender not in self.inbox, f"server: duplicate {self.stage} message from client {msg.sender}")
         if isinstance(msg, AdvertiseKeys):
             keys = (msg.c_public, msg.s_public)
@@ -352,7 +356,7 @@ class SecAggServer:
                 except CryptoError:
                     raise ProtocolError(f"server: client {msg.sender} advertised an invalid public key") from None
         elif isinstance(msg, EncryptedShares):
-            want = set(p.neighbours[msg.sender]) & set(self.keys)
+            want = {v for v in p.neighbours[msg.sender] if v in self.keys}
             _check(set(msg.ciphertexts) == want,
                    f"server: client {msg.sender} must address shares to exactly its neighbours {sorted(want)}")
             _check(all(isinstance(c, bytes) and len(c) == SHARE_CIPHERTEXT_BYTES for c in msg.ciphertexts.values()),
@@ -363,7 +367,7 @@ class SecAggServer:
                    f"server: masked input of client {msg.sender} must be {p.length} {ring_dtype(p.bits)} values")
         elif isinstance(msg, UnmaskShares):
             holders_of = set(msg.self_mask_shares) | set(msg.key_shares)
-            _check(holders_of <= set(self.shares), f"server: client {msg.sender} sent shares of unknown clients")
+            _check(all(o in self.shares for o in holders_of), f"server: client {msg.sender} sent shares of unknown clients")
             _check(not set(msg.self_mask_shares) & set(msg.key_shares),
                    f"server: client {msg.sender} sent both shares for one client")
             for owner, blob in [*msg.self_mask_shares.items(), *msg.key_shares.items()]:
@@ -400,9 +404,12 @@ class SecAggServer:
             self.shares = inbox
             self._need(len(self.shares), "shared keys")
             self.stage = "mask"
-            return {v: SharesForYou(self.params.session, v,
-                                    {u: m.ciphertexts[v] for u, m in self.shares.items() if v in m.ciphertexts})
-                    for v in self.shares}
+            relayed: dict[int, dict[int, bytes]] = {v: {} for v in self.shares}  # one pass: n k, not n^2
+            for u, m in self.shares.items():
+                for v, ciphertext in m.ciphertexts.items():
+                    if v in relayed:
+                        relayed[v][u] = ciphertext
+            return {v: SharesForYou(self.params.session, v, relayed[v]) for v in self.shares}
         if stage == "mask":
             self.masked = inbox
             self._need(len(self.masked), "sent masked inputs", self.min_inputs)
@@ -411,12 +418,12 @@ class SecAggServer:
                 raise ProtocolAbort("secagg: the survivors' neighbour graph is disconnected (too many dropouts "
                                     "for k neighbours); unmasking would reveal partial sums, round aborted")
             self.stage = "unmask"
-            alive = tuple(sorted(self.masked))
-            dropped = tuple(sorted(set(self.shares) - set(self.masked)))
-            return {u: UnmaskRequest(self.params.session, u,
-                                     tuple(v for v in alive if v in self.params.holders(u)),
-                                     tuple(v for v in dropped if v in self.params.neighbours[u]))
-                    for u in alive}
+            alive = set(self.masked)
+            dropped = set(self.shares) - alive
+            return {u: UnmaskRequest(self.params.session, u,  # each client's k neighbours, not all n
+                                     tuple(v for v in self.params.holders(u) if v in alive),
+                                     tuple(sorted(v for v in self.params.neighbours[u] if v in dropped)))
+                    for u in sorted(alive)}
         if stage == "unmask":
             self._need(len(inbox), "returned shares")
             total = self._unmask(inbox)

@@ -5,7 +5,6 @@ mid-round as a dropout SecAgg+ recovers from."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -30,7 +30,6 @@ from fedsecmem.config import RunConfig, config_from_dict
 from fedsecmem.crypto.pki import provision
 from fedsecmem.deployment.checks import FAULT_ENV, check_deployable
 from fedsecmem.deployment.serve import Server
-from fedsecmem.errors import UserError
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.wire import WireError, parse_envelope
 from fedsecmem.run.grid import require_ray
@@ -141,7 +140,7 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
         cfg_json = cfg.model_dump_json()
         import torch
 
-        threads = max(1, int(ex.cpus_per_client)) if ex.cpus_per_client >= 1 else torch.get_num_threads()
+        threads = ex.threads_per_client or torch.get_num_threads()
         actors = {c: cls.remote(cfg_json, c, str(out.resolve()), threads) for c in range(n)}
         try:
             server = Server(cfg, out, False, transport=lambda coord: RayTransport(ray, coord, actors), name="ray")

@@ -38,7 +38,7 @@ from fedsecmem.deployment.messages import WITHHELD, decode_ready, decode_scores,
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.privacy.ledgers import (
-    PartyLedgerHooks, begin, coordinator_observer, file_digest, last_task, party_ledger, write_party_keys,
+    PartyLedgerHooks, begin, coordinator_observer, last_task, party_ledger, write_party_keys,
 )
 from fedsecmem.run.plots import round_curve
 from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
@@ -133,7 +133,8 @@ class Server:
     def _register(self, round_number: int) -> None:
         dp = self.cfg.deploy
         self.coord.begin_round(round_number)
-        console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {dp.address}")
+        where = dp.address if self.transport is None else self.transport_name
+        console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {where}")
         got = self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
                                   "hello", _decode_hello, dp.register_timeout_s)
         for c, h in got.items():

@@ -24,18 +24,13 @@ from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.privacy.threat_model import threat_model
 
 __all__ = [
-    "PartyLedgerHooks", "RunLedgers", "begin", "config_digest", "coordinator_observer", "file_digest",
+    "PartyLedgerHooks", "RunLedgers", "begin", "config_digest", "coordinator_observer",
     "last_task", "party_ledger", "record_client_dp", "record_dp", "run_start_fields", "write_party_keys",
 ]
 
 
 def config_digest(cfg) -> str:
     return sha256(json.dumps(json.loads(cfg.model_dump_json()), sort_keys=True).encode())
-
-
-def file_digest(path: Path) -> str | None:
-    path = Path(path)
-    return sha256(path.read_bytes()) if path.is_file() else None
 
 
 def run_start_fields(cfg, run_id: str) -> dict:

@@ -32,9 +32,8 @@ from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint, signed_files
 from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
 from fedsecmem.method.context import MethodContext
 from fedsecmem.methods import METHODS, implementation
-from fedsecmem.method.client import GLOBAL_MEMORY_FILE
 from fedsecmem.run.leakage import LeakageViews, hold_out, measure, roc_plot, strip_scores
-from fedsecmem.privacy.ledgers import RunLedgers, file_digest
+from fedsecmem.privacy.ledgers import RunLedgers
 
 from fedsecmem.detector.scoring import anomaly_maps
 
