@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, mean_std, run_config  # noqa: E402
+from common import OUT, mean_std, run_config, run_configs  # noqa: E402
 from markdown import write_section  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -51,6 +51,9 @@ def _f(v: float | None) -> str:
 
 def main() -> None:
     rows, clients, cats = [], [], []
+    cache = f"output.embedding_cache={OUT / 'cache'}"
+    run_configs([(config, f"fidelity_{bench}_{tag}_s{s}", overrides + [f"seed={s}", cache])  # all at once
+                 for bench, (config, methods) in SETS.items() for tag, overrides in methods.values() for s in SEEDS])
     for bench, (_, methods) in SETS.items():
         for label in methods:
             res = runs(bench, label)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, ROOT, mean_std, run_config  # noqa: E402
+from common import OUT, ROOT, mean_std, run_config, run_configs  # noqa: E402
 from markdown import write_section  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -43,17 +43,20 @@ def _eps_override(eps: float) -> str:
 
 
 def _runs(bench: str) -> dict:
+    """Every run of the table, started at once (as Ray tasks with FEDSECMEM_BACKEND=ray)."""
     cache = f"output.embedding_cache={OUT / 'cache'}"
-    out = {}
+    keys, jobs = [], []
     for eps in EPSILONS:
         tag = "inf" if math.isinf(eps) else f"{eps:g}"
-        out[eps] = [run_config(bench, f"dp_{bench}_e{tag}_s{s}", [*DP, _eps_override(eps), f"seed={s}", cache])
-                    for s in SEEDS]
+        keys.append(eps)
+        jobs += [(bench, f"dp_{bench}_e{tag}_s{s}", [*DP, _eps_override(eps), f"seed={s}", cache]) for s in SEEDS]
     for label, ov in (("FedDyMem (no DP)", ["method=feddymem"]), ("central", ["method=central"]),
                       ("local", ["method=local"])):
         tag = label.split(" ")[0].lower()
-        out[label] = [run_config(bench, f"fed_{bench}_{tag}_s{s}", [*ov, f"seed={s}", cache]) for s in SEEDS]
-    return out
+        keys.append(label)
+        jobs += [(bench, f"fed_{bench}_{tag}_s{s}", [*ov, f"seed={s}", cache]) for s in SEEDS]
+    results = run_configs(jobs)
+    return {key: results[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, key in enumerate(keys)}
 
 
 def _dp_sgd_overhead(bench: str) -> str:
