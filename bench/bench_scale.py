@@ -11,6 +11,7 @@ client per round. A plot of round time against n.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -116,12 +117,16 @@ def measure(n: int, graph: str, backend: str) -> dict:
     return {"n": n, "graph": "complete" if k is None else f"k = {k}, t = {t}", "backend": backend,
             "round_s": round_s, "aggregation_s": None if agg is None else agg / len(rounds),
             "server_s": None if server is None else server / len(rounds), "wall_s": wall,
-            "driver_mb": res["peak_rss_mb"], "actor_mb": actor_mb, "up_kb": up / 1e3, "down_kb": down / 1e3,
+            "driver_mb": res["peak_rss_mb"], "actor_mb": actor_mb, "up_kb": float(up) / 1e3, "down_kb": float(down) / 1e3,
             "auroc": res["auroc"]["image"]}
 
 
+ROWS = OUT / "scale.json"  # every measured row, so `--only N` re-measures one n and keeps the others
+
+
 def main(only: int | None = None) -> None:
-    rows = []
+    kept = json.loads(ROWS.read_text()) if ROWS.is_file() and only is not None else []
+    rows = [r for r in kept if r["n"] != only]
     for n in SIZES if only is None else (only,):
         for graph in ("complete", "sparse"):
             if graph == "complete" and n > COMPLETE_UP_TO:
@@ -133,6 +138,8 @@ def main(only: int | None = None) -> None:
                     continue
                 rows.append(measure(n, graph, backend))
                 print(rows[-1], flush=True)
+    rows.sort(key=lambda r: (r["n"], r["graph"] != "complete", r["backend"] != "inprocess"))
+    ROWS.write_text(json.dumps(rows, indent=1, default=float))
 
     def f(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)

@@ -53,13 +53,16 @@ def _actor_class(ray):
             torch.set_num_threads(threads)  # Ray gives workers 1 thread; the same math as the driver's
             self.session = ClientSession(config_from_dict(json.loads(cfg_json)), cid, Path(folder))
 
-        def answer(self, data: bytes) -> bytes:
+        def answer(self, data: bytes, previous: tuple[bytes, bool, str] | None = None) -> bytes:
+            """The reply to ``data``; ``previous``: how the server took this client's last reply (one
+            call per exchange instead of two)."""
+            if previous is not None:
+                self.session.pushed(*previous)
             return self.session.answer(data)
 
-        def pushed(self, reply: bytes, ok: bool, reason: str) -> None:
-            self.session.pushed(reply, ok, reason)
-
-        def close(self) -> bool:
+        def close(self, previous: tuple[bytes, bool, str] | None = None) -> bool:
+            if previous is not None:
+                self.session.pushed(*previous)
             self.session.close("completed" if self.session.finished else "failed: the run ended without it")
             return self.session.finished
 
@@ -73,6 +76,7 @@ class RayTransport:
         self.ray, self.coord, self.actors = ray, coord, actors
         self.stopping = threading.Event()
         self.dead: set[int] = set()
+        self.last: dict[int, tuple[bytes, bool, str]] = {}  # each client's last reply and how it was taken
         self.threads = [threading.Thread(target=self._pump, args=(c,), name=f"ray-client-{c}", daemon=True)
                         for c in sorted(actors)]
         for t in self.threads:
@@ -87,7 +91,7 @@ class RayTransport:
                     return
                 continue
             try:
-                reply = self.ray.get(actor.answer.remote(data))
+                reply = self.ray.get(actor.answer.remote(data, self.last.pop(cid, None)))
             except Exception as exc:  # RayActorError (the actor died), RayTaskError (it raised): a dropout
                 log.warning("client %d dropped out: %s", cid, str(exc).splitlines()[0][:300])
                 self.dead.add(cid)
@@ -98,7 +102,7 @@ class RayTransport:
                     ok, reason = self.coord.handle_push(cid, reply)
                 finally:
                     self.coord.received(cid)
-            actor.pushed.remote(reply, ok, reason)
+            self.last[cid] = (reply, ok, reason)  # recorded by the client with its next task, or at close
             try:
                 env = parse_envelope(reply)
                 done = (env.round, env.step)
@@ -114,7 +118,7 @@ class RayTransport:
             if c in self.dead:
                 continue
             try:
-                self.ray.get(actor.close.remote(), timeout=30)
+                self.ray.get(actor.close.remote(self.last.pop(c, None)), timeout=30)
             except Exception as exc:  # noqa: BLE001 - a dead actor has nothing to close
                 log.warning("client %d: closing its ledger failed: %s", c, str(exc).splitlines()[0][:300])
 
