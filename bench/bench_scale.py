@@ -37,8 +37,10 @@ IMAGES_PER_CLIENT = 3
 PLOT = ROOT / "docs" / "scaling.png"
 # the complete graph's pairwise work grows as n^2: measured up to this n
 COMPLETE_UP_TO = 100
-# Ray client actors each load torch and the backbone (~0.4 GB): measured up to this n here
-RAY_UP_TO = 10
+# Ray client actors each load torch and the backbone (~1.1 GB): on this machine at most 10 actor
+# processes, so n clients share n / 10 per actor (execution.clients_per_actor)
+RAY_UP_TO = 100
+RAY_ACTORS = 10
 
 
 def config(n: int, neighbours: int | None, threshold: int | None, backend: str) -> dict:
@@ -54,7 +56,7 @@ def config(n: int, neighbours: int | None, threshold: int | None, backend: str) 
         "audit": {"ledger": False, "leakage": False},
         "output": {"embedding_cache": str(OUT / "cache"), "map_examples_per_product": 0},
         "deploy": {"stage_timeout_s": 600, "round_timeout_s": 1800, "register_timeout_s": 1800},
-        "execution": {"backend": backend, "threads_per_client": 1},
+        "execution": {"backend": backend, "threads_per_client": 1, "clients_per_actor": max(1, n // RAY_ACTORS)},
     }
 
 

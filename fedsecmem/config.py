@@ -276,6 +276,9 @@ class ExecutionConfig(Strict):
                                    "any number of clients share a local Ray; 1 or more on a cluster)")
     gpus_per_client: float = Field(0.0, ge=0, description="ray: GPUs each client actor reserves (0 = CPU)")
     local_cpus: int | None = Field(None, ge=1, description="ray: CPUs of the local Ray (null = all)")
+    clients_per_actor: int = Field(1, ge=1, description="ray: clients one actor process holds, each apart "
+                                   "(1 on a cluster; more to rehearse hundreds of sites on one machine, since "
+                                   "each actor process holds torch and the backbone)")
     threads_per_client: int | None = Field(None, ge=1, description="ray: torch threads of each client actor "
                                            "(null = this process's count, which gives the in-process run's numbers "
                                            "bit for bit; 1 when many actors share few cores)")

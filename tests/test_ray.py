@@ -58,9 +58,10 @@ def test_a_ray_run_gives_the_simulators_global_memory_and_results(local_ray, tmp
 
 def test_a_client_actor_killed_mid_round_is_a_dropout_secagg_recovers_from(local_ray, tmp_path, monkeypatch):
     """Client 2's actor process dies (as a crash would) when round 2's masked inputs are asked for,
-    after the key sharing: the round completes without it and SecAgg+ removes its masks."""
+    after the key sharing: the round completes without it and SecAgg+ removes its masks. Clients 0
+    and 1 share one actor here (``clients_per_actor: 2``), client 2 has its own."""
     monkeypatch.setenv(FAULT_ENV, "role=client-2,kind=secagg_relay,round=2")
-    got = run_on_ray(_cfg(), tmp_path / "ray")
+    got = run_on_ray(_cfg(execution__clients_per_actor=2), tmp_path / "ray")
     rounds = got["per_round"]
     assert rounds[0]["dropped"] == [] and rounds[1]["dropped"] == [2], rounds
     assert (tmp_path / "ray" / "global_memory.npz").is_file() and got["auroc"]["image"] is not None

@@ -43,34 +43,38 @@ POLL_S = 0.5  # how long a pump thread waits for its client's next task before l
 def _actor_class(ray):
     @ray.remote
     class ClientActor:
-        """One client: its ``ClientSession`` (data, embeddings, generator, bank, budget, ledger)."""
+        """One client (or, with ``execution.clients_per_actor``, several, each apart): its
+        ``ClientSession`` (data, embeddings, generator, bank, budget, ledger)."""
 
-        def __init__(self, cfg_json: str, cid: int, folder: str, threads: int):
+        def __init__(self, cfg_json: str, cids: list[int], folder: str, threads: int):
             import torch
 
             from fedsecmem.deployment.join import ClientSession
 
             torch.set_num_threads(threads)  # Ray gives workers 1 thread; the same math as the driver's
-            self.session = ClientSession(config_from_dict(json.loads(cfg_json)), cid, Path(folder))
+            cfg = config_from_dict(json.loads(cfg_json))
+            self.sessions = {c: ClientSession(cfg, c, Path(folder)) for c in cids}
 
-        def answer(self, data: bytes, previous: tuple[bytes, bool, str] | None = None) -> bytes:
-            """The reply to ``data``; ``previous``: how the server took this client's last reply (one
-            call per exchange instead of two)."""
+        def answer(self, cid: int, data: bytes, previous: tuple[bytes, bool, str] | None = None) -> bytes:
+            """Client ``cid``'s reply to ``data``; ``previous``: how the server took its last reply
+            (one call per exchange instead of two)."""
             if previous is not None:
-                self.session.pushed(*previous)
-            return self.session.answer(data)
+                self.sessions[cid].pushed(*previous)
+            return self.sessions[cid].answer(data)
 
-        def close(self, previous: tuple[bytes, bool, str] | None = None) -> bool:
+        def close(self, cid: int, previous: tuple[bytes, bool, str] | None = None) -> bool:
+            session = self.sessions[cid]
             if previous is not None:
-                self.session.pushed(*previous)
-            self.session.close("completed" if self.session.finished else "failed: the run ended without it")
-            return self.session.finished
+                session.pushed(*previous)
+            session.close("completed" if session.finished else "failed: the run ended without it")
+            return session.finished
 
     return ClientActor
 
 
 class RayTransport:
-    """Carries a ``Coordinator``'s tasks to client actors and their replies back."""
+    """Carries a ``Coordinator``'s tasks to client actors and their replies back (``actors``: client ->
+    the actor that holds it)."""
 
     def __init__(self, ray, coord: Coordinator, actors: dict[int, object]):
         self.ray, self.coord, self.actors = ray, coord, actors
@@ -91,7 +95,7 @@ class RayTransport:
                     return
                 continue
             try:
-                reply = self.ray.get(actor.answer.remote(data, self.last.pop(cid, None)))
+                reply = self.ray.get(actor.answer.remote(cid, data, self.last.pop(cid, None)))
             except Exception as exc:  # RayActorError (the actor died), RayTaskError (it raised): a dropout
                 log.warning("client %d dropped out: %s", cid, str(exc).splitlines()[0][:300])
                 self.dead.add(cid)
@@ -118,7 +122,7 @@ class RayTransport:
             if c in self.dead:
                 continue
             try:
-                self.ray.get(actor.close.remote(self.last.pop(c, None)), timeout=30)
+                self.ray.get(actor.close.remote(c, self.last.pop(c, None)), timeout=30)
             except Exception as exc:  # noqa: BLE001 - a dead actor has nothing to close
                 log.warning("client %d: closing its ledger failed: %s", c, str(exc).splitlines()[0][:300])
 
@@ -145,12 +149,15 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
         import torch
 
         threads = ex.threads_per_client or torch.get_num_threads()
-        actors = {c: cls.remote(cfg_json, c, str(out.resolve()), threads) for c in range(n)}
+        per = ex.clients_per_actor
+        groups = [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+        handles = [cls.remote(cfg_json, g, str(out.resolve()), threads) for g in groups]
+        actors = {c: h for g, h in zip(groups, handles) for c in g}
         try:
             server = Server(cfg, out, False, transport=lambda coord: RayTransport(ray, coord, actors), name="ray")
             return server.run()
         finally:
-            for actor in actors.values():
+            for actor in handles:
                 ray.kill(actor)
             if started:
                 ray.shutdown()
