@@ -94,3 +94,14 @@ def test_without_ray_the_backend_is_a_one_line_error(monkeypatch, tmp_path, caps
     assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'fedsecmem[ray]'" in err
+
+
+def test_clients_without_test_images_on_ray_train_and_are_not_scored(local_ray, tmp_path):
+    """Six clients, three per actor, four test images in all: the clients left without test images
+    (embedded nothing to score) still train and share; their rows say they were not scored."""
+    cfg = _cfg(clients__n=6, clients__alpha=10.0, data__products=["brick", "grass"], data__train_per_product=12,
+               data__test_normal_per_product=1, data__test_defect_per_product=1, execution__clients_per_actor=3)
+    got = run_on_ray(cfg, tmp_path / "ray")
+    empty = [row for row in got["per_client"] if row["n_test"] == 0]
+    assert len(empty) >= 2 and all(row["auroc_image"] is None for row in empty)
+    assert all(r["participants"] == list(range(6)) for r in got["per_round"])

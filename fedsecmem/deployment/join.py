@@ -65,7 +65,9 @@ class FedDyMemMember:
         bs = cfg.backbone.batch_size
         with task(progress, f"client {cid}: embed own images", len(mine.train) + len(mine.test)) as advance:
             self.train_emb = embedder.embed(mine.train.images, bs, progress=advance)
-            self.test_emb = embedder.embed(mine.test.images, bs, progress=advance)
+            # a client the split left without test images trains and shares, and is not scored
+            self.test_emb = (embedder.embed(mine.test.images, bs, progress=advance) if len(mine.test) else
+                             self.train_emb.subset(np.arange(0)))
         fc = cfg.feddymem
         self.client = FedDyMemClient(cid, self.train_emb, fc, cfg.seed + cid, cfg.memory.coreset_ratio,
                                      fc.use_generator, resolve_device(cfg.backbone.device),
