@@ -66,7 +66,8 @@ def check_report(path: Path, keys=None) -> list[tuple[bool, str]]:
         first = exc.errors()[0]
         raise ReportError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     run_dir = path.parent
-    results, _, parties = verified_run(run_dir, keys)
+    verified = verified_run(run_dir, keys)
+    results, _, parties = verified
     out: list[tuple[bool, str]] = [(True, f"ledgers of run {results['run_id']} verified")]
     if report.run.run_id != results["run_id"]:
         out.append((False, f"the report is of run {report.run.run_id}, the folder holds run {results['run_id']}"))
@@ -90,7 +91,7 @@ def check_report(path: Path, keys=None) -> list[tuple[bool, str]]:
                         f"client {c}: independent {other} gives {indep:.4f} (within {INDEPENDENT_TOLERANCE:.0%}), "
                         f"RDP's looser bound {loose:.4f} >= {same:.4f}"))
     # every other figure: the report rebuilt from the signed records must be this one, field by field
-    rebuilt = build_report(run_dir, keys, [Path(c.folder) for c in report.utility.compared_with])
+    rebuilt = build_report(run_dir, keys, [Path(c.folder) for c in report.utility.compared_with], verified)
     diffs = _diff(rebuilt, json.loads(path.read_text()))
     out.append((not diffs, "report.json is the report rebuilt from the signed records" if not diffs else
                 f"report.json differs from the report rebuilt from the signed records at {len(diffs)} fields: "

@@ -246,18 +246,19 @@ def _leakage_for(adversary: str | None, leakage: dict | None) -> dict | None:
     return {"view": name, "attack": best[0], "auc": best[1]["auc"], "auc_ci": best[1]["auc_ci"]}
 
 
-def build_report(run_dir: Path, keys=None, compare: list[Path] = ()) -> dict:
+def build_report(run_dir: Path, keys=None, compare: list[Path] = (), verified: tuple | None = None) -> dict:
     """``report.json``'s content for ``run_dir``: every privacy figure from the signed ledgers
-    (verified with ``keys`` or keys.json); results.json must be the file the server signed."""
+    (verified with ``keys`` or keys.json); results.json must be the file the server signed.
+    ``verified``: ``verified_run``'s answer when the caller already has it (not verified twice)."""
     from fedsecmem.audits.adversaries import adversaries
     from fedsecmem.audits.inventory import inventory
 
     run_dir = Path(run_dir)
-    r, ledger, parties = verified_run(run_dir, keys)
-    ledger["keys_source"] = ("the provisioned public keys given with --keys" if keys is not None else
-                             "the run folder's own ledger/keys.json: this shows the records are consistent, not "
-                             "who made them; compare its fingerprint with one kept elsewhere, or verify a "
-                             "deployment with --keys")
+    r, ledger, parties = verified if verified is not None else verified_run(run_dir, keys)
+    ledger = {**ledger, "keys_source": ("the provisioned public keys given with --keys" if keys is not None else
+                                        "the run folder's own ledger/keys.json: this shows the records are "
+                                        "consistent, not who made them; compare its fingerprint with one kept "
+                                        "elsewhere, or verify a deployment with --keys")}
     server = parties.get(SERVER) or []
     if not server:
         raise ReportError(f"the server's ledger holds no run {r['run_id']!r}")

@@ -7,6 +7,7 @@ client per round. A plot of round time against n.
 
     python bench/bench_scale.py                  # the table and plot (docs/benchmarks.md, docs/scaling.md)
     python bench/bench_scale.py --only 10        # one n
+    python bench/bench_scale.py --per-sum        # one secure sum, protocol only: the server's cost per n
 """
 
 from __future__ import annotations
@@ -181,5 +182,26 @@ def main(only: int | None = None) -> None:
     write_section("scaling", "Scaling: 10 to 1,000 clients", "python bench/bench_scale.py", body)
 
 
+def per_sum() -> None:
+    """The server's seconds for one SecAgg+ sum of a round's k-means vector (32 x 153 values) on the
+    Bell-bounded sparse graph, all clients simulated in one process: the protocol's own growth."""
+    from fedsecmem.protocols.secure_sum import SecAggSum
+
+    length, rows = 32 * 153 + 1, []
+    for n in (100, 200, 400, 800):
+        k, t = smallest_graph(n, 0.1, 0.1, 40, 20)
+        rng = np.random.default_rng(n)
+        out = SecAggSum(bits=64, neighbours=k, threshold=t).sum({c: rng.normal(0, 1, length) for c in range(n)})
+        rows.append(f"| {n} | {k} | {t} | {out.server_seconds:.3f} | {out.client_seconds / n * 1e3:.1f} |")
+    body = ("One SecAgg+ sum of a round's k-means vector (4,897 values), sparse graph within Bell et al.'s bounds, "
+            "all clients in one process.\n\n| clients | k | t | server s per sum | client ms per sum (each) |\n"
+            "|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+    write_section("scaling_per_sum", "Scaling: one secure sum's server cost", "python bench/bench_scale.py --per-sum",
+                  body)
+
+
 if __name__ == "__main__":
+    if "--per-sum" in sys.argv:
+        per_sum()
+        sys.exit(0)
     main(int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None)

@@ -15,19 +15,12 @@ from fedsecmem.config import config_from_dict
 from fedsecmem.deployment.checks import FAULT_ENV
 from fedsecmem.deployment.ray_backend import run_on_ray
 from fedsecmem.run.runner import run
+from test_deploy import TINY as SERVED_TINY
 
-TINY = {
-    "name": "tiny-ray", "seed": 0, "method": "feddymem",
-    "data": {"benchmark": "textures", "products": ["brick", "immunohistochemistry", "grass"],
-             "train_per_product": 6, "test_normal_per_product": 4, "test_defect_per_product": 4,
-             "image_size": 64, "crop_size": 64},
-    "clients": {"n": 3, "alpha": 0.5},
-    "protocol": "secagg", "privacy": {"dp": False},
-    "feddymem": {"rounds": 2, "global_k": 32, "global_k_images": 8, "kmeans_init": "pca-partition"},
-    "output": {"embedding_cache": None, "map_examples_per_product": 0},
-    "deploy": {"stage_timeout_s": 6, "round_timeout_s": 120, "register_timeout_s": 120},
-    "execution": {"backend": "ray"},
-}
+# the served runs' tiny config (tests/test_deploy.py), on Ray
+TINY = {**json.loads(json.dumps(SERVED_TINY)), "name": "tiny-ray",
+        "deploy": {"stage_timeout_s": 6, "round_timeout_s": 120, "register_timeout_s": 120},
+        "execution": {"backend": "ray"}}
 
 
 @pytest.fixture(scope="module")
