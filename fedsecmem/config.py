@@ -8,7 +8,7 @@ buried in code. ``load_config`` turns any validation problem into a one-line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -276,9 +276,11 @@ class ExecutionConfig(Strict):
                                    "any number of clients share a local Ray; 1 or more on a cluster)")
     gpus_per_client: float = Field(0.0, ge=0, description="ray: GPUs each client actor reserves (0 = CPU)")
     local_cpus: int | None = Field(None, ge=1, description="ray: CPUs of the local Ray (null = all)")
-    clients_per_actor: int = Field(1, ge=1, description="ray: clients one actor process holds, each apart "
-                                   "(1 on a cluster; more to rehearse hundreds of sites on one machine, since "
-                                   "each actor process holds torch and the backbone)")
+    clients_per_actor: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="ray: clients one actor process holds, each apart with its own session, data and "
+        "ledger (auto: one actor per CPU of the Ray cluster, or per cpus_per_client CPUs, at most one per "
+        "client; each actor process holds torch and the backbone, and an actor call per exchange costs more "
+        "when processes outnumber cores)")
     threads_per_client: int | None = Field(None, ge=1, description="ray: torch threads of each client actor "
                                            "(null = this process's count, which gives the in-process run's numbers "
                                            "bit for bit; 1 when many actors share few cores)")

@@ -71,6 +71,7 @@ class Coordinator:
         self.closed = False
         self.observer: MessageObserver | None = None
         self._open: _Exchange | None = None
+        self._unrecorded: dict[int, tuple[int, int, str, bytes]] = {}  # tasks handed out, not yet recorded
         self._cv = threading.Condition()
 
     # ---- identity -------------------------------------------------------------------------------
@@ -140,21 +141,46 @@ class Coordinator:
 
     def next_task(self, cid: int, after_round: int, after_step: int, wait: float) -> bytes | None:
         """The open task for ``cid`` newer than what it completed, waiting up to ``wait`` s."""
+        return self.next_tasks({cid: (after_round, after_step)}, wait).get(cid)
+
+    def next_tasks(self, done: dict[int, tuple[int, int]], wait: float, record: bool = True) -> dict[int, bytes]:
+        """The open exchange's tasks for the clients in ``done`` (client -> the (round, step) it
+        completed) that are newer than what each completed, waiting up to ``wait`` s for any; one
+        call for all the clients one process holds. ``record=False``: the caller hands the tasks on
+        first and then calls ``record_sent`` (the observer's work off the clients' critical path)."""
         deadline = time.monotonic() + wait
         with self._cv:
-            self.last_seen[cid] = time.monotonic()
+            now = time.monotonic()
+            for cid in done:
+                self.last_seen[cid] = now
             while not self.closed:
                 ex = self._open
-                if (ex is not None and cid in ex.tasks and cid not in ex.replies
-                        and (ex.round, ex.step) > (after_round, after_step)):
-                    self.wire_down[cid] += len(ex.tasks[cid])
-                    self._observe("sent", cid, ex.round, ex.step, ex.kind, ex.tasks[cid], {})
-                    return ex.tasks[cid]
+                if ex is not None:
+                    out = {cid: ex.tasks[cid] for cid, after in done.items()
+                           if cid in ex.tasks and cid not in ex.replies and (ex.round, ex.step) > after}
+                    if out:
+                        for cid, task in out.items():
+                            self.wire_down[cid] += len(task)
+                            self._unrecorded[cid] = (ex.round, ex.step, ex.kind, task)
+                        if record:
+                            self._record_sent(out)
+                        return out
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None
+                    return {}
                 self._cv.wait(left)
-            return None
+            return {}
+
+    def record_sent(self, cids) -> None:
+        """Record the tasks ``next_tasks(..., record=False)`` handed out to ``cids``."""
+        with self._cv:
+            self._record_sent(cids)
+
+    def _record_sent(self, cids) -> None:
+        for cid in cids:
+            if cid in self._unrecorded:
+                rnd, step, kind, task = self._unrecorded.pop(cid)
+                self._observe("sent", cid, rnd, step, kind, task, {})
 
     def admit(self, cid: int | None, declared: int) -> tuple[bool, str]:
         """Before a reply is buffered: is one expected from ``cid`` now, is its declared size within

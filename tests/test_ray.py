@@ -13,7 +13,11 @@ import ray
 from fedsecmem.audits.ledger import verify_run
 from fedsecmem.config import config_from_dict
 from fedsecmem.deployment.checks import FAULT_ENV
-from fedsecmem.deployment.ray_backend import run_on_ray
+from fedsecmem.config import ExecutionConfig
+from fedsecmem.deployment.ray_backend import RayTransport, actor_groups, run_on_ray
+from fedsecmem.errors import UserError
+from fedsecmem.protocols.coordinator import Coordinator
+from fedsecmem.protocols.wire import BodyBuilder, Envelope, parse_envelope
 from fedsecmem.run.runner import run
 from test_deploy import TINY as SERVED_TINY
 
@@ -98,3 +102,69 @@ def test_clients_without_test_images_on_ray_train_and_are_not_scored(local_ray, 
     empty = [row for row in got["per_client"] if row["n_test"] == 0]
     assert len(empty) >= 2 and all(row["auroc_image"] is None for row in empty)
     assert all(r["participants"] == list(range(6)) for r in got["per_round"])
+
+
+def test_auto_deals_the_clients_to_one_actor_per_cpu_and_refuses_resources_the_cluster_lacks():
+    auto = ExecutionConfig()
+    assert actor_groups(10, auto, {"CPU": 2.0}) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert actor_groups(3, auto, {"CPU": 16.0}) == [[0], [1], [2]]  # at most one actor per client
+    assert actor_groups(5, ExecutionConfig(cpus_per_client=2), {"CPU": 4.0}) == [[0, 1, 2], [3, 4]]
+    assert actor_groups(4, ExecutionConfig(gpus_per_client=0.5), {"CPU": 8.0, "GPU": 1.0}) == [[0, 1], [2, 3]]
+    assert actor_groups(5, ExecutionConfig(clients_per_actor=2), {"CPU": 64.0}) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(UserError, match=r"^execution.gpus_per_client: 1 asked .* has 0 GPUs$"):
+        actor_groups(4, ExecutionConfig(gpus_per_client=1), {"CPU": 16.0})
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class _FakeRay:
+    """Ray's calls as plain function calls: the transport's own logic, without processes."""
+
+    @staticmethod
+    def get(ref, timeout=None):
+        return ref.value
+
+
+class _Method:
+    def __init__(self, fn):
+        self.remote = lambda *a: _Ref(fn(*a))
+
+
+class _Actor:
+    """Answers ``ping`` with ``pong``; ``fails``: the clients whose session raises."""
+
+    def __init__(self, fails=()):
+        self.calls, self.fails, self.closed = [], set(fails), []
+        self.answer = _Method(self._answer)
+        self.close = _Method(lambda cid, verdict=None: self.closed.append(cid) or True)
+
+    def _answer(self, tasks):
+        self.calls.append(sorted(tasks))
+        out = {}
+        for cid, (data, _verdict) in tasks.items():
+            env = parse_envelope(data)
+            out[cid] = ("RuntimeError: broken" if cid in self.fails else
+                        Envelope(env.run_id, cid, env.round, env.step, "pong", BodyBuilder().build()).to_bytes())
+        return out
+
+
+def test_one_call_per_actor_per_exchange_and_a_failing_client_drops_out_alone():
+    """Clients 0, 1 and 2 share one actor, client 3 has its own: each exchange is one call per actor
+    carrying all its clients' tasks; client 1's session failing makes it (only it) a dropout, its
+    actor-mates and the other actor go on, and only live clients' ledgers are closed."""
+    coord = Coordinator("run-a", {0, 1, 2, 3})
+    coord.begin_round(1)
+    shared, alone = _Actor(fails={1}), _Actor()
+    transport = RayTransport(_FakeRay(), coord, {0: shared, 1: shared, 2: shared, 3: alone})
+    bodies = {c: BodyBuilder().build() for c in range(4)}
+    first = coord.exchange("ping", bodies, "pong", lambda c, env: c, timeout=10)
+    assert sorted(first) == [0, 2, 3] and transport.dead == {1}
+    second = coord.exchange("ping", {c: b for c, b in bodies.items() if c != 1}, "pong", lambda c, env: c, timeout=10)
+    assert sorted(second) == [0, 2, 3]
+    assert shared.calls == [[0, 1, 2], [0, 2]] and alone.calls == [[3], [3]]
+    coord.close()
+    transport.stop(grace=1)
+    assert shared.closed == [0, 2] and alone.closed == [3]

@@ -204,6 +204,23 @@ def test_each_kind_of_bad_message_is_refused_counted_and_the_exchange_completes(
     assert o.server.close_stage()  # the state machine took exactly the valid ones and goes on
 
 
+def test_one_process_takes_the_open_tasks_of_all_its_clients_at_once():
+    """``next_tasks``: the open exchange's tasks for every client a process holds that has not
+    answered them yet, none for a client already past them, and nothing (after the wait) when no
+    exchange is open."""
+    o = _Open()
+    c = o.coord
+    assert c.next_tasks({3: (0, 0)}, wait=0.01) == {}  # client 3 is not addressed
+    got = c.next_tasks({0: (0, 0), 1: (2, 4), 2: (2, 5)}, wait=0.01)
+    assert sorted(got) == [0, 1] and all(parse_envelope(t).step == 5 for t in got.values())
+    assert got[0] == c.next_task(0, 0, 0, wait=0.01)  # the single-client form is the same task
+    before = dict(c.wire_down)
+    for cid in (0, 1, 2):
+        assert c.handle_push(cid, o.envelope(cid))[0]
+    o.finish()
+    assert c.next_tasks({0: (2, 5), 1: (2, 5)}, wait=0.05) == {} and dict(c.wire_down) == before
+
+
 def _mutations():
     """Random bytes, and valid envelopes with one field mutated."""
     raw = st.binary(max_size=600)

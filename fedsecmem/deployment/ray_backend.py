@@ -4,9 +4,9 @@ Each client is a Ray actor running the same ``ClientSession`` as ``fedsecmem joi
 embeds only its own part of the benchmark and holds its generator, bank, privacy state and ledger,
 as a hospital would. The driver runs the same ``Server`` as ``fedsecmem serve`` (the sans-IO
 round, the SecAgg+ machines, the k-means driver, ledgers and accounting) with ``RayTransport`` in
-place of the gRPC server: one pump thread per client takes the coordinator's next task for that
-client, calls the actor, and hands the reply back through the coordinator's checks (admission,
-stage, size, run id). An actor that dies or fails is a dropout, which SecAgg+ recovers from as in a
+place of the gRPC server: one pump thread per actor takes the coordinator's open tasks for the
+clients that actor holds, calls it once, and hands each reply back through the coordinator's
+checks (admission, stage, size, run id). An actor that dies or fails is a dropout, which SecAgg+ recovers from as in a
 deployment. So the three drivers (in process, gRPC, Ray) share one round and one set of protocol
 state machines; the Ray and gRPC runs share the server code too.
 
@@ -21,29 +21,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 from pathlib import Path
 
-from fedsecmem.config import RunConfig, config_from_dict
+from fedsecmem.config import ExecutionConfig, RunConfig, config_from_dict
 from fedsecmem.crypto.pki import provision
 from fedsecmem.deployment.checks import FAULT_ENV, check_deployable
 from fedsecmem.deployment.serve import Server
+from fedsecmem.errors import UserError
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.wire import WireError, parse_envelope
 from fedsecmem.run.grid import require_ray
 
-__all__ = ["RayTransport", "run_on_ray"]
+__all__ = ["RayTransport", "actor_groups", "run_on_ray"]
 
 log = logging.getLogger("fedsecmem.ray")
-POLL_S = 0.5  # how long a pump thread waits for its client's next task before looking again
+POLL_S = 0.5  # how long a pump thread waits for its clients' next tasks before looking again
+# A local Ray passes call arguments and results up to this size inline instead of through its object
+# store: an actor's tasks or replies of one exchange are often a few hundred KB (masked vectors of
+# several clients), and the store's round trip made each exchange ~2x slower on 2 cores
+# (docs/scaling.md). An existing cluster keeps its own setting.
+INLINE_BYTES = 8 << 20
 
 
 def _actor_class(ray):
     @ray.remote
     class ClientActor:
-        """One client (or, with ``execution.clients_per_actor``, several, each apart): its
+        """One client or several (``execution.clients_per_actor``), each apart: its own
         ``ClientSession`` (data, embeddings, generator, bank, budget, ledger)."""
 
         def __init__(self, cfg_json: str, cids: list[int], folder: str, threads: int):
@@ -54,18 +61,31 @@ def _actor_class(ray):
             torch.set_num_threads(threads)  # Ray gives workers 1 thread; the same math as the driver's
             cfg = config_from_dict(json.loads(cfg_json))
             self.sessions = {c: ClientSession(cfg, c, Path(folder)) for c in cids}
+            self.replies: dict[int, bytes] = {}  # each client's last reply, until the server's verdict on it
 
-        def answer(self, cid: int, data: bytes, previous: tuple[bytes, bool, str] | None = None) -> bytes:
-            """Client ``cid``'s reply to ``data``; ``previous``: how the server took its last reply
-            (one call per exchange instead of two)."""
-            if previous is not None:
-                self.sessions[cid].pushed(*previous)
-            return self.sessions[cid].answer(data)
+        def _taken(self, cid: int, verdict: tuple[bool, str] | None) -> None:
+            """How the server took ``cid``'s last reply (accepted, reason): into its ledger."""
+            reply = self.replies.pop(cid, None)
+            if verdict is not None and reply is not None:
+                self.sessions[cid].pushed(reply, *verdict)
 
-        def close(self, cid: int, previous: tuple[bytes, bool, str] | None = None) -> bool:
+        def answer(self, tasks: dict[int, tuple[bytes, tuple[bool, str] | None]]) -> dict[int, bytes | str]:
+            """Each addressed client's reply to its task (one call per exchange for all the clients
+            this process holds). With each task comes the server's verdict on that client's last reply
+            (recorded in its ledger first). A client that fails gets its error's first line instead of
+            a reply: for the server, a dropout."""
+            out: dict[int, bytes | str] = {}
+            for cid, (data, verdict) in tasks.items():
+                try:
+                    self._taken(cid, verdict)
+                    out[cid] = self.replies[cid] = self.sessions[cid].answer(data)
+                except Exception as exc:  # noqa: BLE001 - this client drops out; its neighbours go on
+                    out[cid] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            return out
+
+        def close(self, cid: int, verdict: tuple[bool, str] | None = None) -> bool:
+            self._taken(cid, verdict)
             session = self.sessions[cid]
-            if previous is not None:
-                session.pushed(*previous)
             session.close("completed" if session.finished else "failed: the run ended without it")
             return session.finished
 
@@ -74,44 +94,56 @@ def _actor_class(ray):
 
 class RayTransport:
     """Carries a ``Coordinator``'s tasks to client actors and their replies back (``actors``: client ->
-    the actor that holds it)."""
+    the actor that holds it): one pump thread per actor, one actor call per exchange."""
 
     def __init__(self, ray, coord: Coordinator, actors: dict[int, object]):
         self.ray, self.coord, self.actors = ray, coord, actors
         self.stopping = threading.Event()
         self.dead: set[int] = set()
-        self.last: dict[int, tuple[bytes, bool, str]] = {}  # each client's last reply and how it was taken
-        self.threads = [threading.Thread(target=self._pump, args=(c,), name=f"ray-client-{c}", daemon=True)
-                        for c in sorted(actors)]
+        self.last: dict[int, tuple[bool, str]] = {}  # how the server took each client's last reply
+        held: dict[int, list[int]] = {}  # actor (by id) -> the clients it holds
+        for c in sorted(actors):
+            held.setdefault(id(actors[c]), []).append(c)
+        self.threads = [threading.Thread(target=self._pump, args=(cids,), name=f"ray-actor-{cids[0]}", daemon=True)
+                        for cids in held.values()]
         for t in self.threads:
             t.start()
 
-    def _pump(self, cid: int) -> None:
-        actor, done = self.actors[cid], (0, 0)
-        while not self.stopping.is_set():
-            data = self.coord.next_task(cid, *done, wait=POLL_S)
-            if data is None:
+    def _pump(self, cids: list[int]) -> None:
+        actor = self.actors[cids[0]]
+        done = {c: (0, 0) for c in cids}  # each live client's last (round, step) answered
+        while done and not self.stopping.is_set():
+            tasks = self.coord.next_tasks(done, wait=POLL_S, record=False)
+            if not tasks:
                 if self.coord.closed:
                     return
                 continue
             try:
-                reply = self.ray.get(actor.answer.remote(cid, data, self.last.pop(cid, None)))
-            except Exception as exc:  # RayActorError (the actor died), RayTaskError (it raised): a dropout
-                log.warning("client %d dropped out: %s", cid, str(exc).splitlines()[0][:300])
-                self.dead.add(cid)
+                call = actor.answer.remote({c: (d, self.last.pop(c, None)) for c, d in tasks.items()})
+                self.coord.record_sent(tasks)  # while the actor works
+                replies = self.ray.get(call)
+            except Exception as exc:  # RayActorError: the process died, with every client it held
+                log.warning("clients %s dropped out: %s", sorted(done), str(exc).splitlines()[0][:300])
+                self.dead.update(done)
                 return
-            ok, reason = self.coord.admit(cid, len(reply))
-            if ok:
+            for c, reply in replies.items():
+                if isinstance(reply, str):  # the client failed in its actor
+                    log.warning("client %d dropped out: %s", c, reply)
+                    self.dead.add(c)
+                    del done[c]
+                    continue
+                ok, reason = self.coord.admit(c, len(reply))
+                if ok:
+                    try:
+                        ok, reason = self.coord.handle_push(c, reply)
+                    finally:
+                        self.coord.received(c)
+                self.last[c] = (ok, reason)  # recorded by the client with its next task, or at close
                 try:
-                    ok, reason = self.coord.handle_push(cid, reply)
-                finally:
-                    self.coord.received(cid)
-            self.last[cid] = (reply, ok, reason)  # recorded by the client with its next task, or at close
-            try:
-                env = parse_envelope(reply)
-                done = (env.round, env.step)
-            except WireError:
-                continue
+                    env = parse_envelope(reply)
+                    done[c] = (env.round, env.step)
+                except WireError:
+                    continue
 
     def stop(self, grace: float) -> None:
         """Stop the pumps and close every live client's ledger."""
@@ -127,6 +159,26 @@ class RayTransport:
                 log.warning("client %d: closing its ledger failed: %s", c, str(exc).splitlines()[0][:300])
 
 
+def actor_groups(n: int, ex: ExecutionConfig, resources: dict[str, float]) -> list[list[int]]:
+    """The clients each actor holds: ``clients_per_actor`` apiece, or with ``auto`` as many actors as
+    the cluster's CPUs (and GPUs, when each client asks for some) can run at once, at most one per
+    client, the clients dealt in order."""
+    for name, want, have in (("cpus", ex.cpus_per_client, resources.get("CPU", 0.0)),
+                             ("gpus", ex.gpus_per_client, resources.get("GPU", 0.0))):
+        if want > have:  # Ray would wait for them for ever
+            raise UserError(f"execution.{name}_per_client: {want:g} asked for each client actor, but the Ray "
+                            f"cluster has {have:g} {name[:-1].upper()}s")
+    per = ex.clients_per_actor
+    if per == "auto":
+        actors = n
+        for want, have in ((ex.cpus_per_client or 1.0, resources.get("CPU", 1.0)),
+                           (ex.gpus_per_client, resources.get("GPU", 0.0))):
+            if want > 0:
+                actors = min(actors, max(1, int(have // want)))
+        per = math.ceil(n / actors)
+    return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+
+
 def run_on_ray(cfg: RunConfig, out: Path) -> dict:
     """``fedsecmem run`` with ``execution.backend: ray``: the run's results, as ``serve`` writes them."""
     ray = require_ray()
@@ -140,8 +192,10 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
         check_deployable(cfg)
         started = not ray.is_initialized()
         if started:
-            ray.init(address=ex.address or None, num_cpus=ex.local_cpus if not ex.address else None,
-                     include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+            local = {} if ex.address else {"num_cpus": ex.local_cpus,
+                                           "_system_config": {"max_direct_call_object_size": INLINE_BYTES}}
+            ray.init(address=ex.address or None, include_dashboard=False, logging_level=logging.WARNING,
+                     configure_logging=False, **local)
         env = {k: v for k, v in os.environ.items() if k == FAULT_ENV}  # fault drills reach the actors
         cls = _actor_class(ray).options(num_cpus=ex.cpus_per_client, num_gpus=ex.gpus_per_client,
                                         runtime_env={"env_vars": env} if env else None)
@@ -149,8 +203,7 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
         import torch
 
         threads = ex.threads_per_client or torch.get_num_threads()
-        per = ex.clients_per_actor
-        groups = [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+        groups = actor_groups(n, ex, ray.cluster_resources())
         handles = [cls.remote(cfg_json, g, str(out.resolve()), threads) for g in groups]
         actors = {c: h for g, h in zip(groups, handles) for c in g}
         try:
