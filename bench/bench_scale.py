@@ -8,6 +8,7 @@ client per round. A plot of round time against n.
     python bench/bench_scale.py                  # the table and plot (docs/benchmarks.md, docs/scaling.md)
     python bench/bench_scale.py --only 10        # one n
     python bench/bench_scale.py --per-sum        # one secure sum, protocol only: the server's cost per n
+    python bench/bench_scale.py --table          # the section and plot again from runs/bench/scale.json
 """
 
 from __future__ import annotations
@@ -97,13 +98,26 @@ class ActorMemory:
         return self.peak
 
 
+def folder(n: int, graph: str, backend: str, per: int | str | None) -> str:
+    """The run folder of one measurement (under runs/bench)."""
+    return f"scale_{n}_{graph}_{backend}{'' if per in ('auto', None) else f'_{per}'}"
+
+
+def secure_sums(row: dict) -> float:
+    """Secure sums per round of a measured row's run: the k-means runs to convergence, so bigger
+    federations may need more iterations; the server's cost per sum is the protocol's."""
+    graph = "complete" if row["graph"] == "complete" else "sparse"
+    res = json.loads((OUT / folder(row["n"], graph, row["backend"], row.get("clients_per_actor")) / "results.json").read_text())
+    return float(np.mean([r["secure_sums"] for r in res["per_round"]]))
+
+
 def measure(n: int, graph: str, backend: str, per: int | str = "auto") -> dict:
     from fedsecmem.deployment.ray_backend import run_on_ray
     from fedsecmem.run.runner import run
 
     k, t = (None, None) if graph == "complete" else smallest_graph(n, 0.1, 0.1, 40, 20)
     cfg = config_from_dict(config(n, k, t, backend, per))
-    out = OUT / f"scale_{n}_{graph}_{backend}{'' if per == 'auto' else f'_{per}'}"
+    out = OUT / folder(n, graph, backend, per)
     watch = ActorMemory() if backend == "ray" else None
     t0 = time.perf_counter()
     res = run_on_ray(cfg, out) if backend == "ray" else run(cfg, out)
@@ -152,8 +166,17 @@ def main(only: int | None = None) -> None:
                 row["round_s_all"] = [r["round_s"] for r in got]
                 rows.append(row)
                 print(row, flush=True)
+                ROWS.write_text(json.dumps(rows, indent=1, default=float))  # kept as it goes (--table)
     rows.sort(key=lambda r: (r["n"], r["graph"] != "complete", r["backend"] != "inprocess", r.get("actors") or 0))
     ROWS.write_text(json.dumps(rows, indent=1, default=float))
+    write_table(rows)
+
+
+def write_table(rows: list[dict]) -> None:
+    """The docs/benchmarks.md section and the plot, from measured rows."""
+    for r in rows:
+        if "sums" not in r:
+            r["sums"] = secure_sums(r)
 
     def f(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)
@@ -161,8 +184,9 @@ def main(only: int | None = None) -> None:
     def backend(r):
         return r["backend"] if r["backend"] == "inprocess" else f"ray, {r.get('actors')} actors"
 
-    lines = [f"| {r['n']} | {r['graph']} | {backend(r)} | {f(r['round_s'], '.2f')} | {f(r['aggregation_s'], '.2f')} | "
-             f"{f(r['server_s'], '.2f')} | {f(r['driver_mb'], '.0f')} | {f(r['actor_mb'], '.0f')} | "
+    lines = [f"| {r['n']} | {r['graph']} | {backend(r)} | {f(r['round_s'], '.2f')} | {r['sums']:.1f} | {f(r['aggregation_s'], '.2f')} | "
+             f"{f(r['server_s'], '.2f')} | {f(None if r['server_s'] is None else r['server_s'] / r['sums'], '.3f')} | "
+             f"{f(r['driver_mb'], '.0f')} | {f(r['actor_mb'], '.0f')} | "
              f"{f(r['up_kb'])} | {f(r['down_kb'])} |" for r in rows]
     at10 = [r for r in rows if r["n"] == 10 and r["graph"] == "complete"]
     verdict = ""
@@ -172,6 +196,15 @@ def main(only: int | None = None) -> None:
         best = min(ray["round_s"] for ray in at10[1:]) / at10[0]["round_s"]
         verdict = (f"\nRay against in process at 10 clients (complete graph), round time: {'; '.join(parts)} "
                    f"(target 1.5x: {'met' if best <= 1.5 else 'not met'}).\n")
+    sparse = [r for r in rows if r["graph"] != "complete" and r["backend"] == "inprocess" and r["server_s"]]
+    if len(sparse) >= 2:
+        lo, hi = sparse[0], sparse[-1]
+        grow = (hi["server_s"] / hi["sums"]) / (lo["server_s"] / lo["sums"])
+        nlogn = hi["n"] * math.log(hi["n"]) / (lo["n"] * math.log(lo["n"]))
+        verdict += (f"\nServer work, sparse graph, in process, {lo['n']} -> {hi['n']} clients: {grow:.1f}x per secure sum "
+                    f"(n log n: {nlogn:.1f}x; target: no faster, {'met' if grow <= nlogn else 'not met'}); per round "
+                    f"{hi['server_s'] / lo['server_s']:.1f}x, the k-means taking {hi['sums']:.0f} sums a round "
+                    f"instead of {lo['sums']:.0f}.\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for (graph, backend), style in ((("complete", "inprocess"), "-o"), (("sparse", "inprocess"), "-s"),
                                     (("complete", "ray"), "^--"), (("sparse", "ray"), "v--")):
@@ -196,9 +229,9 @@ def main(only: int | None = None) -> None:
             f"them), and at 10 clients also one actor per client. Up to {REPEATS_UP_TO} clients each row is the median "
             f"of {REPEATS} runs taken in turn (all in `runs/bench/scale.json`). "
             "Plot: [scaling.png](scaling.png).\n\n"
-            "| clients | graph | backend | round s | aggregation s / round | server s / round | driver MB | "
-            "actor MB | KB up / client / round | KB down / client / round |\n"
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n" + verdict)
+            "| clients | graph | backend | round s | secure sums / round | aggregation s / round | server s / round | "
+            "server s / sum | driver MB | actor MB | KB up / client / round | KB down / client / round |\n"
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n" + verdict)
     write_section("scaling", "Scaling: 10 to 1,000 clients", "python bench/bench_scale.py", body)
 
 
@@ -223,5 +256,8 @@ def per_sum() -> None:
 if __name__ == "__main__":
     if "--per-sum" in sys.argv:
         per_sum()
+        sys.exit(0)
+    if "--table" in sys.argv:  # the section and plot again from the kept rows, measuring nothing
+        write_table(json.loads(ROWS.read_text()))
         sys.exit(0)
     main(int(sys.argv[sys.argv.index("--only") + 1]) if "--only" in sys.argv else None)

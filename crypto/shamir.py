@@ -12,6 +12,7 @@ the authenticated channel that carries shares (AES-GCM), not of this module.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Sequence
@@ -69,19 +70,39 @@ def split(secret: bytes, xs: Sequence[int], threshold: int,
     return [Share(x, _evaluate(poly, x)) for x in xs]
 
 
+def _inverses(values: Sequence[int]) -> list[int]:
+    """1 / v mod PRIME for every (non-zero) v, with one modular exponentiation (Montgomery's trick:
+    invert the product, then peel it back with the prefix products)."""
+    prefix, acc = [], 1
+    for v in values:
+        prefix.append(acc)
+        acc = acc * v % PRIME
+    inv = pow(acc, -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
+
+
 def interpolate(shares: Sequence[Share], x: int) -> int:
-    """f(x) of the polynomial of degree len(shares) - 1 through ``shares`` (Lagrange)."""
+    """f(x) of the polynomial of degree len(shares) - 1 through ``shares`` (Lagrange): the weights'
+    numerators from prefix and suffix products of (x - x_j), their denominators inverted at once
+    (the server reconstructs a seed per client and sum, so this is its main cost)."""
     xs = [s.x for s in shares]
     if len(set(xs)) != len(xs):
         raise CryptoError("duplicate share points")
+    t = len(xs)
+    diffs = [(x - xj) % PRIME for xj in xs]
+    before, after = [1] * (t + 1), [1] * (t + 1)  # products of diffs[:i] and diffs[i:]
+    for i in range(t):
+        before[i + 1] = before[i] * diffs[i] % PRIME
+        after[t - 1 - i] = after[t - i] * diffs[t - 1 - i] % PRIME
+    # the x_j are small integers: each product is exact before its one reduction
+    dens = [math.prod(xi - xj for xj in xs if xj != xi) % PRIME for xi in xs]
     y = 0
-    for i, si in enumerate(shares):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * (x - xj) % PRIME
-                den = den * (si.x - xj) % PRIME
-        y = (y + si.y * num * pow(den, -1, PRIME)) % PRIME
+    for i, (si, inv) in enumerate(zip(shares, _inverses(dens))):
+        y = (y + si.y * (before[i] * after[i + 1] % PRIME) * inv) % PRIME
     return y
 
 

@@ -443,8 +443,9 @@ class SecAggServer:
         t, session = self.params.threshold, self.params.session
         what = "self-mask seed" if kind == "self" else "mask key"
         pairs = []
-        for sender, r in sorted(replies.items()):
-            blob = (r.self_mask_shares if kind == "self" else r.key_shares).get(owner)
+        for sender in self.params.holders(owner):  # in order; only they hold its shares (checked on receipt)
+            r = replies.get(sender)
+            blob = None if r is None else (r.self_mask_shares if kind == "self" else r.key_shares).get(owner)
             if blob is not None:
                 pairs.append((sender, shamir.Share.from_bytes(blob)))
         if len(pairs) < t:

@@ -108,6 +108,29 @@ def test_shamir_random_secrets_and_insufficient_shares():
                           [_point_on_curve_through(shares[:5], other, 11)], 6) == other
 
 
+def test_shamir_interpolation_is_the_textbook_lagrange_formula_and_the_polynomial():
+    """The one-inversion interpolation equals Lagrange's formula term by term (each weight inverted
+    on its own) at 0, at a share's own point and at random points, for small and field-sized x, and
+    gives back the polynomial's values (Horner) for every degree."""
+    import random
+
+    rng, p = random.Random(7), shamir.PRIME
+    for trial in range(200):
+        t = rng.randint(1, 30)
+        xs = rng.sample(range(1, 5000), t) if trial % 2 else [rng.randrange(1, p) for _ in range(t)]
+        poly = [rng.randrange(p) for _ in range(t)]
+        shares = [shamir.Share(x, shamir._evaluate(poly, x)) for x in xs]
+        for x in (0, xs[0], rng.randrange(p)):
+            want = 0
+            for i, si in enumerate(shares):
+                num = den = 1
+                for j, xj in enumerate(xs):
+                    if i != j:
+                        num, den = num * (x - xj) % p, den * (si.x - xj) % p
+                want = (want + si.y * num * pow(den, -1, p)) % p
+            assert shamir.interpolate(shares, x) == want == shamir._evaluate(poly, x)
+
+
 def _point_on_curve_through(shares, secret, x):
     """The value at ``x`` of the degree-5 polynomial through ``shares`` and (0, secret)."""
     pts = [(0, int.from_bytes(secret, "big"))] + [(s.x, s.y) for s in shares]
