@@ -73,6 +73,7 @@ class FedDyMemMember:
                                      fc.use_generator, resolve_device(cfg.backbone.device),
                                      groups=patients_of(cfg, mine.train))
         self.side = RoundClient(cfg, self.client, mine.test, self.test_emb)
+        self.scored = None  # the last global memory's scores (evaluated in full once, at the run's end)
         pv = cfg.privacy
         certs = Path(cfg.deploy.certs)
         try:  # its SecAgg+ key advertisements are signed with its provisioned key, its neighbours' checked
@@ -99,7 +100,7 @@ class FedDyMemMember:
         if kind == "memory":
             return "scores", self._scores(env)
         if kind == "finish":
-            return "bye", BodyBuilder().build()
+            return "bye", self._evaluation()
         return self.member.handle(env)
 
     def _hello(self):
@@ -128,17 +129,29 @@ class FedDyMemMember:
         return encode_ready(ready, private=pv.dp)
 
     def _scores(self, env: Envelope):
-        cfg = self.cfg
+        """Score the own test images against the round's global memory: the round's metrics."""
         d, e = self.dims
-        scored = self.side.on_memory(get_memory(env.body, d, e or None))
-        row = evaluate_client(self.data.test, scored.scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma,
+        self.scored = self.side.on_memory(get_memory(env.body, d, e or None))
+        row = {"n_test": len(self.data.test), "bank_size": self.scored.bank_size,
+               **{f"round_{k}": v for k, v in self.scored.metrics().items()}}
+        if self.cfg.privacy.dp:  # no noise covers these figures: they stay with the client (docs/privacy.md)
+            row = {WITHHELD: True}
+        return put_json(BodyBuilder(), "row", row).build()
+
+    def _evaluation(self):
+        """At the run's end: the full evaluation (pixel metrics, PRO) of the last global memory this
+        client scored, once, as the simulator evaluates after the last round; no row if it scored none."""
+        b = BodyBuilder()
+        if self.scored is None:
+            return b.build()
+        cfg = self.cfg
+        row = evaluate_client(self.data.test, self.scored.scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma,
                               cfg.scoring.pro)
-        row["bank_size"] = scored.bank_size
-        row.update({f"round_{k}": v for k, v in scored.metrics().items()})
+        row["bank_size"] = self.scored.bank_size
         if cfg.privacy.dp:  # no noise covers these figures: they stay with the client (docs/privacy.md)
             self._keep(row)
             row = {WITHHELD: True}
-        return put_json(BodyBuilder(), "row", row).build()
+        return put_json(b, "row", row).build()
 
     def _keep(self, row: dict) -> None:
         """This client's evaluation, in its own folder (a private run does not send it)."""

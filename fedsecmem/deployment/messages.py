@@ -4,7 +4,8 @@ body is a ``WireError``, never a crash. docs/deployment.md lists what leaves a c
 
 task kinds (server -> client) and replies: ``hello`` -> ``hello`` (sizes, DP-SGD plan, products),
 ``round`` (``RoundTask``) -> ``ready`` (``Ready``), ``memory`` (the global memory) -> ``scores``
-(the client's evaluation row and round metrics), ``finish`` -> ``bye``.
+(the round's metrics), ``finish`` -> ``bye`` (the client's evaluation row against the last global
+memory it scored, as the simulator evaluates once after the last round).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.wire import Body, BodyBuilder, WireError
 
 __all__ = [
-    "MAX_ITEMS", "decode_ready", "decode_scores", "decode_task", "encode_ready", "encode_task", "get_json",
+    "MAX_ITEMS", "decode_bye", "decode_ready", "decode_scores", "decode_task", "encode_ready", "encode_task", "get_json",
     "get_memory", "put_json", "put_memory", "row_metrics",
 ]
 
@@ -90,13 +91,26 @@ WITHHELD = "withheld"  # a private run's client keeps its evaluation (docs/priva
 
 
 def decode_scores(cid: int, env) -> dict:
-    """A client's ``scores`` reply: its evaluation row, with the round metrics under ``round_*``; in a
-    private run only ``{"withheld": true}`` (the client keeps its row in its own folder)."""
+    """A client's ``scores`` reply: the round's metrics (``round_*``), its test and bank sizes; in a
+    private run only ``{"withheld": true}``."""
     row = get_json(env.body, "row", "scores")
     if isinstance(row, dict) and row == {WITHHELD: True}:
         return row
+    if not isinstance(row, dict) or not {"n_test", "bank_size"} <= set(row):
+        raise ValueError("scores: row lacks the round's fields")
+    return row
+
+
+def decode_bye(cid: int, env) -> dict | None:
+    """A client's ``bye``: its evaluation row (None when it scored no global memory); in a private
+    run only ``{"withheld": true}`` (the client keeps its row in its own folder)."""
+    if "row" not in env.body.texts:
+        return None
+    row = get_json(env.body, "row", "bye")
+    if isinstance(row, dict) and row == {WITHHELD: True}:
+        return row
     if not isinstance(row, dict) or not {"auroc_patch", "auroc_image", "n_test"} <= set(row):
-        raise ValueError("scores: row lacks the evaluation fields")
+        raise ValueError("bye: row lacks the evaluation fields")
     return row
 
 

@@ -34,7 +34,7 @@ from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
 from fedsecmem.deployment.checks import check_deployable, crash_if_asked, max_bytes, party_tls
-from fedsecmem.deployment.messages import WITHHELD, decode_ready, decode_scores, encode_task, get_json, put_memory, row_metrics
+from fedsecmem.deployment.messages import WITHHELD, decode_bye, decode_ready, decode_scores, encode_task, get_json, put_memory, row_metrics
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.privacy.ledgers import (
@@ -103,10 +103,11 @@ class Server:
             raise UserError(f"deploy.certs: {exc}") from None
         self.coord = Coordinator(self.ckpt.get("run_id") or secrets.token_hex(8), set(range(n)), bad, max_bytes(cfg))
         self.hello: dict[int, dict] = {int(c): h for c, h in self.ckpt.get("hello", {}).items()}
-        self.rows: dict[int, dict] = {int(c): r for c, r in self.ckpt.get("rows", {}).items()}
+        self.rows: dict[int, dict] = {}  # each client's evaluation row, from its goodbye
         self.wire = self.ckpt.get("wire", {"up": {}, "down": {}})
         self.timings: dict[str, float] = self.ckpt.get("timings", {})
-        self.has_memory: set[int] = set()  # clients known to hold the current global memory
+        # clients known to hold the current global memory (and to have scored it)
+        self.has_memory: set[int] = {int(c) for c in self.ckpt.get("has_memory", [])}
         self.excluded: dict[int, str] = {int(c): w for c, w in self.ckpt.get("excluded", {}).items()}  # cheaters
         self.ss = secure_sum_for(cfg)  # the protocol and its settings (SecAgg+ graph, threshold, fixed point)
         self.keys = write_party_keys(out, cfg.deploy.certs, n)
@@ -192,7 +193,6 @@ class Server:
             rows = self.coord.exchange("memory", {c: body for c in sorted(final)}, "scores", decode_scores,
                                        dp.round_timeout_s)
         self.has_memory = set(rows)
-        self.rows.update(rows)
         for c in range(cfg.clients.n):
             for side, now, before in (("up", self.coord.wire_up, wire_up0), ("down", self.coord.wire_down, wire_down0)):
                 self.wire[side].setdefault(str(c), []).append(now.get(c, 0) - before.get(c, 0))
@@ -241,7 +241,8 @@ class Server:
     def _checkpoint(self, r: int) -> None:
         self.ledger.sync()
         n = self.cfg.clients.n
-        state = {"run_id": self.coord.run_id, "round_done": r, "hello": self.hello, "rows": self.rows,
+        state = {"run_id": self.coord.run_id, "round_done": r, "hello": self.hello,
+                 "has_memory": sorted(self.has_memory),
                  "ledger": {"seq": self.ledger.seq, "prev": self.ledger.prev},
                  "per_round": self.round.per_round,
                  "bytes_up": {str(c): self.round.bytes_up[c] for c in range(n)},
@@ -281,9 +282,7 @@ class Server:
                     advance(1)
             if not self.round.per_round:
                 raise UserError(stopped or "serve: no round completed")
-            self.coord.begin_round(fc.rounds + 1)
-            self.coord.exchange("finish", {c: BodyBuilder().build() for c in sorted(self.hello)}, "bye",
-                                lambda c, env: True, FINISH_TIMEOUT_S)
+            self._finish()
             status = "completed"
         except UserError as exc:
             status = f"failed: {exc}"
@@ -297,6 +296,20 @@ class Server:
                 self.ledger.append("run_end", status=status, run_id=self.coord.run_id)
                 self.ledger.close()
         return self._results()
+
+    def _finish(self) -> None:
+        """Goodbyes, each with the client's evaluation of the last global memory it scored (evaluated
+        once, as the simulator does after its last round): the clients that scored the last one are
+        given a round's time for it, the others (dropped or excluded on the way) a short while."""
+        self.coord.begin_round(self.cfg.feddymem.rounds + 1)
+        scored = sorted(self.has_memory - set(self.excluded))
+        rest = sorted(set(self.hello) - set(scored))
+        rows: dict[int, dict | None] = {}
+        for clients, timeout in ((scored, self.cfg.deploy.round_timeout_s), (rest, FINISH_TIMEOUT_S)):
+            if clients:
+                rows.update(self.coord.exchange("finish", {c: BodyBuilder().build() for c in clients}, "bye",
+                                                decode_bye, timeout))
+        self.rows = {c: row for c, row in sorted(rows.items()) if row is not None and c not in self.excluded}
 
     def _results(self) -> dict:
         cfg, rnd = self.cfg, self.round
