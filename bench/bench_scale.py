@@ -64,11 +64,19 @@ def config(n: int, neighbours: int | None, threshold: int | None, backend: str, 
     }
 
 
-class ActorMemory:
-    """Peak resident memory of Ray's client actor processes, sampled twice a second (Linux /proc)."""
+def _rss_mb(pid: str) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+class Memory:
+    """Peak resident memory during one run, sampled twice a second (Linux /proc): this process (the
+    driver; its lifetime peak would carry over from an earlier, bigger run) and each Ray client actor."""
 
     def __init__(self):
-        self.peak, self.stop, self.pids = 0.0, threading.Event(), set()
+        self.peak, self.driver, self.stop, self.pids = 0.0, 0.0, threading.Event(), set()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
@@ -79,10 +87,10 @@ class ActorMemory:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                 if b"ClientActor" not in cmd:
                     continue
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        out.append(int(line.split()[1]) / 1024)
-                        self.pids.add(pid)
+                rss = _rss_mb(pid)
+                if rss is not None:
+                    out.append(rss)
+                    self.pids.add(pid)
             except OSError:
                 continue
         return out
@@ -90,12 +98,14 @@ class ActorMemory:
     def _watch(self) -> None:
         while not self.stop.is_set():
             self.peak = max([self.peak, *self._actor_rss_mb()])
+            self.driver = max(self.driver, _rss_mb("self") or 0.0)
             time.sleep(0.5)
 
-    def done(self) -> float:
+    def done(self) -> tuple[float, float | None]:
+        """(driver's peak MB, the largest actor's peak MB or None without actors)."""
         self.stop.set()
         self.thread.join()
-        return self.peak
+        return self.driver, self.peak if self.pids else None
 
 
 def folder(n: int, graph: str, backend: str, per: int | str | None) -> str:
@@ -118,11 +128,11 @@ def measure(n: int, graph: str, backend: str, per: int | str = "auto") -> dict:
     k, t = (None, None) if graph == "complete" else smallest_graph(n, 0.1, 0.1, 40, 20)
     cfg = config_from_dict(config(n, k, t, backend, per))
     out = OUT / folder(n, graph, backend, per)
-    watch = ActorMemory() if backend == "ray" else None
+    watch = Memory()
     t0 = time.perf_counter()
     res = run_on_ray(cfg, out) if backend == "ray" else run(cfg, out)
     wall = time.perf_counter() - t0
-    actor_mb = watch.done() if watch else None
+    driver_mb, actor_mb = watch.done()
     rounds = res["per_round"]
     tm = res["timing"]
     # in process: the whole method (train, aggregate, score); on Ray: the same three parts as the server times them
@@ -134,10 +144,10 @@ def measure(n: int, graph: str, backend: str, per: int | str = "auto") -> dict:
     up = np.mean([np.mean(b) for b in res["comm"]["bytes_up"]])
     down = np.mean([np.mean(b) for b in res["comm"]["bytes_down"]])
     return {"n": n, "graph": "complete" if k is None else f"k = {k}, t = {t}", "backend": backend,
-            "actors": len(watch.pids) if watch else None, "clients_per_actor": per if backend == "ray" else None,
+            "actors": len(watch.pids) if backend == "ray" else None, "clients_per_actor": per if backend == "ray" else None,
             "round_s": round_s, "aggregation_s": None if agg is None else agg / len(rounds),
             "server_s": None if server is None else server / len(rounds), "wall_s": wall,
-            "driver_mb": res["peak_rss_mb"], "actor_mb": actor_mb, "up_kb": float(up) / 1e3, "down_kb": float(down) / 1e3,
+            "driver_mb": driver_mb, "driver_sampled": True, "actor_mb": actor_mb, "up_kb": float(up) / 1e3, "down_kb": float(down) / 1e3,
             "auroc": res["auroc"]["image"]}
 
 
@@ -177,6 +187,8 @@ def write_table(rows: list[dict]) -> None:
     for r in rows:
         if "sums" not in r:
             r["sums"] = secure_sums(r)
+        if not r.get("driver_sampled") and r["backend"] == "ray":
+            r["driver_mb"] = None  # the process's lifetime peak, from an earlier in-process run: not this run's
 
     def f(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)
