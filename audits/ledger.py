@@ -36,6 +36,7 @@ import datetime
 import hashlib
 import json
 import os
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,13 @@ class Ledger:
                 except ValueError:
                     self.last = None
         self._fh = open(self.path, "ab")
+        self._lock = threading.Lock()  # transport threads and the round's hooks may write at once
 
     def append(self, event: str, **fields) -> dict:
+        with self._lock:
+            return self._append(event, fields)
+
+    def _append(self, event: str, fields: dict) -> dict:
         record = {"seq": self.seq, "party": self.party, "event": event,
                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
                   **fields, "prev": self.prev}
@@ -105,14 +111,21 @@ class Ledger:
         return self.append("message", dir=direction, peer=peer, stage=stage, sha256=sha256(data),
                            bytes=len(data), **fields)
 
+    def position(self) -> dict:
+        """The next line's sequence number and the hash it will chain to, read together."""
+        with self._lock:
+            return {"seq": self.seq, "prev": self.prev}
+
     def sync(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        with self._lock:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         if not self._fh.closed:
             self.sync()
-            self._fh.close()
+            with self._lock:
+                self._fh.close()
 
 
 def write_keys(run_dir: Path, keys: dict[str, Ed25519PublicKey]) -> dict[str, str]:

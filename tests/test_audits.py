@@ -83,6 +83,26 @@ def test_a_real_runs_ledgers_verify_and_record_what_happened(tiny_run, capsys):
     assert {"advertise", "share", "mask", "unmask"} <= stages
 
 
+def test_a_ledger_written_from_several_threads_at_once_still_chains(tmp_path):
+    """A transport's threads and the round's hooks may append to the server's ledger at the same
+    time: every line keeps its own sequence number and chains to the one before."""
+    import threading
+
+    key = Ed25519PrivateKey.generate()
+    led = Ledger(tmp_path / "server.jsonl", "server", key)
+    led.append("run_start", run_id="r")
+    threads = [threading.Thread(target=lambda i=i: [led.append("tick", writer=i, n=k) for k in range(150)])
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    led.append("run_end", status="completed")
+    led.close()
+    entries, problems = verify_ledger(tmp_path / "server.jsonl", "server", key.public_key())
+    assert not problems and len(entries) == 602 and led.position()["seq"] == 602
+
+
 def test_an_edited_line_is_caught_with_its_line_number(tiny_run, tmp_path, capsys):
     run = _copy(tiny_run, tmp_path)
     path = run / LEDGER_DIR / "client-1.jsonl"

@@ -113,6 +113,8 @@ def test_auto_deals_the_clients_to_one_actor_per_cpu_and_refuses_resources_the_c
     assert actor_groups(5, ExecutionConfig(clients_per_actor=2), {"CPU": 64.0}) == [[0, 1], [2, 3], [4]]
     with pytest.raises(UserError, match=r"^execution.gpus_per_client: 1 asked .* has 0 GPUs$"):
         actor_groups(4, ExecutionConfig(gpus_per_client=1), {"CPU": 16.0})
+    # an existing cluster may scale up: its current resources are not refused, only used to deal
+    assert actor_groups(4, ExecutionConfig(gpus_per_client=1), {"CPU": 16.0}, local=False) == [[0, 1, 2, 3]]
 
 
 class _Ref:
@@ -154,17 +156,17 @@ class _Actor:
 def test_one_call_per_actor_per_exchange_and_a_failing_client_drops_out_alone():
     """Clients 0, 1 and 2 share one actor, client 3 has its own: each exchange is one call per actor
     carrying all its clients' tasks; client 1's session failing makes it (only it) a dropout, its
-    actor-mates and the other actor go on, and only live clients' ledgers are closed."""
+    actor-mates and the other actor go on, and every client of a live actor has its ledger closed."""
     coord = Coordinator("run-a", {0, 1, 2, 3})
     coord.begin_round(1)
     shared, alone = _Actor(fails={1}), _Actor()
     transport = RayTransport(_FakeRay(), coord, {0: shared, 1: shared, 2: shared, 3: alone})
     bodies = {c: BodyBuilder().build() for c in range(4)}
     first = coord.exchange("ping", bodies, "pong", lambda c, env: c, timeout=10)
-    assert sorted(first) == [0, 2, 3] and transport.dead == {1}
+    assert sorted(first) == [0, 2, 3] and transport.failed == {1} and not transport.dead
     second = coord.exchange("ping", {c: b for c, b in bodies.items() if c != 1}, "pong", lambda c, env: c, timeout=10)
     assert sorted(second) == [0, 2, 3]
     assert shared.calls == [[0, 1, 2], [0, 2]] and alone.calls == [[3], [3]]
     coord.close()
     transport.stop(grace=1)
-    assert shared.closed == [0, 2] and alone.closed == [3]
+    assert shared.closed == [0, 1, 2] and alone.closed == [3]  # the failed client's ledger ends too

@@ -99,7 +99,8 @@ class RayTransport:
     def __init__(self, ray, coord: Coordinator, actors: dict[int, object]):
         self.ray, self.coord, self.actors = ray, coord, actors
         self.stopping = threading.Event()
-        self.dead: set[int] = set()
+        self.dead: set[int] = set()  # clients whose actor process died (nothing left to close)
+        self.failed: set[int] = set()  # clients whose session failed in a live actor
         self.last: dict[int, tuple[bool, str]] = {}  # how the server took each client's last reply
         held: dict[int, list[int]] = {}  # actor (by id) -> the clients it holds
         for c in sorted(actors):
@@ -129,7 +130,7 @@ class RayTransport:
             for c, reply in replies.items():
                 if isinstance(reply, str):  # the client failed in its actor
                     log.warning("client %d dropped out: %s", c, reply)
-                    self.dead.add(c)
+                    self.failed.add(c)
                     del done[c]
                     continue
                 ok, reason = self.coord.admit(c, len(reply))
@@ -146,7 +147,8 @@ class RayTransport:
                     continue
 
     def stop(self, grace: float) -> None:
-        """Stop the pumps and close every live client's ledger."""
+        """Stop the pumps and close the ledger of every client whose actor is alive (a client that
+        failed ends its ledger as failed)."""
         self.stopping.set()
         for t in self.threads:
             t.join(timeout=grace + POLL_S)
@@ -159,13 +161,14 @@ class RayTransport:
                 log.warning("client %d: closing its ledger failed: %s", c, str(exc).splitlines()[0][:300])
 
 
-def actor_groups(n: int, ex: ExecutionConfig, resources: dict[str, float]) -> list[list[int]]:
+def actor_groups(n: int, ex: ExecutionConfig, resources: dict[str, float], local: bool = True) -> list[list[int]]:
     """The clients each actor holds: ``clients_per_actor`` apiece, or with ``auto`` as many actors as
-    the cluster's CPUs (and GPUs, when each client asks for some) can run at once, at most one per
-    client, the clients dealt in order."""
+    the cluster's CPUs (and GPUs, when each client asks for some) can run at once now, at most one
+    per client, the clients dealt in order. ``local``: a Ray started for this run, whose resources
+    are all it will ever have."""
     for name, want, have in (("cpus", ex.cpus_per_client, resources.get("CPU", 0.0)),
                              ("gpus", ex.gpus_per_client, resources.get("GPU", 0.0))):
-        if want > have:  # Ray would wait for them for ever
+        if local and want > have:  # Ray would wait for them for ever (a cluster may scale up instead)
             raise UserError(f"execution.{name}_per_client: {want:g} asked for each client actor, but the Ray "
                             f"cluster has {have:g} {name[:-1].upper()}s")
     per = ex.clients_per_actor
@@ -191,23 +194,28 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
             cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"certs": Path(keys)})})
         check_deployable(cfg)
         started = not ray.is_initialized()
+        # a Ray of our own (no address given, none in RAY_ADDRESS): its settings and resources are ours
+        own = started and not ex.address and not os.environ.get("RAY_ADDRESS")
         if started:
-            local = {} if ex.address else {"num_cpus": ex.local_cpus,
-                                           "_system_config": {"max_direct_call_object_size": INLINE_BYTES}}
+            settings = {"num_cpus": ex.local_cpus,
+                        "_system_config": {"max_direct_call_object_size": INLINE_BYTES}} if own else {}
             ray.init(address=ex.address or None, include_dashboard=False, logging_level=logging.WARNING,
-                     configure_logging=False, **local)
+                     configure_logging=False, **settings)
         env = {k: v for k, v in os.environ.items() if k == FAULT_ENV}  # fault drills reach the actors
         cls = _actor_class(ray).options(num_cpus=ex.cpus_per_client, num_gpus=ex.gpus_per_client,
+                                        scheduling_strategy="SPREAD",  # over the nodes, even at 0 CPUs each
                                         runtime_env={"env_vars": env} if env else None)
         cfg_json = cfg.model_dump_json()
         import torch
 
         threads = ex.threads_per_client or torch.get_num_threads()
-        groups = actor_groups(n, ex, ray.cluster_resources())
+        groups = actor_groups(n, ex, ray.cluster_resources(), local=own)
         handles = [cls.remote(cfg_json, g, str(out.resolve()), threads) for g in groups]
         actors = {c: h for g, h in zip(groups, handles) for c in g}
         try:
-            server = Server(cfg, out, False, transport=lambda coord: RayTransport(ray, coord, actors), name="ray")
+            # one call carries every client an actor holds: the per-client deadlines scale with them
+            server = Server(cfg, out, False, transport=lambda coord: RayTransport(ray, coord, actors), name="ray",
+                            timeout_scale=max(len(g) for g in groups))
             return server.run()
         finally:
             for actor in handles:

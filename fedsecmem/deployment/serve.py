@@ -5,12 +5,12 @@ It carries the round (``fedsecmem.method.round``: ``RoundServer`` here, ``RoundC
 round a ``round`` task (clients train towards the last global memory and rebuild their banks),
 federated k-means over the network (``protocols.network_sum``: the same requests and SecAgg+
 machines), and a ``memory`` task (clients receive the global memory, score their own test images
-and report their metrics). The budget check, the charges and the round's record are the round
+and report the round's metrics); at the end a ``finish`` task, answered with each client's evaluation. The budget check, the charges and the round's record are the round
 server's, the same code as in the simulator.
 
 After every completed round it checkpoints (atomically) the global memory,
-the per-round record, the bytes, the clients' last reports and the privacy
-accountant; ``--resume`` continues from the last checkpoint with the same
+the per-round record, the bytes, which clients scored a global memory and the
+privacy accountant; ``--resume`` continues from the last checkpoint with the same
 run id, noise multiplier and spent budget. A client that misses a deadline is
 dropped for the rest of that round and addressed again in the next one.
 """
@@ -91,8 +91,12 @@ class Server:
     checkpoints and resumes."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool,
-                 transport: Callable[[Coordinator], Transport] | None = None, name: str = "grpc"):
+                 transport: Callable[[Coordinator], Transport] | None = None, name: str = "grpc",
+                 timeout_scale: float = 1.0):
+        """``timeout_scale``: the deploy timeouts are per client; a transport that carries several
+        clients' tasks in one call (Ray actors holding several clients) scales them by that number."""
         self.cfg, self.out = cfg, out
+        self.scale = timeout_scale
         self.transport, self.transport_name = transport, name
         self.t_start = time.perf_counter()
         self.ckpt, memory = _load_checkpoint(out) if resume else ({}, None)
@@ -106,8 +110,8 @@ class Server:
         self.rows: dict[int, dict] = {}  # each client's evaluation row, from its goodbye
         self.wire = self.ckpt.get("wire", {"up": {}, "down": {}})
         self.timings: dict[str, float] = self.ckpt.get("timings", {})
-        # clients known to hold the current global memory (and to have scored it)
-        self.has_memory: set[int] = {int(c) for c in self.ckpt.get("has_memory", [])}
+        self.has_memory: set[int] = set()  # clients known to hold the current global memory (resent otherwise)
+        self.scored: set[int] = {int(c) for c in self.ckpt.get("scored", [])}  # clients that scored a global memory
         self.excluded: dict[int, str] = {int(c): w for c, w in self.ckpt.get("excluded", {}).items()}  # cheaters
         self.ss = secure_sum_for(cfg)  # the protocol and its settings (SecAgg+ graph, threshold, fixed point)
         self.keys = write_party_keys(out, cfg.deploy.certs, n)
@@ -137,12 +141,12 @@ class Server:
         where = dp.address if self.transport is None else self.transport_name
         console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {where}")
         got = self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
-                                  "hello", _decode_hello, dp.register_timeout_s)
+                                  "hello", _decode_hello, dp.register_timeout_s * self.scale)
         for c, h in got.items():
             self.hello[c] = h
         if len(self.hello) < self.round.need():
             raise UserError(f"serve: only {len(self.hello)} of {self.cfg.clients.n} clients registered within "
-                            f"{dp.register_timeout_s:g} s, at least {self.round.need()} needed")
+                            f"{dp.register_timeout_s * self.scale:g} s, at least {self.round.need()} needed")
         console.print(f"server: clients {sorted(got)} registered")
 
     def _setup_privacy(self) -> None:
@@ -164,13 +168,13 @@ class Server:
         targets = self._targets()
         bodies = {c: encode_task(self.round.task(r, resend=c not in self.has_memory)) for c in targets}
         with timed(self.timings, "client_round_s"):
-            ready = self.coord.exchange("round", bodies, "ready", decode_ready, dp.round_timeout_s)
+            ready = self.coord.exchange("round", bodies, "ready", decode_ready, dp.round_timeout_s * self.scale)
         participants = set(self.round.on_ready(r, ready))
         noisy = self.privacy.noisy if self.privacy else None
 
         def collective(name: str, dim: int, counts: dict[int, int], alive: set[int]) -> NetworkCollective:
             return NetworkCollective(self.coord, name, alive, dim, sum(counts[c] for c in alive), self.ss,
-                                     dp.stage_timeout_s, noisy)
+                                     dp.stage_timeout_s * self.scale, noisy)
 
         patches = collective("patches", self.hello[targets[0]]["patch_dim"],
                              {c: ready[c].n_prototypes for c in participants}, participants)
@@ -191,8 +195,9 @@ class Server:
         body = put_memory(BodyBuilder(), memory).build()
         with timed(self.timings, "client_score_s"):
             rows = self.coord.exchange("memory", {c: body for c in sorted(final)}, "scores", decode_scores,
-                                       dp.round_timeout_s)
+                                       dp.round_timeout_s * self.scale)
         self.has_memory = set(rows)
+        self.scored |= set(rows)
         for c in range(cfg.clients.n):
             for side, now, before in (("up", self.coord.wire_up, wire_up0), ("down", self.coord.wire_down, wire_down0)):
                 self.wire[side].setdefault(str(c), []).append(now.get(c, 0) - before.get(c, 0))
@@ -242,8 +247,8 @@ class Server:
         self.ledger.sync()
         n = self.cfg.clients.n
         state = {"run_id": self.coord.run_id, "round_done": r, "hello": self.hello,
-                 "has_memory": sorted(self.has_memory),
-                 "ledger": {"seq": self.ledger.seq, "prev": self.ledger.prev},
+                 "scored": sorted(self.scored),
+                 "ledger": self.ledger.position(),
                  "per_round": self.round.per_round,
                  "bytes_up": {str(c): self.round.bytes_up[c] for c in range(n)},
                  "bytes_down": {str(c): self.round.bytes_down[c] for c in range(n)}, "wire": self.wire,
@@ -299,17 +304,26 @@ class Server:
 
     def _finish(self) -> None:
         """Goodbyes, each with the client's evaluation of the last global memory it scored (evaluated
-        once, as the simulator does after its last round): the clients that scored the last one are
-        given a round's time for it, the others (dropped or excluded on the way) a short while."""
+        once, as the simulator does after its last round). Time for it: a round's for the clients that
+        scored the last memory (alive just now), a stage's for those that scored an earlier one (they
+        may have crashed since), a short while for the others (nothing to evaluate). A cheater's row
+        is not counted."""
+        dp, excluded = self.cfg.deploy, set(self.excluded)
         self.coord.begin_round(self.cfg.feddymem.rounds + 1)
-        scored = sorted(self.has_memory - set(self.excluded))
-        rest = sorted(set(self.hello) - set(scored))
+        last = self.has_memory - excluded
+        earlier = self.scored - last - excluded
+        groups = ((last, dp.round_timeout_s * self.scale), (earlier, dp.stage_timeout_s * self.scale),
+                  (set(self.hello) - last - earlier, FINISH_TIMEOUT_S))
         rows: dict[int, dict | None] = {}
-        for clients, timeout in ((scored, self.cfg.deploy.round_timeout_s), (rest, FINISH_TIMEOUT_S)):
+        for clients, timeout in groups:
             if clients:
-                rows.update(self.coord.exchange("finish", {c: BodyBuilder().build() for c in clients}, "bye",
+                rows.update(self.coord.exchange("finish", {c: BodyBuilder().build() for c in sorted(clients)}, "bye",
                                                 decode_bye, timeout))
-        self.rows = {c: row for c, row in sorted(rows.items()) if row is not None and c not in self.excluded}
+        self.rows = {c: row for c, row in sorted(rows.items()) if row is not None and c not in excluded}
+        lost = sorted((self.scored - excluded) - set(self.rows))
+        if lost:
+            console.print(f"[yellow]server: clients {lost} scored a global memory but sent no evaluation at the end "
+                          "(not in per_client)")
 
     def _results(self) -> dict:
         cfg, rnd = self.cfg, self.round
