@@ -108,26 +108,13 @@ class Memory:
         return self.driver, self.peak if self.pids else None
 
 
-def folder(n: int, graph: str, backend: str, per: int | str | None) -> str:
-    """The run folder of one measurement (under runs/bench)."""
-    return f"scale_{n}_{graph}_{backend}{'' if per in ('auto', None) else f'_{per}'}"
-
-
-def secure_sums(row: dict) -> float:
-    """Secure sums per round of a measured row's run: the k-means runs to convergence, so bigger
-    federations may need more iterations; the server's cost per sum is the protocol's."""
-    graph = "complete" if row["graph"] == "complete" else "sparse"
-    res = json.loads((OUT / folder(row["n"], graph, row["backend"], row.get("clients_per_actor")) / "results.json").read_text())
-    return float(np.mean([r["secure_sums"] for r in res["per_round"]]))
-
-
 def measure(n: int, graph: str, backend: str, per: int | str = "auto") -> dict:
     from fedsecmem.deployment.ray_backend import run_on_ray
     from fedsecmem.run.runner import run
 
     k, t = (None, None) if graph == "complete" else smallest_graph(n, 0.1, 0.1, 40, 20)
     cfg = config_from_dict(config(n, k, t, backend, per))
-    out = OUT / folder(n, graph, backend, per)
+    out = OUT / f"scale_{n}_{graph}_{backend}{'' if per == 'auto' else f'_{per}'}"
     watch = Memory()
     t0 = time.perf_counter()
     res = run_on_ray(cfg, out) if backend == "ray" else run(cfg, out)
@@ -145,9 +132,12 @@ def measure(n: int, graph: str, backend: str, per: int | str = "auto") -> dict:
     down = np.mean([np.mean(b) for b in res["comm"]["bytes_down"]])
     return {"n": n, "graph": "complete" if k is None else f"k = {k}, t = {t}", "backend": backend,
             "actors": len(watch.pids) if backend == "ray" else None, "clients_per_actor": per if backend == "ray" else None,
+            # the k-means runs to convergence: bigger federations may take more sums a round; the
+            # server's cost per sum is the protocol's
+            "sums": float(np.mean([r["secure_sums"] for r in rounds])),
             "round_s": round_s, "aggregation_s": None if agg is None else agg / len(rounds),
             "server_s": None if server is None else server / len(rounds), "wall_s": wall,
-            "driver_mb": driver_mb, "driver_sampled": True, "actor_mb": actor_mb, "up_kb": float(up) / 1e3, "down_kb": float(down) / 1e3,
+            "driver_mb": driver_mb, "actor_mb": actor_mb, "up_kb": float(up) / 1e3, "down_kb": float(down) / 1e3,
             "auroc": res["auroc"]["image"]}
 
 
@@ -184,11 +174,6 @@ def main(only: int | None = None) -> None:
 
 def write_table(rows: list[dict]) -> None:
     """The docs/benchmarks.md section and the plot, from measured rows."""
-    for r in rows:
-        if "sums" not in r:
-            r["sums"] = secure_sums(r)
-        if not r.get("driver_sampled") and r["backend"] == "ray":
-            r["driver_mb"] = None  # the process's lifetime peak, from an earlier in-process run: not this run's
 
     def f(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)

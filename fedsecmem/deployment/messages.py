@@ -90,28 +90,27 @@ def decode_ready(cid: int, env) -> Ready:
 WITHHELD = "withheld"  # a private run's client keeps its evaluation (docs/privacy.md)
 
 
+def _row(env, what: str, fields: set[str]) -> dict:
+    """A client's row in a ``what`` reply: ``{"withheld": true}`` (a private run), or a dict holding
+    at least ``fields``."""
+    row = get_json(env.body, "row", what)
+    if isinstance(row, dict) and row == {WITHHELD: True}:
+        return row
+    if not isinstance(row, dict) or not fields <= set(row):
+        raise ValueError(f"{what}: row lacks {sorted(fields - set(row)) if isinstance(row, dict) else 'its fields'}")
+    return row
+
+
 def decode_scores(cid: int, env) -> dict:
     """A client's ``scores`` reply: the round's metrics (``round_*``), its test and bank sizes; in a
     private run only ``{"withheld": true}``."""
-    row = get_json(env.body, "row", "scores")
-    if isinstance(row, dict) and row == {WITHHELD: True}:
-        return row
-    if not isinstance(row, dict) or not {"n_test", "bank_size"} <= set(row):
-        raise ValueError("scores: row lacks the round's fields")
-    return row
+    return _row(env, "scores", {"n_test", "bank_size"})
 
 
 def decode_bye(cid: int, env) -> dict | None:
     """A client's ``bye``: its evaluation row (None when it scored no global memory); in a private
     run only ``{"withheld": true}`` (the client keeps its row in its own folder)."""
-    if "row" not in env.body.texts:
-        return None
-    row = get_json(env.body, "row", "bye")
-    if isinstance(row, dict) and row == {WITHHELD: True}:
-        return row
-    if not isinstance(row, dict) or not {"auroc_patch", "auroc_image", "n_test"} <= set(row):
-        raise ValueError("bye: row lacks the evaluation fields")
-    return row
+    return _row(env, "bye", {"auroc_patch", "auroc_image", "n_test"}) if "row" in env.body.texts else None
 
 
 def row_metrics(row: dict) -> dict:

@@ -42,8 +42,8 @@ log = logging.getLogger("fedsecmem.ray")
 POLL_S = 0.5  # how long a pump thread waits for its clients' next tasks before looking again
 # A local Ray passes call arguments and results up to this size inline instead of through its object
 # store: an actor's tasks or replies of one exchange are often a few hundred KB (masked vectors of
-# several clients), and the store's round trip made each exchange ~2x slower on 2 cores
-# (docs/scaling.md). An existing cluster keeps its own setting.
+# several clients), over Ray's 100 KB default, and each would otherwise add an object-store round
+# trip to the exchange. An existing cluster keeps its own setting.
 INLINE_BYTES = 8 << 20
 
 
@@ -166,18 +166,15 @@ def actor_groups(n: int, ex: ExecutionConfig, resources: dict[str, float], local
     the cluster's CPUs (and GPUs, when each client asks for some) can run at once now, at most one
     per client, the clients dealt in order. ``local``: a Ray started for this run, whose resources
     are all it will ever have."""
-    for name, want, have in (("cpus", ex.cpus_per_client, resources.get("CPU", 0.0)),
-                             ("gpus", ex.gpus_per_client, resources.get("GPU", 0.0))):
+    per, actors = ex.clients_per_actor, n
+    for name, want in (("cpus", ex.cpus_per_client), ("gpus", ex.gpus_per_client)):
+        have = resources.get(name[:-1].upper(), 0.0)
         if local and want > have:  # Ray would wait for them for ever (a cluster may scale up instead)
             raise UserError(f"execution.{name}_per_client: {want:g} asked for each client actor, but the Ray "
                             f"cluster has {have:g} {name[:-1].upper()}s")
-    per = ex.clients_per_actor
+        if name == "cpus" or want > 0:  # auto: an actor per CPU (per cpus_per_client CPUs), per GPU share
+            actors = min(actors, max(1, int(have // (want or 1.0))))
     if per == "auto":
-        actors = n
-        for want, have in ((ex.cpus_per_client or 1.0, resources.get("CPU", 1.0)),
-                           (ex.gpus_per_client, resources.get("GPU", 0.0))):
-            if want > 0:
-                actors = min(actors, max(1, int(have // want)))
         per = math.ceil(n / actors)
     return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
 

@@ -96,7 +96,9 @@ class Server:
         """``timeout_scale``: the deploy timeouts are per client; a transport that carries several
         clients' tasks in one call (Ray actors holding several clients) scales them by that number."""
         self.cfg, self.out = cfg, out
-        self.scale = timeout_scale
+        # the deploy settings with the deadlines this transport needs (the signed config keeps cfg's)
+        self.dp = cfg.deploy.model_copy(update={k: getattr(cfg.deploy, k) * timeout_scale for k in
+                                                ("register_timeout_s", "round_timeout_s", "stage_timeout_s")})
         self.transport, self.transport_name = transport, name
         self.t_start = time.perf_counter()
         self.ckpt, memory = _load_checkpoint(out) if resume else ({}, None)
@@ -136,17 +138,17 @@ class Server:
     # ---- exchanges ------------------------------------------------------------------------------
 
     def _register(self, round_number: int) -> None:
-        dp = self.cfg.deploy
+        dp = self.dp
         self.coord.begin_round(round_number)
         where = dp.address if self.transport is None else self.transport_name
         console.print(f"server: run {self.coord.run_id} waiting for {self.cfg.clients.n} clients on {where}")
         got = self.coord.exchange("hello", {c: BodyBuilder().build() for c in range(self.cfg.clients.n)},
-                                  "hello", _decode_hello, dp.register_timeout_s * self.scale)
+                                  "hello", _decode_hello, dp.register_timeout_s)
         for c, h in got.items():
             self.hello[c] = h
         if len(self.hello) < self.round.need():
             raise UserError(f"serve: only {len(self.hello)} of {self.cfg.clients.n} clients registered within "
-                            f"{dp.register_timeout_s * self.scale:g} s, at least {self.round.need()} needed")
+                            f"{dp.register_timeout_s:g} s, at least {self.round.need()} needed")
         console.print(f"server: clients {sorted(got)} registered")
 
     def _setup_privacy(self) -> None:
@@ -162,19 +164,19 @@ class Server:
                 self.out / STATE_FILE).to_json()})
 
     def _round(self, r: int) -> dict:
-        cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
+        cfg, dp, fc = self.cfg, self.dp, self.cfg.feddymem
         self.coord.begin_round(r)
         wire_up0, wire_down0 = dict(self.coord.wire_up), dict(self.coord.wire_down)
         targets = self._targets()
         bodies = {c: encode_task(self.round.task(r, resend=c not in self.has_memory)) for c in targets}
         with timed(self.timings, "client_round_s"):
-            ready = self.coord.exchange("round", bodies, "ready", decode_ready, dp.round_timeout_s * self.scale)
+            ready = self.coord.exchange("round", bodies, "ready", decode_ready, dp.round_timeout_s)
         participants = set(self.round.on_ready(r, ready))
         noisy = self.privacy.noisy if self.privacy else None
 
         def collective(name: str, dim: int, counts: dict[int, int], alive: set[int]) -> NetworkCollective:
             return NetworkCollective(self.coord, name, alive, dim, sum(counts[c] for c in alive), self.ss,
-                                     dp.stage_timeout_s * self.scale, noisy)
+                                     dp.stage_timeout_s, noisy)
 
         patches = collective("patches", self.hello[targets[0]]["patch_dim"],
                              {c: ready[c].n_prototypes for c in participants}, participants)
@@ -195,7 +197,7 @@ class Server:
         body = put_memory(BodyBuilder(), memory).build()
         with timed(self.timings, "client_score_s"):
             rows = self.coord.exchange("memory", {c: body for c in sorted(final)}, "scores", decode_scores,
-                                       dp.round_timeout_s * self.scale)
+                                       dp.round_timeout_s)
         self.has_memory = set(rows)
         self.scored |= set(rows)
         for c in range(cfg.clients.n):
@@ -262,7 +264,7 @@ class Server:
     # ---- the run --------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg, dp, fc = self.cfg, self.cfg.deploy, self.cfg.feddymem
+        cfg, dp, fc = self.cfg, self.dp, self.cfg.feddymem
         first = int(self.ckpt.get("round_done", 0)) + 1
         n = cfg.clients.n
         server = (self.transport(self.coord) if self.transport is not None else
@@ -308,11 +310,11 @@ class Server:
         scored the last memory (alive just now), a stage's for those that scored an earlier one (they
         may have crashed since), a short while for the others (nothing to evaluate). A cheater's row
         is not counted."""
-        dp, excluded = self.cfg.deploy, set(self.excluded)
+        dp, excluded = self.dp, set(self.excluded)
         self.coord.begin_round(self.cfg.feddymem.rounds + 1)
         last = self.has_memory - excluded
         earlier = self.scored - last - excluded
-        groups = ((last, dp.round_timeout_s * self.scale), (earlier, dp.stage_timeout_s * self.scale),
+        groups = ((last, dp.round_timeout_s), (earlier, dp.stage_timeout_s),
                   (set(self.hello) - last - earlier, FINISH_TIMEOUT_S))
         rows: dict[int, dict | None] = {}
         for clients, timeout in groups:
