@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e '.[test,data,ray]'
+	$(PIP) install --quiet -e '.[test,data,ray,export]'
 	touch $(STAMP)
 
 # The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same
@@ -56,7 +56,7 @@ test: system $(STAMP)
 # The benchmarks also need anomalib (the parity reference, `bench` extra), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install --quiet -e '.[test,data,bench,ray]'
+	$(PIP) install --quiet -e '.[test,data,bench,ray,export]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

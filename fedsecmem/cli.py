@@ -1,6 +1,6 @@
 """Command line: ``fedsecmem run CONFIG [--out DIR] [--set key=value ...]``, ``fedsecmem table DIR ...``,
-the deployment commands ``provision``, ``serve`` and ``join``, ``audit verify|report RUN_DIR`` and
-``sweep CONFIG``.
+the deployment commands ``provision``, ``serve`` and ``join``, ``audit verify|report RUN_DIR``,
+``sweep CONFIG``, and a site's own model: ``predict MODEL INPUT...``, ``export MODEL``.
 
 Bad input ends with a one-line ``error: ...`` and exit code 2.
 """
@@ -109,9 +109,11 @@ def print_comparison(dirs: list[Path]) -> None:
     from fedsecmem.run.results import load_results
 
     t = Table(title="comparison")
-    for col in ("run", "method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
+    # the run column is never cut (two runs of one method differ only by their folder); others may wrap
+    t.add_column("run", justify="left", no_wrap=True, min_width=max(len(str(d)) for d in dirs))
+    for col in ("method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
                 "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
-        t.add_column(col, justify="left" if col in ("run", "method", "protocol") else "right")
+        t.add_column(col, justify="left" if col in ("method", "protocol") else "right")
     for d in dirs:
         r = load_results(d if d.is_dir() else d.parent)  # typed: a malformed file is a one-line error
         a = r.auroc
@@ -171,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
                            help="a run of the same data and split to set beside this one (e.g. method local: "
                                 "each site alone; the run without DP); repeatable")
+    pr = sub.add_parser("predict", help="score new images with a site's model (decisions, overlays)")
+    pr.add_argument("model", help="a site's model folder (e.g. runs/NAME/models/client-0)")
+    pr.add_argument("inputs", nargs="+", help="image files or folders (recursive): PNG, JPEG, TIFF, BMP, DICOM, NIfTI")
+    pr.add_argument("--out", default="predictions", help="output folder (default ./predictions; never an input folder)")
+    pr.add_argument("--window", default=None, metavar="C,W",
+                    help="VOI window center,width for DICOM and 16-bit images (default: the file's own)")
+    pr.add_argument("--axis", type=int, default=2, help="NIfTI axis to slice along (0, 1 or 2; default 2)")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    pr.add_argument("--no-overlays", action="store_true", help="write predictions only, no overlay PNGs")
+    pr.add_argument("--weights", default=None, help="the backbone weights file, if moved since training "
+                                                    "(its SHA-256 must match the model's)")
+    ex = sub.add_parser("export", help="write a site's model as one ONNX graph for onnxruntime")
+    ex.add_argument("model", help="a site's model folder")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx)")
+    ex.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")
+    ex.add_argument("--chunk", type=int, default=None, help="memory items per distance block (default: automatic)")
+    sa = sub.add_parser("samples", help="write some test images of a config's data as PNGs, to try predict on")
+    sa.add_argument("config", help="YAML configuration file")
+    sa.add_argument("--client", type=int, default=0, help="whose test images (default 0)")
+    sa.add_argument("--n", type=int, default=6, help="how many (half normal, half anomalous; default 6)")
+    sa.add_argument("--out", required=True, help="folder to write")
+    sa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
     sc = sub.add_parser("schema", help="write the JSON Schemas of results.json and report.json")
     sc.add_argument("--out", default="docs/schemas", help="folder (default docs/schemas)")
     cl = sub.add_parser("clean", help="delete a config's embedding cache (image embeddings kept on disk)")
@@ -291,6 +316,54 @@ def _clean(args) -> None:
     print(f"removed {files} cache files ({size / 1e6:.1f} MB) from {folder}")
 
 
+def _window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        center, width = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--window: expected CENTER,WIDTH (e.g. 40,400), got {text!r}") from None
+    if width <= 0:
+        raise UserError(f"--window: width must be positive, got {width:g}")
+    return center, width
+
+
+def _predict(args) -> int:
+    from fedsecmem.model.predict import predict_files
+    from fedsecmem.progress import console
+
+    done = predict_files(Path(args.model), [Path(p) for p in args.inputs], Path(args.out), args.batch_size,
+                         _window(args.window), args.axis, not args.no_overlays, weights=args.weights)
+    for row in done.rows:
+        if row["error"] is not None:
+            continue
+        where = row["path"] + ("" if row["frame"] is None else f" [{row['frame']}]")
+        verdict = row["decision"] or "-"
+        norm = "" if row["normalized"] is None else f"  normalized {row['normalized']:.2f}"
+        console.print(f"{verdict:>9}  score {row['score']:.3f}{norm}  {where}", highlight=False, markup=False)
+    scored = len(done.rows) - len(done.failed)
+    flagged = sum(r["decision"] == "anomalous" for r in done.rows)
+    console.print(f"{scored} images scored, {flagged} anomalous, {len(done.failed)} unreadable; "
+                  f"{done.out / 'predictions.csv'}", highlight=False)
+    return 1 if done.failed else 0
+
+
+def _export(args) -> None:
+    from fedsecmem.model.export import export_onnx
+
+    out = Path(args.out) if args.out else Path(args.model) / "model.onnx"
+    info = export_onnx(Path(args.model), out, chunk=args.chunk)
+    print(f"wrote {out} ({info['bytes'] / 1e6:.1f} MB; input {info['input']}, outputs {', '.join(info['outputs'])})")
+
+
+def _samples(args) -> None:
+    from fedsecmem.config import load_config
+    from fedsecmem.run.samples import write_samples
+
+    written = write_samples(load_config(args.config, args.overrides), args.client, args.n, Path(args.out))
+    print(f"wrote {len(written)} test images of client {args.client} to {args.out}")
+
+
 def _provision(args) -> None:
     from fedsecmem.crypto.pki import ProvisioningError, provision, revoke
 
@@ -343,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             join(load_config(args.config, args.overrides), args.client_id, Path(args.out) if args.out else None)
         elif args.command == "audit":
             return _audit(args)
+        elif args.command == "predict":
+            return _predict(args)
+        elif args.command == "export":
+            _export(args)
+        elif args.command == "samples":
+            _samples(args)
         elif args.command == "schema":
             _schema(Path(args.out))
         elif args.command == "clean":

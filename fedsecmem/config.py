@@ -21,7 +21,7 @@ from fedsecmem.protocols.secagg import default_threshold
 __all__ = [
     "AuditConfig", "BackboneConfig", "CkksConfig", "ClientsConfig", "DEFECT_FAMILIES", "DataConfig",
     "DeployConfig", "ExecutionConfig", "FEDERATED", "FLConfig", "FMNIST_ANOMALY_CLASSES", "FMNIST_NORMAL_CLASSES",
-    "FedDyMemConfig", "GovernanceConfig", "MemoryConfig", "OutputConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
+    "FedDyMemConfig", "GovernanceConfig", "MemoryConfig", "OutputConfig", "PredictConfig", "PrivacyConfig", "RunConfig", "ScoringConfig",
     "SecAggConfig", "SecureConfig", "Strict", "TEXTURE_PRODUCTS", "config_from_dict", "load_config",
     "parse_overrides",
 ]
@@ -286,6 +286,20 @@ class ExecutionConfig(Strict):
                                            "bit for bit; 1 when many actors share few cores)")
 
 
+class PredictConfig(Strict):
+    """The model each site keeps and its decisions (docs/predict.md)."""
+
+    save_models: bool = Field(True, description="write each site's model folder (OUT/models/client-<i>) at the "
+                              "run's end, for `fedsecmem predict` and `fedsecmem export`")
+    calibration_fraction: float = Field(0.2, ge=0, lt=1, description="share of each site's training normals "
+                                        "kept out of its bank to calibrate its threshold (0 = no threshold)")
+    target_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the threshold aims at on new "
+                              "normal images")
+    calibration: Literal["auto", "quantile", "lognormal"] = Field(
+        "auto", description="quantile: the conformal quantile of the calibration scores; lognormal: the "
+        "quantile of a log-normal fitted to them; auto: quantile once (n + 1) * target_fpr >= 5, else lognormal")
+
+
 class GovernanceConfig(Strict):
     """Facts an operator states for the privacy report (GDPR Art. 30/35); the toolkit only prints them."""
 
@@ -340,6 +354,7 @@ class RunConfig(Strict):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")

@@ -18,15 +18,17 @@ LAYERS = {
     "crypto": ("fedsecmem.crypto",),
     "protocols": ("fedsecmem.protocols",),
     "audits": ("fedsecmem.audits",),
-    "foundation": ("fedsecmem", "fedsecmem.errors", "fedsecmem.progress", "fedsecmem.methods", "fedsecmem.config"),
+    "foundation": ("fedsecmem", "fedsecmem.errors", "fedsecmem.progress", "fedsecmem.methods", "fedsecmem.config",
+                   "fedsecmem.provenance"),
     "data": ("fedsecmem.data",),
     "detector": ("fedsecmem.detector",),
     "privacy": ("fedsecmem.privacy",),
     "method": ("fedsecmem.method",),
     "baselines": ("fedsecmem.baselines",),
+    "model": ("fedsecmem.model",),
     "run": ("fedsecmem.run",),
     "deployment": ("fedsecmem.deployment",),
-    "cli": ("fedsecmem.cli", "fedsecmem.__main__"),
+    "cli": ("fedsecmem.cli", "fedsecmem.__main__", "fedsecmem.api"),
 }
 BELOW = {
     "crypto": set(),
@@ -38,9 +40,11 @@ BELOW = {
     "privacy": {"foundation", "crypto", "protocols", "audits"},
     "method": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy"},
     "baselines": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy", "method"},
-    "run": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy", "method", "baselines"},
+    "model": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy", "method", "baselines"},
+    "run": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy", "method", "baselines",
+            "model"},
     "deployment": {"foundation", "crypto", "protocols", "audits", "data", "detector", "privacy", "method",
-                   "baselines", "run"},
+                   "baselines", "model", "run"},
     "cli": set(LAYERS) - {"cli"},
 }
 

@@ -96,6 +96,9 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
     collect_timings(ctx, clients)
     return MethodOutput(scores=scores, bytes_up=up, bytes_down=down, rounds=fc.rounds, protocol=cfg.protocol,
                         bank_sizes=[len(cl.bank) for cl in clients], per_round=per_round,
+                        # FedSM's selector picks a personalized generator per image; a saved model keeps the
+                        # global generator and the site's bank (docs/predict.md)
+                        detectors=[cl.detector("local", cfg.scoring.image_k, cfg.scoring.reweight_k) for cl in clients],
                         aggregation={**aggregation_summary(cfg, None), "wsa_weight": wsa,
                                      **({"softpull": cfg.fl.softpull} if personalize else {})})
 

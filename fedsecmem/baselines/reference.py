@@ -10,7 +10,7 @@ from fedsecmem.detector.coreset import coreset_size
 from fedsecmem.detector.memory import MemoryBank, coreset_bank
 from fedsecmem.method.context import MethodContext, MethodOutput, timed
 from fedsecmem.progress import task
-from fedsecmem.detector.scoring import score_embeddings
+from fedsecmem.detector.site import SiteDetector
 
 __all__ = ["fit_bank", "run_central", "run_local"]
 
@@ -25,16 +25,18 @@ def fit_bank(emb: Embeddings, ratio: float, seed: int, progress, label: str) -> 
 
 def run_local(ctx: MethodContext) -> MethodOutput:
     cfg = ctx.cfg
-    scores, sizes = [], []
+    scores, sizes, detectors = [], [], []
     for c in ctx.clients:
         with timed(ctx.timings, "coreset_s"):
             bank, ibank = fit_bank(ctx.train_emb.subset(c.train_index), cfg.memory.coreset_ratio,
                                    cfg.seed + c.client, ctx.progress, f"coreset client {c.client}")
+        det = SiteDetector({"local": bank}, ibank, None, cfg.scoring.image_k, cfg.scoring.reweight_k)
         with timed(ctx.timings, "score_s"):
-            scores.append(score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k, cfg.scoring.reweight_k))
+            scores.append(det.score(ctx.test_emb.subset(c.test_index)))
         sizes.append(len(bank))
+        detectors.append(det)
     return MethodOutput(scores=scores, bytes_up=[[0] for _ in ctx.clients], bytes_down=[[0] for _ in ctx.clients],
-                        rounds=1, protocol="none", bank_sizes=sizes)
+                        rounds=1, protocol="none", bank_sizes=sizes, detectors=detectors)
 
 
 def run_central(ctx: MethodContext) -> MethodOutput:
@@ -44,10 +46,11 @@ def run_central(ctx: MethodContext) -> MethodOutput:
     with timed(ctx.timings, "coreset_s"):
         bank, ibank = fit_bank(ctx.train_emb.subset(pooled), cfg.memory.coreset_ratio, cfg.seed,
                                ctx.progress, "coreset (pooled)")
+    det = SiteDetector({"pooled": bank}, ibank, None, cfg.scoring.image_k, cfg.scoring.reweight_k)
     with timed(ctx.timings, "score_s"):
-        scores = [score_embeddings(ctx.test_emb.subset(c.test_index), [bank], ibank, cfg.scoring.image_k, cfg.scoring.reweight_k)
-                  for c in ctx.clients]
+        scores = [det.score(ctx.test_emb.subset(c.test_index)) for c in ctx.clients]
     up = [[int(c.train.nbytes)] for c in ctx.clients]
     return MethodOutput(scores=scores, bytes_up=up, bytes_down=[[0] for _ in ctx.clients], rounds=1,
-                        protocol="pooled-raw-images", bank_sizes=[len(bank)] * len(ctx.clients))
+                        protocol="pooled-raw-images", bank_sizes=[len(bank)] * len(ctx.clients),
+                        detectors=[det] * len(ctx.clients))
 

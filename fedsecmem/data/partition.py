@@ -16,13 +16,14 @@ one client.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fedsecmem.data.types import Benchmark, ImageSet
 
-__all__ = ["ClientData", "MAX_REDRAWS", "dirichlet_shares", "partition", "split_counts"]
+__all__ = ["ClientData", "MAX_REDRAWS", "calibration_split", "dirichlet_shares", "partition", "split_counts",
+           "withhold"]
 
 MAX_REDRAWS = 100
 
@@ -118,3 +119,41 @@ def partition(bench: Benchmark, n_clients: int, alpha: float, seed: int, min_tra
         te = np.sort(np.concatenate(test_parts[c])) if test_parts[c] else np.array([], int)
         clients.append(ClientData(c, tr, te, bench.train.subset(tr), bench.test.subset(te)))
     return clients
+
+
+def withhold(clients: list[ClientData], fraction: float, rng_of, by_patient: bool = False,
+             min_keep: int = 2, strict: bool = True) -> tuple[list[ClientData], dict[int, np.ndarray]]:
+    """Withhold ``fraction`` of every client's training units (at least one; the client keeps at
+    least ``min_keep``): the clients to train with, and client -> withheld indices into the train split.
+    ``rng_of(client)``: the generator choosing which units (not a secret). ``by_patient``: whole
+    patients (``ImageSet.groups``) are withheld. A client with too few units is an error when
+    ``strict``, else it keeps all of them (and nothing is withheld from it)."""
+    kept, held = [], {}
+    for c in clients:
+        groups = c.train.groups if by_patient and c.train.groups is not None else np.arange(len(c.train_index))
+        units = np.unique(groups)
+        n = len(units)
+        k = min(max(1, int(round(fraction * n))), n - min_keep)
+        if k < 1:
+            if strict:
+                raise ValueError(f"client {c.client} has {n} training units: too few to withhold any")
+            kept.append(c)
+            held[c.client] = c.train_index[:0]
+            continue
+        perm = rng_of(c.client).permutation(n)
+        out = np.isin(groups, units[perm[:k]])
+        keep = np.flatnonzero(~out)
+        held[c.client] = c.train_index[np.flatnonzero(out)]
+        kept.append(replace(c, train_index=c.train_index[keep], train=c.train.subset(keep)))
+    return kept, held
+
+
+def calibration_split(clients: list[ClientData], fraction: float, seed: int,
+                      by_patient: bool = False) -> tuple[list[ClientData], dict[int, np.ndarray]]:
+    """Each site's calibration images: ``fraction`` of its training normals (whole patients when
+    ``by_patient``) that never build its bank, on which it calibrates its decision threshold. A
+    site with fewer than three units keeps them all and calibrates nothing."""
+    if fraction <= 0:
+        return clients, {c.client: c.train_index[:0] for c in clients}
+    return withhold(clients, fraction, lambda cid: np.random.default_rng([seed, cid, 23]), by_patient,
+                    strict=False)

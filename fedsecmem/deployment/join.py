@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsecmem.detector.backbone import build_embedder, resolve_device
+from fedsecmem.detector.backbone import BackboneInfo, build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
-from fedsecmem.data.partition import partition
+from fedsecmem.data.partition import calibration_split, partition
 from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
 from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, max_bytes
 from fedsecmem.deployment.messages import WITHHELD, decode_task, encode_ready, get_memory, put_json
 from fedsecmem.method.round import RoundClient
+from fedsecmem.model.site import keep_model, site_threshold
+from fedsecmem.model.store import model_dir
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import SERVER
 from fedsecmem.detector.evaluate import evaluate_client
@@ -59,12 +61,20 @@ class FedDyMemMember:
             mine = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)[cid]
         except ValueError as exc:
             raise UserError(f"clients.n: {exc}") from None
+        # its calibration normals (never in its bank) set its decision threshold, as in process
+        (mine,), calibration = calibration_split([mine], cfg.predict.calibration_fraction, cfg.seed,
+                                                 by_patient=cfg.privacy.unit == "patient")
         self.data = mine
         self.product_names = bench.train.product_names
         embedder = build_embedder(cfg.backbone)
+        self.backbone = BackboneInfo.of(cfg.backbone, cfg.data.image_size, embedder)
+        calib_images = bench.train.images[calibration[cid]]
+        self.threshold = None
         bs = cfg.backbone.batch_size
-        with task(progress, f"client {cid}: embed own images", len(mine.train) + len(mine.test)) as advance:
+        with task(progress, f"client {cid}: embed own images",
+                  len(mine.train) + len(mine.test) + len(calib_images)) as advance:
             self.train_emb = embedder.embed(mine.train.images, bs, progress=advance)
+            self.calib_emb = embedder.embed(calib_images, bs, progress=advance) if len(calib_images) else None
             # a client the split left without test images trains and shares, and is not scored
             self.test_emb = (embedder.embed(mine.test.images, bs, progress=advance) if len(mine.test) else
                              self.train_emb.subset(np.arange(0)))
@@ -145,13 +155,27 @@ class FedDyMemMember:
         if self.scored is None:
             return b.build()
         cfg = self.cfg
+        self.threshold = site_threshold(cfg, self.detector(), self.calib_emb)
         row = evaluate_client(self.data.test, self.scored.scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma,
-                              cfg.scoring.pro)
+                              cfg.scoring.pro, self.threshold)
         row["bank_size"] = self.scored.bank_size
         if cfg.privacy.dp:  # no noise covers these figures: they stay with the client (docs/privacy.md)
             self._keep(row)
             row = {WITHHELD: True}
         return put_json(b, "row", row).build()
+
+    def detector(self):
+        """What this client scores with now (its saved model)."""
+        sc = self.cfg.scoring
+        return self.client.detector(self.cfg.feddymem.score_with, sc.image_k, sc.reweight_k)
+
+    def keep_model(self, run_id: str) -> str | None:
+        """This site's model folder (``OUT/models/client-<i>``); its manifest's SHA-256, or None when the
+        client scored no global memory (or keeps no models)."""
+        if self.out is None or self.scored is None or not self.cfg.predict.save_models:
+            return None
+        return keep_model(self.cfg, model_dir(Path(self.out), self.cid), self.cid, self.detector(), self.threshold,
+                          self.backbone, run_id, len(self.data.train), self.client.global_memory)
 
     def _keep(self, row: dict) -> None:
         """This client's evaluation, in its own folder (a private run does not send it)."""
@@ -214,6 +238,11 @@ class ClientSession:
             self.scored += 1
             console.print(f"client {self.cid}: round {env.round} scored")
         if env.kind == "bye":
+            digest = self.me.keep_model(self.run_id)
+            if digest is not None:  # the model stays here; its manifest is signed in this site's ledger
+                self.ledger.append("model", manifest_sha256=digest,
+                                   folder=str(model_dir(Path("."), self.cid)))
+                console.print(f"client {self.cid}: model kept in {model_dir(Path(self.me.out), self.cid)}")
             console.print(f"client {self.cid}: run {self.run_id} finished")
             self.finished = True
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from fedsecmem.errors import UserError
 
 __all__ = [
-    "BUILTIN_BACKBONE", "Embeddings", "PatchEmbedder", "build_embedder", "builtin_weights_path",
-    "create_classifier", "map_state_dict", "resolve_device", "to_tensor",
+    "BUILTIN_BACKBONE", "BackboneInfo", "Embeddings", "PatchEmbedder", "build_embedder", "builtin_weights_path",
+    "create_classifier", "map_state_dict", "resolve_device", "to_tensor", "weights_sha256",
 ]
 
 BUILTIN_BACKBONE = "tf_efficientnet_lite0"
@@ -107,6 +107,35 @@ def create_classifier(name: str = BUILTIN_BACKBONE, weights: str = "builtin",
             sd = map_state_dict(source, list(target), {k: tuple(v.shape) for k, v in target.items()})
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256: a weights file is hashed once per process
+_HASH_CHUNK = 1 << 20
+
+
+def weights_sha256(name: str, weights: str, allow_network: bool = False) -> str:
+    """SHA-256 of the backbone's weights: of the weights file ('builtin' or a path), or, for 'hub'
+    weights, of the loaded state dict's tensors in order (a saved model pins the exact weights)."""
+    import hashlib
+
+    if weights == "hub":
+        h = hashlib.sha256()
+        for key, tensor in create_classifier(name, weights, allow_network).state_dict().items():
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    path = builtin_weights_path() if weights == "builtin" else Path(weights)
+    if not path.is_file():
+        raise UserError(f"backbone.weights: file not found: {path}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -224,6 +253,61 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     if arr.dtype == np.uint8:
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
     return torch.from_numpy(arr.astype(np.float32, copy=False))
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Everything that fixes a patch embedding: the backbone and its exact weights, the stages, the
+    pooling, the input size and the preprocessing (a saved model records it; loading rebuilds it)."""
+
+    name: str
+    weights: str
+    weights_sha256: str
+    layers: tuple[int, int]
+    image_layer: int | None
+    pool_size: int
+    image_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "bilinear"
+
+    @classmethod
+    def of(cls, cfg, image_size: int, embedder: "PatchEmbedder | None" = None) -> "BackboneInfo":
+        """From a ``BackboneConfig`` and the input size (the preprocessing from ``embedder`` when built,
+        else from timm's data config of the named model)."""
+        if embedder is not None:
+            dc = embedder.data_config
+        else:
+            dc = timm.data.resolve_data_config({}, model=timm.create_model(cfg.name, pretrained=False))
+        return cls(cfg.name, str(cfg.weights), weights_sha256(cfg.name, str(cfg.weights), cfg.allow_network),
+                   tuple(cfg.layers), cfg.image_layer, cfg.pool_size, image_size,
+                   tuple(float(x) for x in dc["mean"]), tuple(float(x) for x in dc["std"]))
+
+    def record(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                "layers": list(self.layers), "image_layer": self.image_layer, "pool_size": self.pool_size,
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "input": "RGB uint8 resized to image_size, scaled to [0, 1], "
+                                                 "then (x - mean) / std"}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "BackboneInfo":
+        return cls(rec["name"], rec["weights"], rec["weights_sha256"], tuple(rec["layers"]), rec["image_layer"],
+                   int(rec["pool_size"]), int(rec["image_size"]), tuple(rec["mean"]), tuple(rec["std"]),
+                   rec.get("resize", "bilinear"))
+
+    def with_weights(self, weights: str) -> "BackboneInfo":
+        from dataclasses import replace
+
+        return replace(self, weights=weights)
+
+    def build(self, device: str = "cpu") -> "PatchEmbedder":
+        emb = PatchEmbedder(self.name, self.weights, self.layers, self.image_layer, self.pool_size, device,
+                            allow_network=self.weights == "hub")
+        if tuple(emb.data_config["mean"]) != self.mean or tuple(emb.data_config["std"]) != self.std:
+            raise UserError(f"backbone {self.name}: preprocessing differs from the model's "
+                            f"(mean {emb.data_config['mean']}, recorded {self.mean})")
+        return emb
 
 
 def build_embedder(cfg) -> PatchEmbedder:

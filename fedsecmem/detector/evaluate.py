@@ -15,8 +15,12 @@ import numpy as np
 from fedsecmem.data.types import ImageSet
 from fedsecmem.detector.metrics import auroc, pixel_auroc, pro_score
 from fedsecmem.detector.scoring import Scores, anomaly_maps
+from fedsecmem.detector.threshold import Threshold, decision_metrics
 
-__all__ = ["across_clients", "category_summary", "evaluate_client", "headline_auroc", "mean_defined"]
+__all__ = ["DECISION_KEYS", "across_clients", "category_summary", "decisions", "evaluate_client", "headline_auroc",
+           "mean_defined"]
+
+DECISION_KEYS = ("fpr", "tpr", "f1")  # per category, at the site's threshold
 
 def headline_auroc(test: ImageSet, image_scores: np.ndarray | None) -> float | None:
     """Image AUROC over the images the headline counts (uncertain kinds left out)."""
@@ -26,7 +30,8 @@ def headline_auroc(test: ImageSet, image_scores: np.ndarray | None) -> float | N
     return auroc(test.labels[keep], np.asarray(image_scores)[keep])
 
 
-def _per_category(test: ImageSet, image: np.ndarray, maps: np.ndarray | None) -> dict:
+def _per_category(test: ImageSet, image: np.ndarray, maps: np.ndarray | None,
+                  threshold: Threshold | None = None) -> dict:
     out = {}
     keep = test.headline
     for p in np.unique(test.products[keep]):
@@ -36,6 +41,9 @@ def _per_category(test: ImageSet, image: np.ndarray, maps: np.ndarray | None) ->
         row = {"n_test": int(sel.sum()), "auroc_image": auroc(test.labels[sel], image[sel]), "auroc_pixel": None}
         if maps is not None and test.masks[sel].any():
             row["auroc_pixel"] = pixel_auroc(test.masks[sel], maps[sel])
+        if threshold is not None:
+            found = decision_metrics(test.labels[sel], image[sel], threshold.value)
+            row.update({k: found[k] for k in DECISION_KEYS})
         out[test.product_names[p]] = row
     return out
 
@@ -54,9 +62,24 @@ def _per_kind(test: ImageSet, image: np.ndarray) -> dict:
     return out
 
 
+def decisions(test: ImageSet, image: np.ndarray | None, threshold: Threshold | None) -> dict:
+    """The site's threshold and the decisions it gives on the headline test images: FPR, TPR,
+    precision and F1 (``score > threshold`` is anomalous); all None without a threshold."""
+    out = {"threshold": None, "threshold_method": None, "n_calibration": 0, "fpr": None, "tpr": None,
+           "precision": None, "f1": None}
+    if threshold is None or image is None:
+        return out
+    keep = test.headline
+    found = decision_metrics(test.labels[keep], np.asarray(image)[keep], threshold.value)
+    out.update(threshold=threshold.value, threshold_method=threshold.method, n_calibration=threshold.n_calibration,
+               **{k: found[k] for k in ("fpr", "tpr", "precision", "f1")})
+    return out
+
+
 def evaluate_client(test: ImageSet, scores: Scores, primary: str, sigma: float,
-                    with_pro: bool) -> dict:
-    """Metrics of one client's test set; a metric is None where it is undefined."""
+                    with_pro: bool, threshold: Threshold | None = None) -> dict:
+    """Metrics of one client's test set; a metric is None where it is undefined. ``threshold``: the
+    site's calibrated threshold on its primary image score (decision metrics beside the AUROC)."""
     head = test.headline
     out: dict = {
         "n_test": int(head.sum()),
@@ -75,8 +98,9 @@ def evaluate_client(test: ImageSet, scores: Scores, primary: str, sigma: float,
         if with_pro:
             out["pro"] = pro_score(test.masks[head], maps[head])
     image = scores.image(primary) if primary == "patch" or scores.image_knn is not None else None
-    out["per_category"] = _per_category(test, image, maps) if image is not None else {}
+    out["per_category"] = _per_category(test, image, maps, threshold) if image is not None else {}
     out["per_kind"] = _per_kind(test, image) if image is not None else {}
+    out.update(decisions(test, image, threshold))
     return out
 
 

@@ -32,7 +32,8 @@ from fedsecmem.method.generator import MemoryGenerator
 from fedsecmem.detector.memory import MemoryBank, coreset_bank
 from fedsecmem.method.metric_loss import anti_collapse_target, metric_loss, per_image_metric_loss
 from fedsecmem.method.reduce import reduce_images
-from fedsecmem.detector.scoring import Scores, score_embeddings
+from fedsecmem.detector.scoring import Scores
+from fedsecmem.detector.site import SiteDetector, image_bank_for, near_items, patch_banks_for
 
 __all__ = [
     "Contribution", "FLOAT_BYTES", "FedDyMemClient", "GLOBAL_MEMORY_FILE", "GlobalMemory", "LossTerm",
@@ -199,10 +200,7 @@ class FedDyMemClient:
     def receive(self, memory: GlobalMemory) -> None:
         """Keep the global memory and index it once for the round's scoring."""
         self.global_memory = memory
-        patches = memory.patches
-        if self.cfg.global_near is not None and self.bank is not None and self.bank.radius:
-            near = self.bank.nearest_distance(patches) <= self.cfg.global_near * self.bank.radius
-            patches = patches[near]  # the items near this client's own normal patches
+        patches = near_items(self.bank, memory.patches, self.cfg.global_near)  # near its own normal patches
         self.global_used = len(patches)
         self.global_bank = MemoryBank(patches) if len(patches) else None
         if self.image_bank is not None and memory.images is not None:
@@ -327,19 +325,17 @@ class FedDyMemClient:
             present[u, :len(s)] = 1
         return rows.reshape(len(patients), m * p, d), present
 
+    def detector(self, score_with: str, image_k: int, reweight_k: int = 0) -> SiteDetector:
+        """What this client scores with now: its generator, its bank and/or the global memory, and the
+        image kNN bank (its own image embeddings, plus the global image memory unless ``local``)."""
+        return SiteDetector(patch_banks_for(self.bank, self.global_bank, score_with),
+                            image_bank_for(self.image_bank, self.joint_image_bank, score_with),
+                            self.generator, image_k, reweight_k)
+
     def score(self, test: Embeddings, score_with: str, image_k: int, reweight_k: int = 0) -> Scores:
         """Patch score = distance to the nearest item of the local bank and/or the global memory;
         image kNN over the own image embeddings (plus the global image memory unless ``local``)."""
-        banks = []
-        if score_with in ("local", "local+global") or self.global_bank is None:
-            banks.append(self.bank)
-        if score_with in ("global", "local+global") and self.global_bank is not None:
-            banks.append(self.global_bank)
-        image_bank = self.image_bank
-        if score_with != "local" and self.joint_image_bank is not None:
-            image_bank = self.joint_image_bank
-        return score_embeddings(Embeddings(self.memory_space(test.patches), test.images), banks, image_bank, image_k,
-                                reweight_k)
+        return self.detector(score_with, image_k, reweight_k).score(test)
 
 
 def patients_of(cfg, train) -> np.ndarray | None:

@@ -14,6 +14,7 @@ from fedsecmem.config import RunConfig
 from fedsecmem.data.partition import ClientData
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.detector.scoring import Scores
+from fedsecmem.detector.site import SiteDetector
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.privacy.ledgers import RunLedgers
 
@@ -51,6 +52,8 @@ class MethodOutput:
     per_round: list[dict] = field(default_factory=list)  # mean metrics after each round
     aggregation: dict | None = None  # protocol and its settings (federated methods)
     privacy: dict | None = None  # DP parameters and epsilon spent (runs with privacy.dp)
+    detectors: list[SiteDetector] | None = None  # what each site scores with at the end (its saved model)
+    memory: object | None = None  # the last global memory (``GlobalMemory``; memory-sharing methods)
 
 
 @contextmanager

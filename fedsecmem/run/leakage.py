@@ -34,12 +34,12 @@ and TPR at 1% FPR with bootstrap intervals.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from fedsecmem.audits.mia import evaluate_attack, lira_scores, shadow_splits
+from fedsecmem.data.partition import withhold
 from fedsecmem.method.kmeans import weighted_kmeans
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.detector.memory import MemoryBank
@@ -138,20 +138,10 @@ def hold_out(clients: list, fraction: float, seed: int, by_patient: bool = False
     least two): the clients to train with, and client -> withheld indices into the train split.
     ``by_patient``: withhold whole patients (``ImageSet.groups``), so that no non-member image
     belongs to a patient still trained on (the unit the guarantee is for)."""
-    kept, held = [], {}
-    for c in clients:
-        groups = c.train.groups if by_patient and c.train.groups is not None else np.arange(len(c.train_index))
-        units = np.unique(groups)
-        n = len(units)
-        k = min(max(1, int(round(fraction * n))), n - 2)
-        if k < 1:
-            raise ValueError(f"client {c.client} has {n} training units: too few to withhold non-members")
-        perm = np.random.default_rng(seed + c.client).permutation(n)  # which units: not a secret
-        out = np.isin(groups, units[perm[:k]])
-        keep = np.flatnonzero(~out)
-        held[c.client] = c.train_index[np.flatnonzero(out)]
-        kept.append(replace(c, train_index=c.train_index[keep], train=c.train.subset(keep)))
-    return kept, held
+    try:
+        return withhold(clients, fraction, lambda cid: np.random.default_rng(seed + cid), by_patient)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (non-members for the membership inference)") from None
 
 
 class _Candidates:

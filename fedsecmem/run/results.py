@@ -21,8 +21,10 @@ from fedsecmem.config import RunConfig
 from fedsecmem.detector.evaluate import category_summary, mean_defined
 from fedsecmem.errors import UserError
 from fedsecmem.method.context import MethodOutput
+from fedsecmem.provenance import source_commit
 
-__all__ = ["RESULTS_FILE", "SCHEMA_VERSION", "Results", "load_results", "results_document", "write_results"]
+__all__ = ["RESULTS_FILE", "SCHEMA_VERSION", "Results", "decisions_summary", "load_results", "results_document",
+           "write_results"]
 
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
@@ -43,6 +45,9 @@ class CategoryResult(_Open):
     auroc_image: float | None = None
     auroc_pixel: float | None = None
     clients: int | None = None
+    fpr: float | None = None
+    tpr: float | None = None
+    f1: float | None = None
 
 
 class KindResult(_Open):
@@ -81,6 +86,13 @@ class ClientResult(_Open):
     pro: float | None = None
     per_category: dict[str, CategoryResult] = {}
     per_kind: dict[str, KindResult] = {}
+    threshold: float | None = None
+    threshold_method: str | None = None
+    n_calibration: int | None = None
+    fpr: float | None = None
+    tpr: float | None = None
+    precision: float | None = None
+    f1: float | None = None
 
 
 class RoundRecord(_Open):
@@ -121,24 +133,6 @@ class Environment(_Closed):
     commit: str | None = None  # the source tree's git commit (with "+changes" when it differs), if any
 
 
-def source_commit() -> str | None:
-    """The git commit of the source tree the package runs from, "+changes" appended when files
-    differ from it; None outside a git checkout (an installed wheel)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
 class Results(_Closed):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -166,6 +160,8 @@ class Results(_Closed):
     leakage: dict[str, Any] | None = None
     ledger: dict[str, Any] | None = None
     deployment: dict[str, Any] | None = None
+    decisions: dict[str, Any] | None = None
+    models: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         """The document as written (fields never set are left out, as before they existed)."""
@@ -224,6 +220,15 @@ def results_document(cfg: RunConfig, benchmark: str, per_client: list[dict], out
         **(extra or {}),
     }
     return Results.model_validate(doc)
+
+
+def decisions_summary(cfg: RunConfig, per_client: list[dict]) -> dict:
+    """results.json's ``decisions``: the calibration asked for and the decisions at each site's
+    threshold, averaged over the sites that have one."""
+    calibrated = [r for r in per_client if r.get("threshold") is not None]
+    return {"target_fpr": cfg.predict.target_fpr, "calibration_fraction": cfg.predict.calibration_fraction,
+            "calibration": cfg.predict.calibration, "sites_calibrated": len(calibrated),
+            **{k: mean_defined(calibrated, k) for k in ("fpr", "tpr", "precision", "f1")}}
 
 
 def write_results(cfg: RunConfig, results: Results, out: Path) -> dict:

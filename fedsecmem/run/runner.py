@@ -13,18 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsecmem.detector.backbone import build_embedder, resolve_device
+from fedsecmem.detector.backbone import BackboneInfo, build_embedder, resolve_device
 from fedsecmem.config import RunConfig
 from fedsecmem.data.load import load_benchmark
 from fedsecmem.detector.embedding_cache import load_cached, store_cached
-from fedsecmem.data.partition import partition
+from fedsecmem.data.partition import calibration_split, partition
 from fedsecmem.data.types import ImageSet
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
 from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.detector.evaluate import evaluate_client, mean_defined
 from fedsecmem.detector.metrics import auroc
-from fedsecmem.run.results import results_document, write_results
+from fedsecmem.model.site import keep_model, site_threshold
+from fedsecmem.model.store import MODELS_DIR, model_dir
+from fedsecmem.run.results import decisions_summary, results_document, write_results
 from fedsecmem.run.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
 from fedsecmem.privacy.threat_model import threat_model
@@ -77,6 +79,9 @@ def run(cfg: RunConfig, out: Path) -> dict:
                                      by_patient=cfg.privacy.unit == "patient")
         except ValueError as exc:
             raise UserError(f"audit.holdout_fraction: {exc}") from None
+    # each site's calibration normals: never in its bank, they set its decision threshold (the model it keeps)
+    clients, calibration = calibration_split(clients, cfg.predict.calibration_fraction, cfg.seed,
+                                             by_patient=cfg.privacy.unit == "patient")
     timings["data_s"] = time.perf_counter() - t
 
     device = resolve_device(cfg.backbone.device)
@@ -121,17 +126,24 @@ def run(cfg: RunConfig, out: Path) -> dict:
 
     t = time.perf_counter()
     per_client: list[dict] = []
+    thresholds = {}
     for c, scores in zip(clients, output.scores):
+        det = output.detectors[c.client] if output.detectors is not None else None
+        thresholds[c.client] = site_threshold(cfg, det, train_emb.subset(calibration[c.client]))
         row = {"client": c.client, "n_train": int(len(c.train)), "products": _client_products(c, bench.train.product_names),
                "bank_size": output.bank_sizes[c.client]}
-        row.update(evaluate_client(c.test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro))
+        row.update(evaluate_client(c.test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro,
+                                   thresholds[c.client]))
         per_client.append(row)
     timings["evaluate_s"] = time.perf_counter() - t
+    models = _keep_models(cfg, out, clients, output, thresholds, run_id, ledgers)
 
     pooled = _pooled_auroc(clients, output) if cfg.method == "central" else {}
     maps_png = _save_map_grid(cfg, clients, output, out)
     curve_png = round_curve(output.per_round, out / "auroc_per_round.png") if len(output.per_round) > 1 else None
-    extra = {"run_id": run_id, "threat_model": threat_model(cfg)}
+    extra = {"run_id": run_id, "threat_model": threat_model(cfg), "decisions": decisions_summary(cfg, per_client)}
+    if models:
+        extra["models"] = models
     files = {"anomaly_maps": maps_png.name if maps_png else None,
              "auroc_per_round": curve_png.name if curve_png else None}
     if leak is not None:
@@ -152,6 +164,23 @@ def run(cfg: RunConfig, out: Path) -> dict:
     _end_ledgers(ledgers, "completed", run_id=run_id, files=signed_files(out),
                  auroc_image=mean_defined(per_client, "auroc_image"), epsilon=(output.privacy or {}).get("epsilon"))
     return doc
+
+
+def _keep_models(cfg: RunConfig, out: Path, clients, output, thresholds: dict, run_id: str, ledgers) -> dict | None:
+    """Every site's model folder (``OUT/models/client-<i>``), its manifest signed in the site's ledger."""
+    if not cfg.predict.save_models or output.detectors is None:
+        return None
+    t = time.perf_counter()
+    backbone = BackboneInfo.of(cfg.backbone, cfg.data.image_size)
+    sites = {}
+    for c in clients:
+        folder = model_dir(out, c.client)
+        digest = keep_model(cfg, folder, c.client, output.detectors[c.client], thresholds[c.client], backbone,
+                            run_id, len(c.train), output.memory)
+        sites[str(c.client)] = digest
+        if ledgers is not None:
+            ledgers.clients[c.client].append("model", manifest_sha256=digest, folder=str(folder.relative_to(out)))
+    return {"dir": MODELS_DIR, "manifest_sha256": sites, "seconds": round(time.perf_counter() - t, 3)}
 
 
 def _end_ledgers(ledgers, status: str, **fields) -> None:
