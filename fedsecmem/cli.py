@@ -17,6 +17,9 @@ from fedsecmem.errors import UserError
 __all__ = ["build_parser", "main", "print_comparison", "print_run_summary"]
 
 
+TABLE_FIGURES_WIDTH = 150  # characters the comparison table's figure columns take beside the run names
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -109,16 +112,23 @@ def print_comparison(dirs: list[Path]) -> None:
     from fedsecmem.run.results import load_results
 
     t = Table(title="comparison")
-    # the run column is never cut (two runs of one method differ only by their folder); others may wrap
-    t.add_column("run", justify="left", no_wrap=True, min_width=max(len(str(d)) for d in dirs))
+    # a run's name is never cut (two runs of one method differ only by their folder): where the names do not
+    # fit beside the figures, the table numbers the runs and the names are listed whole above it
+    names = [str(d) for d in dirs]
+    numbered = console.width < max(map(len, names)) + TABLE_FIGURES_WIDTH
+    if numbered:
+        for i, name in enumerate(names, 1):
+            console.print(f"run {i}: {name}", highlight=False, markup=False, soft_wrap=True)
+    t.add_column("run", justify="left", no_wrap=True, min_width=len(str(len(names))) if numbered else
+                 max(map(len, names)))
     for col in ("method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
                 "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
         t.add_column(col, justify="left" if col in ("method", "protocol") else "right")
-    for d in dirs:
+    for i, d in enumerate(dirs, 1):
         r = load_results(d if d.is_dir() else d.parent)  # typed: a malformed file is a one-line error
         a = r.auroc
         mean_up = sum(sum(x) for x in r.comm.bytes_up) / max(1, len(r.comm.bytes_up))
-        t.add_row(str(d), r.method, r.protocol, _fmt(a.image), _fmt(a.category_mean_image), _fmt(a.image_patch_max),
+        t.add_row(str(i) if numbered else str(d), r.method, r.protocol, _fmt(a.image), _fmt(a.category_mean_image), _fmt(a.image_patch_max),
                   _fmt(a.image_knn), _fmt(a.pixel), _fmt(a.pro), _mb(mean_up), _epsilon(r.privacy.model_dump()),
                   _leak(r.leakage), f"{r.wall_seconds:.0f}")
     console.print(t)

@@ -11,9 +11,9 @@ code never sees a file format. Conversion rules:
   0..255 by ``window`` if given, else by the full range of the integer type (0..65535 for 16-bit; PNG
   ``I`` is 16-bit) or, for float data, the image's own min..max. Grey is replicated to three channels.
 * **DICOM** (pydicom): pixel values, then the Modality LUT (rescale slope/intercept), then the VOI:
-  ``window`` if given, else the file's first window (Window Center/Width, applied with the same linear
-  formula as ``window``; VOI LUT Function SIGMOID is honoured) or its VOI LUT table, else the file's
-  min..max over all its frames; then MONOCHROME1 is inverted. Colour DICOM (RGB, YBR, which pydicom
+  ``window`` if given, else the file's VOI LUT table, else its first Window Center/Width (applied with
+  the same linear formula as ``window``; VOI LUT Function SIGMOID is honoured), else the file's min..max
+  over all its frames (so frames stay comparable); then MONOCHROME1 is inverted. Colour DICOM (RGB, YBR, which pydicom
   decodes to RGB, PALETTE COLOR) is converted to 8-bit RGB. A multi-frame file gives one frame per
   frame (index 0..n-1); enhanced multi-frame per-frame functional groups are not read.
 * **NIfTI** (nibabel, ``.nii`` / ``.nii.gz``): ``get_fdata`` (scl_slope/inter applied); a 2-D image is one
@@ -22,7 +22,8 @@ code never sees a file format. Conversion rules:
 
 The linear window ``(center, width)`` maps ``center - width/2`` to 0 and ``center + width/2`` to 255
 (values outside are clipped); a constant image (min == max) maps to 0. Results are rounded to nearest.
-``window`` only affects high-depth grey data (8-bit and colour images are taken as they are).
+``window`` applies to high-depth raster and to grey DICOM and NIfTI; 8-bit raster and colour images are
+taken as they are.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "
 PNG_MAX_VALUE = 2**16 - 1  # PNG samples have at most 16 bits (older Pillow opens them as mode "I")
 SIGMOID_SLOPE = 4.0  # DICOM PS3.3 C.11.2.1.3.1: y = 1 / (1 + exp(-4 (x - c) / w))
 VOLUME_AXES = (0, 1, 2)
-MAX_REASON_CHARS = 300
+MAX_REASON_CHARS = 500  # one readable line, even for pydicom's list of missing decoder plugins
 
 
 class UnreadableImage(Exception):
@@ -74,7 +75,7 @@ class Frame:
 
     path: Path
     index: int | None
-    image: np.ndarray  # (H, W, 3) uint8, C-contiguous, native resolution
+    image: np.ndarray  # (H, W, 3) uint8, C-contiguous, writeable, native resolution
 
 
 def supported_suffix(path: Path) -> str | None:
@@ -110,17 +111,20 @@ def _one_line(exc: BaseException) -> str:
 def _check_window(window: tuple[float, float] | None) -> None:
     if window is None:
         return
-    center, width = (float(v) for v in window)
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        center = width = math.nan
     if not (math.isfinite(center) and math.isfinite(width) and width > 0):
-        raise ValueError(f"window must be (center, width) with a finite center and width > 0, got {window}")
+        raise ValueError(f"window must be (center, width) with a finite center and width > 0, got {window!r}")
 
 
 def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear map ``lo -> 0``, ``hi -> 255``, clipped and rounded; a constant range maps to 0."""
+    """Linear map ``lo -> 0``, ``hi -> 255``, clipped and rounded; a constant range maps to 0, NaN to 0."""
     if not hi > lo:
-        return np.zeros(values.shape, np.uint8)
+        return np.zeros(np.shape(values), np.uint8)
     x = (np.asarray(values, np.float64) - lo) / (hi - lo) * U8_MAX
-    return np.clip(np.rint(x), 0, U8_MAX).astype(np.uint8)
+    return np.nan_to_num(np.clip(np.rint(x), 0, U8_MAX), nan=0.0).astype(np.uint8)
 
 
 def _windowed(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -134,8 +138,7 @@ def _finite_range(values: np.ndarray) -> tuple[float, float]:
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
-    lo, hi = _finite_range(values)
-    return _scale(np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo), lo, hi)
+    return _scale(values, *_finite_range(values))
 
 
 def _rgb(grey_or_rgb: np.ndarray) -> np.ndarray:
@@ -154,7 +157,7 @@ def _read_raster(path: Path, window: tuple[float, float] | None) -> list[Frame]:
         with Image.open(path) as im:
             im.load()
             if im.mode not in HIGH_DEPTH_MODES:
-                return [Frame(path, None, _rgb(np.asarray(im.convert("RGB"))))]
+                return [Frame(path, None, _rgb(np.array(im.convert("RGB"))))]  # a copy: writeable like the rest
             raw, fmt = np.asarray(im), im.format
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, bombs)
         raise UnreadableImage(path, f"not a readable image ({_one_line(exc)})") from None
@@ -287,7 +290,7 @@ def _read_nifti(path: Path, window: tuple[float, float] | None, axis: int) -> li
     import nibabel as nib
 
     try:
-        volume = np.asarray(nib.load(path, mmap=False).dataobj.get_unscaled(), np.float32)
+        volume = nib.load(path, mmap=False).get_fdata(dtype=np.float32)
     except Exception as exc:  # ImageFileError, EOFError, zlib.error, ValueError on short data, ...
         raise UnreadableImage(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
     if volume.ndim == 4 and volume.shape[3] == 1:
