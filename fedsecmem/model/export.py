@@ -30,12 +30,13 @@ from torch import nn
 from fedsecmem import __version__
 from fedsecmem.detector.threshold import Threshold
 from fedsecmem.errors import UserError
-from fedsecmem.model.store import SavedModel, load_model
+from fedsecmem.model.store import ModelError, SavedModel, load_model
 
 __all__ = ["AUTO_CHUNK_ITEMS", "INPUT", "OPSET", "export_onnx", "onnx_metadata"]
 
 OPSET = 18
 INPUT = "image"
+EXPORTERS = ("auto", "torchscript", "dynamo")
 INPUT_DOC = "image (N, 3, S, S) float32 in [0, 1]"
 AUTO_CHUNK_ITEMS = 4096  # bank items per distance block: a block holds N * patches * chunk float32
 EXAMPLE_BATCH = 2  # traced batch size (the batch axis is dynamic in the graph)
@@ -200,36 +201,47 @@ def onnx_metadata(saved: SavedModel) -> dict[str, str]:
     }
 
 
-def _to_proto(graph: nn.Module, example: torch.Tensor, outputs: list[str]):
-    """The ONNX ModelProto of ``graph``: the TorchScript exporter where this torch still has it (it
-    traces this graph several times faster than torch.export), else the dynamo exporter."""
+def _legacy_exporter() -> bool:
+    """Whether this torch still ships the TorchScript ONNX exporter (deprecated since torch 2.9)."""
+    return callable(getattr(getattr(torch.onnx, "utils", None), "export", None))
+
+
+def _to_proto(graph: nn.Module, example: torch.Tensor, outputs: list[str], exporter: str):
+    """The ONNX ModelProto of ``graph``, traced with ``exporter`` ("torchscript" or "dynamo")."""
     import onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings: not the user's concern
-        try:
+        if exporter == "torchscript":
             buf = io.BytesIO()
             torch.onnx.export(graph, (example,), buf, dynamo=False, input_names=[INPUT], output_names=outputs,
                               dynamic_axes={name: {0: "N"} for name in [INPUT, *outputs]}, opset_version=OPSET)
-            return onnx.load_from_string(buf.getvalue()), "torchscript"
-        except (TypeError, NotImplementedError, AttributeError, RuntimeError) as exc:
-            if "dynamo" not in str(exc).lower() and "torchscript" not in str(exc).lower():
-                raise
+            return onnx.load_from_string(buf.getvalue())
         program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT], output_names=outputs,
                                     dynamic_shapes=({0: torch.export.Dim("N")},), opset_version=OPSET,
                                     external_data=False, verbose=False)
-        return program.model_proto, "dynamo"
+        return program.model_proto
 
 
-def export_onnx(model_dir: Path, out: Path, chunk: int | None = None) -> dict:
+def export_onnx(model_dir: Path, out: Path, chunk: int | None = None, exporter: str = "auto") -> dict:
     """Write the model folder ``model_dir`` as one ONNX graph at ``out`` (see the module docstring).
-    ``chunk``: bank items per distance block (default: automatic from the bank size). Returns the
-    file's size, its input and outputs, the chunk, opset and exporter used."""
+
+    ``chunk``: bank items per distance block (default: automatic from the bank size). ``exporter``:
+    "torchscript" (torch's legacy exporter: traces this graph several times faster), "dynamo"
+    (torch.export), or "auto": torchscript while this torch ships it, else dynamo. Both give the same
+    graph semantics. Returns the file's size, its input and outputs, the chunk, opset and exporter."""
     saved = load_model(Path(model_dir))  # checks every file: a tampered folder raises ModelError here
     try:
         import onnx
     except ImportError:
         raise UserError("export: needs the onnx packages (pip install 'fedsecmem[export]')") from None
+    if exporter not in EXPORTERS:
+        raise UserError(f"export: exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if exporter == "auto":
+        exporter = "torchscript" if _legacy_exporter() else "dynamo"
+    if saved.manifest["scoring"]["primary"] == "image" and (saved.detector.image_bank is None
+                                                             or saved.backbone.image_layer is None):
+        raise ModelError(f"model {saved.folder}: primary score 'image' without an image bank; refused")
     out = Path(out)
     n_items = sum(len(b) for b in saved.detector.patch_banks.values())
     if chunk is not None and chunk < 1:
@@ -249,7 +261,7 @@ def export_onnx(model_dir: Path, out: Path, chunk: int | None = None) -> dict:
     outputs = ["image_score", "anomaly_map", "patch_scores"] + (["image_patch", "image_knn"] if graph.has_knn else [])
     size = saved.backbone.image_size
     example = torch.rand(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
-    proto, exporter = _to_proto(graph, example, outputs)
+    proto = _to_proto(graph, example, outputs, exporter)
     proto.doc_string = f"fedsecmem site model {saved.model_id}: {INPUT_DOC} -> {', '.join(outputs)}"
     onnx.helper.set_model_props(proto, onnx_metadata(saved))
     tmp = out.with_name(out.name + ".tmp")
