@@ -38,7 +38,8 @@ $(STAMP): pyproject.toml
 
 # The main job: private, secure FedDyMem on the embedded textures benchmark, beside the same
 # without DP and the two references; then the private run's ledgers are verified and its privacy
-# report (membership inference included) written.
+# report (membership inference included) written; last, site 0 scores a few of its held-out test
+# images with the model it kept (a decision per image, overlays in RUN_DIR/predictions).
 run: $(STAMP)
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem_dp
 	$(VENV)/bin/fedsecmem run configs/quickstart.yaml --out $(RUN_DIR)/feddymem --set privacy.dp=false \
@@ -49,6 +50,8 @@ run: $(STAMP)
 	$(VENV)/bin/fedsecmem audit verify $(RUN_DIR)/feddymem_dp
 	$(VENV)/bin/fedsecmem audit report $(RUN_DIR)/feddymem_dp --compare $(RUN_DIR)/local --compare $(RUN_DIR)/feddymem
 	$(VENV)/bin/fedsecmem audit check $(RUN_DIR)/feddymem_dp/report.json
+	$(VENV)/bin/fedsecmem samples configs/quickstart.yaml --client 0 --n 6 --out $(RUN_DIR)/samples
+	$(VENV)/bin/fedsecmem predict $(RUN_DIR)/feddymem_dp/models/client-0 $(RUN_DIR)/samples --out $(RUN_DIR)/predictions
 
 test: system $(STAMP)
 	$(PY) -m pytest -q

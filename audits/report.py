@@ -337,12 +337,42 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = (), verified: t
                  "delete": "remove the folder (keep the ledgers and this report if they are the audit record)"},
                 {"what": "the embedding cache: backbone embeddings of every image (personal data where images are)",
                  "where": cache or "not kept (output.embedding_cache: null)",
-                 "delete": "fedsecmem clean CONFIG" if cache else "nothing to delete"}]},
+                 "delete": "fedsecmem clean CONFIG" if cache else "nothing to delete"},
+                {"what": "each site's model: its generator, its own bank of training patches (not covered by DP), "
+                         "the global memory and its threshold; never sent to the server",
+                 "where": "models/client-<i>/ in this folder (in process); each client's own --out/models/client-<i> "
+                          "when deployed",
+                 "delete": "remove the site's model folder (its ledger keeps only the manifest's digest)"}]},
+        "kept_at_sites": _kept_at_sites(parties, n),
         "governance": {k: gov.get(k) for k in ("controller", "processors", "legal_basis", "purpose", "contact",
                                                 "retention")},
         "clients": n,
     }
     return Report.model_validate(report).model_dump(mode="json")
+
+
+def _kept_html(kept: list[dict]) -> str:
+    if not kept:
+        return ""
+    return ("<h3>Kept at each site, never sent</h3><p>Every site keeps its trained model (the detector it uses on "
+            "new images). It holds the site's own training patches, which differential privacy does not cover, so it "
+            "never leaves the site: it is not in the inventory above. Its manifest's digest is signed in the site's "
+            "ledger; delete it by removing the folder.</p>"
+            + _table(["site", "folder", "manifest SHA-256"],
+                     [[k["site"], k["folder"], (k["manifest_sha256"] or "")[:16]] for k in kept]))
+
+
+def _kept_at_sites(parties: dict[str, list[dict]], n: int) -> list[dict]:
+    """Each site's model, from the ``model`` event its own ledger signs: kept at the site, never sent."""
+    out = []
+    for c in range(n):
+        signed = [r for r in parties.get(f"client-{c}", []) if r.get("event") == "model"]
+        if signed:
+            out.append({"site": c, "manifest_sha256": signed[-1].get("manifest_sha256"),
+                        "folder": signed[-1].get("folder"), "sent": False,
+                        "holds": "the site's own training patches (not covered by DP), its generator, the global "
+                                 "memory and its threshold"})
+    return out
 
 
 def _table(head: list[str], rows: list[list]) -> str:
@@ -477,6 +507,7 @@ def render_html(report: dict, run_dir: Path) -> str:
                                        [[x["stage"], x["direction"], x["messages"], f"{x['bytes'] / 1e6:.3f}",
                                          x["carries"], {True: "yes", False: "no", None: "?"}[x["from_images"]],
                                          x["dp"], x["seen_by"]] for x in report["releases"]])
+                       + _kept_html(report.get("kept_at_sites") or [])
                        + "<h3>Traffic per client</h3>"
                        + _table(["client", "MB sent", "MB received"],
                                 [[c, f"{up / 1e6:.2f}", f"{down / 1e6:.2f}"]

@@ -157,3 +157,4 @@ class Report(_Closed):
     reproducibility: Reproducibility
     governance: dict[str, Any]
     clients: int
+    kept_at_sites: list[dict[str, Any]] = []

@@ -637,10 +637,11 @@ def test_leakage_of_a_real_run_uses_withheld_training_images_as_non_members(tiny
     lk = r["leakage"]
     assert set(lk["views"]) == {"secagg_server", "global_memory"}  # a secagg server never sees one client
     n_train = sum(c["n_train"] for c in r["per_client"])
+    n_calibration = sum(c["n_calibration"] for c in r["per_client"])  # each site's threshold images: neither
     for view in lk["views"].values():
         for atk in ("distance", "lira"):
-            res = view[atk]
-            assert res["members"] == n_train and res["nonmembers"] == 24 - n_train  # 3 products x 8 images
+            res = view[atk]  # 3 products x 8 images
+            assert res["members"] == n_train and res["nonmembers"] == 24 - n_train - n_calibration
             assert 0 <= res["auc_ci"][0] <= res["auc"] <= res["auc_ci"][1] <= 1
     assert (tiny_run / "leakage_roc.png").stat().st_size > 1000
     bound = lk["dp_bound"]
