@@ -17,10 +17,17 @@ under onnxruntime. Plus the model's load time and size on disk.
        (the run's own partition and calibration split) with anomalib's k-center-greedy coreset sized
        to the SAME number of items as the site model's patch banks together, wrapped in anomalib's
        Lightning ``Patchcore`` (pre-processor = Normalize(mean = std = 0.5), default post-processor)
-       and exported with ``Engine.export(export_type="onnx")`` (= ``AnomalibModule.to_onnx``, the
-       dynamo exporter, batch axis dynamic), run as (b).
+       and exported with ``Engine.export(export_type="onnx")`` (= ``AnomalibModule.to_onnx``, torch's
+       dynamo exporter), run as (b). One graph per batch size: anomalib's ``nearest_neighbors``
+       branches in Python on the number of patches (chunks of 1,024), so torch.export specialises the
+       batch axis, and the exporter, falling back, silently writes a graph fixed at the example batch
+       (2) although anomalib asks for a dynamic one; the batch is therefore given as a static size.
 3. ``Detector.load`` alone, and load + the first image scored (the backbone is built on first use),
    median of ``--repeats``; the model folder's bytes and the ONNX file's.
+
+On 2 cores shared with other work the PyTorch path's figures swing widely (its OpenMP parallel
+regions wait for a descheduled thread; onnxruntime's pool lets the caller run the work): the load
+average at the start and end and every pass's wall and CPU seconds are kept in the JSON.
 
 Prints the tables (markdown) on stdout, progress on stderr; writes runs/bench/predict.json. Never
 touches the network.
@@ -32,6 +39,7 @@ touches the network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -162,13 +170,45 @@ def ort_outputs(session, images: np.ndarray) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- anomalib
 
-def anomalib_onnx(det: Detector, train: np.ndarray, bank_items: int, out_dir: Path, batch: int) -> dict:
-    """anomalib's PatchCore on the site's training images, coreset of ``bank_items``, exported to
-    ONNX by anomalib; returns the path and how it was made."""
+@contextlib.contextmanager
+def reused_temporary():
+    """anomalib's ``KCenterGreedy.update_distances`` with its per-step (N, d) temporary
+    ``features - center`` written into one buffer reused across steps: the same operations in the
+    same order (the same selection), only where the temporary lives differs. Left as it is, after
+    the data loading above glibc served each 20+ MB temporary from the heap and could not reuse the
+    hole (a small allocation split it), so the process grew by one temporary per step: 22 GB and
+    the kernel's OOM killer on the textures site's 2,786-item coreset. Serving the temporaries by
+    mmap instead (mallopt) stops the growth but pays a page fault per 4 KiB each step (150 s)."""
+    from anomalib.models.components.sampling import k_center_greedy as kcg
+
+    original = kcg.KCenterGreedy.update_distances
+
+    def update_distances(self, cluster_center):
+        if cluster_center is None:
+            return
+        center = self.features[cluster_center].squeeze()
+        buf = getattr(self, "_bench_buffer", None)
+        if buf is None or buf.shape != self.features.shape:
+            buf = self._bench_buffer = torch.empty_like(self.features)
+        distances = torch.linalg.norm(torch.sub(self.features, center, out=buf), ord=2, dim=1, keepdim=True)
+        self.min_distances = distances if self.min_distances is None else torch.minimum(self.min_distances, distances)
+
+    kcg.KCenterGreedy.update_distances = update_distances
+    try:
+        yield
+    finally:
+        kcg.KCenterGreedy.update_distances = original
+
+
+def anomalib_onnx(det: Detector, train: np.ndarray, bank_items: int, out_dir: Path, batch_sizes: list[int],
+                  fit_batch: int = 32) -> dict:
+    """anomalib's PatchCore fitted on the site's training images with a coreset of ``bank_items``, then
+    exported to ONNX by anomalib once per batch size (see the module docstring for why)."""
     from anomalib_ref import AnomalibPatchCore, anomalib_version
 
     from torchvision.transforms.v2 import Normalize
 
+    from anomalib.engine import Engine
     from anomalib.models import Patchcore
     from anomalib.pre_processing import PreProcessor
 
@@ -176,13 +216,14 @@ def anomalib_onnx(det: Detector, train: np.ndarray, bank_items: int, out_dir: Pa
     bb = det.saved.backbone
     ref = AnomalibPatchCore(det.embedder, bb.name, bb.weights)
     t = time.perf_counter()
-    ref.collect(train, batch)
+    ref.collect(train, fit_batch)
     embed_s = time.perf_counter() - t
     n = ref.n_stored
     if bank_items >= n:
         raise SystemExit(f"anomalib: {bank_items} bank items asked for, only {n} patches stored")
     t = time.perf_counter()
-    got = ref.subsample((bank_items + 0.5) / n)  # KCenterGreedy keeps int(n * ratio)
+    with reused_temporary():
+        got = ref.subsample((bank_items + 0.5) / n)  # KCenterGreedy keeps int(n * ratio)
     coreset_s = time.perf_counter() - t
     if got != bank_items:
         raise RuntimeError(f"anomalib coreset kept {got} items, wanted {bank_items}")
@@ -193,24 +234,25 @@ def anomalib_onnx(det: Detector, train: np.ndarray, bank_items: int, out_dir: Pa
                        evaluator=False, visualizer=False)
     module.model = ref.model  # the fitted PatchcoreModel (fedsecmem's weights, the coreset above)
     module.eval()
-    t = time.perf_counter()
-    try:
-        from anomalib.engine import Engine
-
-        engine = Engine(default_root_dir=str(out_dir), logger=False)
-        path = engine.export(model=module, export_type="onnx", export_root=str(out_dir), input_size=(SIZE, SIZE))
-        how = "anomalib.engine.Engine.export(export_type='onnx', input_size=(224, 224)) -> AnomalibModule.to_onnx"
-    except Exception as exc:  # noqa: BLE001  Engine needs a Trainer; the export itself is the module's
-        log(f"  Engine.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "calling AnomalibModule.to_onnx directly")
-        path = module.to_onnx(str(out_dir), input_size=(SIZE, SIZE))
-        how = "anomalib Patchcore (Lightning module).to_onnx(input_size=(224, 224))"
-    export_s = time.perf_counter() - t
-    with torch.no_grad():  # the plain-torch model's scores, to check the ONNX graph against
-        ref_scores = ref.model(ref.normalise(train[:2])).pred_score.numpy()
-    return {"path": Path(path), "how": how, "anomalib": version, "stored_patches": n, "bank_items": got,
-            "embed_s": embed_s, "coreset_s": coreset_s, "export_s": export_s, "check_images": train[:2],
-            "check_scores": ref_scores}
+    paths, export_s = {}, {}
+    for bs in batch_sizes:
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints its steps; stdout is the table
+            engine = Engine(default_root_dir=str(out_dir / f"b{bs}"), logger=False)
+            # the batch axis fixed at bs: anomalib's nearest_neighbors branches on the number of patches
+            # (chunks of 1,024), so a dynamic batch is specialised to the example's (2) anyway
+            paths[bs] = Path(engine.export(model=module, export_type="onnx", export_root=str(out_dir / f"b{bs}"),
+                                           input_size=(SIZE, SIZE),
+                                           onnx_kwargs={"dynamic_shapes": ({0: bs},)}))
+        export_s[bs] = time.perf_counter() - t
+    with torch.no_grad():  # the plain-torch model's score, to check the graphs against
+        ref_score = ref.model(ref.normalise(train[:1])).pred_score.numpy()
+    how = ("anomalib.engine.Engine().export(model, export_type='onnx', input_size=(224, 224), "
+           "onnx_kwargs={'dynamic_shapes': ({0: B},)}) -> AnomalibModule.to_onnx (torch.onnx dynamo exporter), "
+           "one graph per batch size B")
+    return {"paths": paths, "how": how, "anomalib": version, "stored_patches": n, "bank_items": got,
+            "embed_s": embed_s, "coreset_s": coreset_s, "export_s": export_s, "check_image": train[:1],
+            "check_score": ref_score}
 
 
 # ----------------------------------------------------------------------------- one set
@@ -261,18 +303,19 @@ def bench_set(name: str, args, work: Path) -> dict:
 
     # (c) anomalib
     log(f"  anomalib: fit on {len(train)} site images, coreset to {bank_items} items, export")
-    a = anomalib_onnx(det, train, bank_items, work / f"anomalib-{name}", args.batch_sizes[-1])
-    row["anomalib"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in a.items()
-                       if k not in ("check_images", "check_scores")}
-    row["anomalib"]["onnx_bytes"] = _onnx_bytes(a["path"])
-    t = time.perf_counter()
-    ano_sess = ort_session(a["path"], args.threads)
-    ano_out = ort_outputs(ano_sess, a["check_images"])
-    row["anomalib"]["session_first_s"] = time.perf_counter() - t
-    row["anomalib"]["outputs"] = list(ano_out)
-    row["anomalib"]["onnx_vs_torch_score_max_abs"] = float(np.abs(ano_out["pred_score"].ravel()
-                                                                  - a["check_scores"].ravel()).max()) \
-        if "pred_score" in ano_out else None
+    a = anomalib_onnx(det, train, bank_items, work / f"anomalib-{name}", args.batch_sizes)
+    row["anomalib"] = {k: v for k, v in a.items() if k not in ("paths", "check_image", "check_score")}
+    row["anomalib"]["onnx_bytes"] = {bs: _onnx_bytes(p) for bs, p in a["paths"].items()}
+    ano_sess = {}
+    for bs, path in a["paths"].items():
+        t = time.perf_counter()
+        ano_sess[bs] = ort_session(path, args.threads)
+        out = ort_outputs(ano_sess[bs], np.repeat(a["check_image"], bs, axis=0))
+        row["anomalib"].setdefault("session_first_s", {})[bs] = time.perf_counter() - t
+        row["anomalib"]["outputs"] = list(out)
+        row["anomalib"].setdefault("onnx_vs_torch_score_max_abs", {})[bs] = float(
+            np.abs(out["pred_score"].ravel() - a["check_score"].ravel()[0]).max())
+    row["anomalib"]["inputs"] = {bs: [[i.name, i.shape] for i in sess.get_inputs()] for bs, sess in ano_sess.items()}
 
     # agreement of our graph with the PyTorch path on the benchmark images (one batch)
     ref_pred = det.predict(images[:args.batch_sizes[-1]], batch_size=args.batch_sizes[-1])
@@ -288,9 +331,10 @@ def bench_set(name: str, args, work: Path) -> dict:
     # 2. throughput
     paths = {"torch": lambda x: det.predict(x, batch_size=len(x)),
              "onnx": ort_runner(ours_sess),
-             "anomalib_onnx": ort_runner(ano_sess)}
+             "anomalib_onnx": None}
     row["throughput"] = {}
     for bs in args.batch_sizes:
+        paths["anomalib_onnx"] = ort_runner(ano_sess[bs])
         for key, fn in paths.items():
             log(f"  batch {bs}: {key}")
             row["throughput"][f"{key}@{bs}"] = throughput(fn, images, bs, args.repeats)
@@ -313,21 +357,22 @@ def markdown(results: dict) -> str:
                          f"{o['img_s']:.1f} | {a['img_s']:.1f} | {t['img_s'] / a['img_s']:.2f}x | "
                          f"{o['img_s'] / a['img_s']:.2f}x | {t['cpu_ms_per_img']:.0f} / {o['cpu_ms_per_img']:.0f} / "
                          f"{a['cpu_ms_per_img']:.0f} |")
-    load_head = ("| set | site | model folder MB | files | fedsecmem ONNX MB | anomalib ONNX MB | "
+    load_head = ("| set | site | model folder MB | files | fedsecmem ONNX MB | anomalib ONNX MB (batch-1 graph) | "
                  "`Detector.load` s | load + first image s | ONNX session + first image s (ours / anomalib) | "
                  "ONNX vs PyTorch max abs diff: score / map |\n" + "|---" * 10 + "|\n")
     load_lines = []
+    b1 = results["args"]["batch_sizes"][0]
     for r in rows:
         files = ", ".join(f"{k} {_mb(v):.2f}" for k, v in r["model_files"].items())
         diff = (f"{r.get('onnx_vs_torch_score_max_abs', float('nan')):.1e} / "
                 f"{r.get('onnx_vs_torch_map_max_abs', float('nan')):.1e}")
         load_lines.append(f"| {r['set']} | {r['site']} | {_mb(r['model_bytes']):.2f} | {files} | {_mb(r['onnx_bytes']):.2f} | "
-                          f"{_mb(r['anomalib']['onnx_bytes']):.2f} | {r['load_s']:.3f} | {r['load_first_s']:.3f} | "
-                          f"{r['onnx_session_first_s']:.2f} / {r['anomalib']['session_first_s']:.2f} | {diff} |")
+                          f"{_mb(r['anomalib']['onnx_bytes'][b1]):.2f} | {r['load_s']:.3f} | {r['load_first_s']:.3f} | "
+                          f"{r['onnx_session_first_s']:.2f} / {r['anomalib']['session_first_s'][b1]:.2f} | {diff} |")
     a0 = rows[0]["anomalib"] if rows else {}
     fits = "; ".join(f"{r['set']}: {r['n_train']} site images, {r['anomalib']['stored_patches']:,} patches -> "
                      f"{r['anomalib']['bank_items']:,} items, coreset {r['anomalib']['coreset_s']:.0f} s, "
-                     f"export {r['anomalib']['export_s']:.0f} s" for r in rows)
+                     "export " + " + ".join(f"{v:.0f}" for v in r['anomalib']['export_s'].values()) + " s" for r in rows)
     env = results["env"]
     return (f"`{results['command']}`\n\n{env['machine']}; onnxruntime {env['onnxruntime']} (CPUExecutionProvider, "
             f"{results['args']['threads']} intra-op threads), anomalib {a0.get('anomalib', '-')}; load average "
@@ -355,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT / "predict.json")
     args = ap.parse_args(argv)
+    if any(args.images % bs for bs in args.batch_sizes):
+        ap.error("--images must be a multiple of every batch size (anomalib's graphs have a fixed batch)")
     command = "python bench/bench_predict.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                  else sys.argv[1:]))
     torch.set_num_threads(args.threads)

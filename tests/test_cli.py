@@ -38,7 +38,8 @@ def test_run_writes_the_results_contract(tmp_path, capsys, method):
     assert r["privacy"]["epsilon"] is None and "delta" in r["privacy"]
     assert len(r["comm"]["bytes_up"]) == 2 and len(r["comm"]["bytes_down"]) == 2
     if method == "central":  # pooling uploads every raw training image
-        assert sum(b[0] for b in r["comm"]["bytes_up"]) == 12 * 64 * 64 * 3
+        trained = 12 - sum(c["n_calibration"] for c in r["per_client"])  # calibration images stay at the site
+        assert sum(b[0] for b in r["comm"]["bytes_up"]) == trained * 64 * 64 * 3
     else:
         assert all(b == [0] for b in r["comm"]["bytes_up"])
     assert r["wall_seconds"] > 0

@@ -206,7 +206,9 @@ def simulated(tmp_path_factory, certs):
 
     tmp = tmp_path_factory.mktemp("sim")
     run(load_config(_config(tmp, certs)), tmp / "out")
-    return np.load(tmp / "out" / "global_memory.npz")
+    memory = np.load(tmp / "out" / "global_memory.npz")
+    memory.run_dir = tmp / "out"  # its sites' models too
+    return memory
 
 
 def _run_processes(tmp: Path, cfg: Path, faults: dict | None = None, server_args=()):
@@ -231,6 +233,14 @@ def test_grpc_run_gives_the_simulators_global_memory(tmp_path, certs, simulated)
     assert results["aggregation"]["transport"] == "grpc" and results["deployment"]["refused_messages"] == {}
     assert all(r["dropped"] == [] for r in results["per_round"])
     _assert_ledgers_verify(out, certs)
+    from fedsecmem.model.detector import Detector
+    from fedsecmem.model.store import model_dir
+
+    for c in range(3):  # each joined site kept its model in its own --out, signed in its own ledger
+        mine, sims = Detector.load(model_dir(out, c)), Detector.load(model_dir(simulated.run_dir, c))
+        assert mine.saved.signed is not None and mine.threshold.value == pytest.approx(sims.threshold.value, rel=1e-5)
+        assert all(np.allclose(mine.saved.detector.patch_banks[k].items, sims.saved.detector.patch_banks[k].items,
+                               rtol=0, atol=1e-4) for k in sims.saved.detector.patch_banks)
     r = subprocess.run([*FEDSECMEM, "audit", "report", str(out), "--keys", str(certs)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     report = yaml.safe_load((out / "report.json").read_text())

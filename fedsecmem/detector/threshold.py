@@ -19,12 +19,12 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
-__all__ = ["CALIBRATION_METHODS", "QUANTILE_MIN_EXPECTED", "Threshold", "calibrate", "decision_metrics",
+__all__ = ["CALIBRATION_METHODS", "QUANTILE_MIN_EXPECTED", "SPAN_FLOOR", "Threshold", "calibrate", "decision_metrics",
            "normalize"]
 
 CALIBRATION_METHODS = ("auto", "quantile", "lognormal")
 QUANTILE_MIN_EXPECTED = 5.0  # auto: the empirical quantile once (n + 1) * fpr calibration scores lie above it
-_TINY = 1e-12  # floor of a log-normal fit's spread and of a score range
+SPAN_FLOOR = 1e-12  # floor of a log-normal fit's spread and of the normalization span (threshold - lowest score)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def calibrate(scores: np.ndarray, target_fpr: float, method: str = "auto") -> Th
             value = float(np.sort(s)[k - 1])
     else:
         logs = np.log(s)
-        spread = max(float(logs.std(ddof=1)), _TINY)
+        spread = max(float(logs.std(ddof=1)), SPAN_FLOOR)
         value = float(np.exp(logs.mean() + stats.norm.isf(target_fpr) * spread))
     return Threshold(value, float(target_fpr), method, n, float(s.min()), float((s > value).mean()))
 
@@ -77,7 +77,7 @@ def calibrate(scores: np.ndarray, target_fpr: float, method: str = "auto") -> Th
 def normalize(scores: np.ndarray, threshold: Threshold) -> np.ndarray:
     """Scores mapped linearly to 0..1 (clipped): the lowest calibration score to 0, the threshold to
     0.5, as far again above it to 1. A normalized score above 0.5 is a decision 'anomalous'."""
-    span = max(threshold.value - threshold.calibration_min, _TINY)
+    span = max(threshold.value - threshold.calibration_min, SPAN_FLOOR)
     return np.clip(0.5 + (np.asarray(scores, np.float64) - threshold.value) / (2 * span), 0.0, 1.0)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsecmem import __version__
-from fedsecmem.detector.threshold import Threshold
+from fedsecmem.detector.threshold import SPAN_FLOOR, Threshold
 from fedsecmem.errors import UserError
 from fedsecmem.model.store import ModelError, SavedModel, load_model
 
@@ -41,10 +41,9 @@ INPUT_DOC = "image (N, 3, S, S) float32 in [0, 1]"
 AUTO_CHUNK_ITEMS = 4096  # bank items per distance block: a block holds N * patches * chunk float32
 EXAMPLE_BATCH = 2  # traced batch size (the batch axis is dynamic in the graph)
 GAUSS_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default truncate (kernel radius in sigmas)
-NORM_FLOOR = 1e-12  # smallest threshold - calibration_min span (fedsecmem.detector.threshold)
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX file (protobuf) holds at most 2 GiB
 NORMALIZATION = ("normalized = clip(0.5 + (score - threshold) / (2 * max(threshold - threshold_calibration_min, "
-                 f"{NORM_FLOOR:g})), 0, 1); anomalous = score > threshold (normalized > 0.5)")
+                 f"{SPAN_FLOOR:g})), 0, 1); anomalous = score > threshold (normalized > 0.5)")
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:

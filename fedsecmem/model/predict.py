@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fedsecmem.data.imageio import Frame, UnreadableImage, find_inputs, image_stem, read_frames
+from fedsecmem.detector.threshold import SPAN_FLOOR, Threshold, normalize
 from fedsecmem.errors import UserError
 from fedsecmem.model.detector import Detector, Predictions
 from fedsecmem.progress import console, make_progress, task
@@ -64,16 +65,15 @@ def _overlay_name(source: str, frame: int | None, used: set[str], roots: list[Pa
     return name
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, label: str) -> Image.Image:
+def overlay(image: np.ndarray, amap: np.ndarray, threshold: Threshold | None, label: str) -> Image.Image:
     """The anomaly map in colour over the grey image; with a threshold, colours are the normalized
     score (red above the threshold, blue well below), else the map's own range."""
     from matplotlib import colormaps
 
     if threshold is not None:
-        lo = float(amap.min())
-        t = np.clip(0.5 + (amap - threshold) / (2 * max(threshold - lo, 1e-12)), 0, 1)
+        t = normalize(amap, threshold)
     else:
-        t = (amap - amap.min()) / max(float(np.ptp(amap)), 1e-12)
+        t = (amap - amap.min()) / max(float(np.ptp(amap)), SPAN_FLOOR)
     heat = (colormaps["jet"](t)[..., :3] * 255).astype(np.float32)
     grey = np.repeat(image.mean(-1, keepdims=True), 3, axis=-1).astype(np.float32)
     mixed = ((1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * heat).clip(0, 255).astype(np.uint8)
@@ -86,7 +86,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, label:
     return pic
 
 
-def _rows(pred: Predictions, out: Path, used: set[str], overlays: bool, roots: list[Path]) -> list[dict]:
+def _rows(pred: Predictions, threshold: Threshold | None, out: Path, used: set[str], overlays: bool,
+          roots: list[Path]) -> list[dict]:
     rows = []
     for i, p in enumerate(pred.items):
         name = None
@@ -94,7 +95,7 @@ def _rows(pred: Predictions, out: Path, used: set[str], overlays: bool, roots: l
             name = _overlay_name(p.source, p.frame, used, roots)
             verdict = "" if p.anomalous is None else ("ANOMALOUS" if p.anomalous else "normal")
             norm = "" if p.normalized is None else f" ({p.normalized:.2f})"
-            overlay(pred.images[i], pred.maps[i], pred.threshold, f"{verdict} score {p.score:.3f}{norm}").save(
+            overlay(pred.images[i], pred.maps[i], threshold, f"{verdict} score {p.score:.3f}{norm}").save(
                 out / OVERLAY_DIR / name)
         rows.append({"path": p.source, "frame": p.frame, "score": p.score, "normalized": p.normalized,
                      "decision": None if p.anomalous is None else ("anomalous" if p.anomalous else "normal"),
@@ -129,7 +130,7 @@ def predict_files(model_dir: Path, inputs: list[Path], out: Path, batch_size: in
 
     def flush() -> None:
         if pending:
-            rows.extend(_rows(det.predict_frames(pending, batch_size), out, used, overlays, inputs))
+            rows.extend(_rows(det.predict_frames(pending, batch_size), det.threshold, out, used, overlays, inputs))
             pending.clear()
 
     with make_progress() as progress, task(progress, "predict", len(files)) as advance:
