@@ -121,11 +121,13 @@ def print_comparison(dirs: list[Path]) -> None:
             console.print(f"run {i}: {name}", highlight=False, markup=False, soft_wrap=True)
     t.add_column("run", justify="left", no_wrap=True, min_width=len(str(len(names))) if numbered else
                  max(map(len, names)))
-    for col in ("method", "protocol", "img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
+    runs = [load_results(d if d.is_dir() else d.parent) for d in dirs]  # typed: a malformed file is one line
+    for col, values in (("method", [r.method for r in runs]), ("protocol", [r.protocol for r in runs])):
+        t.add_column(col, justify="left", no_wrap=True, min_width=max(map(len, values)))
+    for col in ("img AUROC", "per category", "img AUROC (patch)", "img AUROC (kNN)",
                 "pixel AUROC", "PRO", "MB up/client", "epsilon", "MIA AUC server/global", "wall s"):
-        t.add_column(col, justify="left" if col in ("method", "protocol") else "right")
-    for i, d in enumerate(dirs, 1):
-        r = load_results(d if d.is_dir() else d.parent)  # typed: a malformed file is a one-line error
+        t.add_column(col, justify="right")
+    for i, (d, r) in enumerate(zip(dirs, runs), 1):
         a = r.auroc
         mean_up = sum(sum(x) for x in r.comm.bytes_up) / max(1, len(r.comm.bytes_up))
         t.add_row(str(i) if numbered else str(d), r.method, r.protocol, _fmt(a.image), _fmt(a.category_mean_image), _fmt(a.image_patch_max),
@@ -188,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files or folders (recursive): PNG, JPEG, TIFF, BMP, DICOM, NIfTI")
     pr.add_argument("--out", default="predictions", help="output folder (default ./predictions; never an input folder)")
     pr.add_argument("--window", default=None, metavar="C,W",
-                    help="VOI window center,width for DICOM and 16-bit images (default: the file's own)")
-    pr.add_argument("--axis", type=int, default=2, help="NIfTI axis to slice along (0, 1 or 2; default 2)")
+                    help="VOI window center,width for DICOM and 16-bit images (default: the training data's "
+                         "data.window, else each file's own)")
+    pr.add_argument("--axis", type=int, default=None, help="NIfTI axis to slice along (0, 1 or 2; default: the "
+                                                           "training data's data.slice_axis, 2)")
     pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     pr.add_argument("--no-overlays", action="store_true", help="write predictions only, no overlay PNGs")
     pr.add_argument("--weights", default=None, help="the backbone weights file, if moved since training "

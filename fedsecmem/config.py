@@ -66,6 +66,10 @@ class DataConfig(Strict):
     # wafer type: normal = defect probability 0, defective = 1)
     uncertain_per_product: int = Field(20, ge=0, description="elpv: test cells of defect probability 1/3 "
                                        "and as many of 2/3 per wafer type (scored apart, never in the headline AUROC)")
+    window: tuple[float, float] | None = Field(None, description="mvtec: VOI window (center, width) for DICOM, NIfTI "
+                                               "and 16-bit images (null: a DICOM's own window, else the full range); "
+                                               "a site's model keeps it, so predict converts alike")
+    slice_axis: int = Field(2, ge=0, le=2, description="mvtec: the axis NIfTI volumes are sliced along")
     patients: Path | None = Field(None, description="CSV image,patient (image = <product>/<n>): each training "
                                   "image's patient, for privacy.unit: patient (mvtec: or train/good/<patient>/)")
 
@@ -83,6 +87,8 @@ class DataConfig(Strict):
                 raise ValueError(f"{name}: expected classes in 0..9, got {vals}")
         if set(self.normal_classes) & set(self.anomaly_classes):
             raise ValueError("normal_classes and anomaly_classes overlap")
+        if self.window is not None and not self.window[1] > 0:
+            raise ValueError(f"window: the width must be positive, got {self.window[1]:g}")
         if self.benchmark == "mvtec" and self.root is None:
             raise ValueError("root: required for benchmark 'mvtec' (path to the dataset)")
         return self

@@ -1,13 +1,39 @@
-"""Where the running code comes from: its git commit (results.json, a saved model's manifest)."""
+"""Where things come from: the running code's git commit (results.json, a saved model's manifest)
+and the SHA-256 of files (weights, a model's files)."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
-__all__ = ["source_commit"]
+__all__ = ["file_sha256", "hash_file", "source_commit"]
 
 GIT_TIMEOUT_S = 10
+HASH_CHUNK = 1 << 24
+_file_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read now."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoized within the process on (path, size, mtime_ns): for large files
+    read many times (backbone weights); a file that must be checked as it is now uses ``hash_file``."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    digest = _file_digests.get(memo)
+    if digest is None:
+        digest = hash_file(path)
+        _file_digests[memo] = digest
+    return digest
 
 
 def source_commit() -> str | None:

@@ -124,8 +124,10 @@ def test_the_source_digest_follows_the_embedding_modules_bytes(tmp_path, monkeyp
 
 def test_a_change_of_the_weights_content_misses_and_hashes_are_memoized(tmp_path, weights, monkeypatch):
     calls = []
-    real_hash = ec._hash_file
-    monkeypatch.setattr(ec, "_hash_file", lambda p: calls.append(p) or real_hash(p))
+    import fedsecmem.provenance as provenance
+
+    real_hash = provenance.hash_file
+    monkeypatch.setattr(provenance, "hash_file", lambda p: calls.append(p) or real_hash(p))
     cfg, bench = _cfg(tmp_path, weights), _bench()
     _store(cfg, bench)
     assert load_cached(cfg, bench) is not None

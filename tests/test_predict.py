@@ -284,3 +284,28 @@ def test_the_comparison_table_never_cuts_a_run_name(tiny, tmp_path, capsys):
         progress.console = old
     out = capsys.readouterr().out
     assert str(long) in out and "run 1:" not in out
+
+
+def test_predict_converts_files_as_training_did_unless_told_otherwise(tiny, tmp_path):
+    import nibabel as nib
+
+    moved = _copy_model(tiny, tmp_path)
+    manifest = moved / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["conversion"] == {"window": None, "slice_axis": 2}
+    m["conversion"] = {"window": [500.0, 800.0], "slice_axis": 0}  # as a model trained with data.window would say
+    manifest.write_text(json.dumps(m))
+    _dicom(tmp_path / "ct.dcm")
+    det = Detector.load(moved)
+    default = det.predict([tmp_path / "ct.dcm"]).scores
+    assert default == pytest.approx(det.predict([tmp_path / "ct.dcm"], window=(500, 800)).scores, abs=0)
+    assert abs(default[0] - det.predict([tmp_path / "ct.dcm"], window=(40, 400)).scores[0]) > 1e-3
+    nib.Nifti1Image(np.zeros((5, 32, 32), np.float32), np.eye(4)).to_filename(str(tmp_path / "v.nii"))
+    assert len(det.predict([tmp_path / "v.nii"])) == 5 and len(det.predict([tmp_path / "v.nii"], axis=2)) == 32
+
+
+def test_a_window_of_no_width_is_a_config_error(capsys, tmp_path):
+    code = main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "--out",
+                 str(tmp_path / "x"), "--set", "data.window=[40,0]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.window: the width must be positive" in err[0]

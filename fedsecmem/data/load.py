@@ -38,7 +38,8 @@ def _load(cfg, seed: int) -> Benchmark:
         return make_fmnist_ovr(cfg.normal_class, cfg.train_per_product, cfg.test_per_class,
                                cfg.image_size, seed, cfg.root)
     if cfg.benchmark == "mvtec":
-        return make_mvtec(cfg.root, cfg.image_size, cfg.categories, cfg.train_per_product)
+        return make_mvtec(cfg.root, cfg.image_size, cfg.categories, cfg.train_per_product, window=cfg.window,
+                          axis=cfg.slice_axis)
     if cfg.benchmark == "elpv":
         return make_elpv(cfg.image_size, cfg.train_per_product, cfg.test_normal_per_product,
                          cfg.test_defect_per_product, cfg.uncertain_per_product, seed, cfg.root)

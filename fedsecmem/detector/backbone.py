@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsecmem.errors import UserError
+from fedsecmem.provenance import file_sha256
 
 __all__ = [
     "BUILTIN_BACKBONE", "BackboneInfo", "Embeddings", "PatchEmbedder", "build_embedder", "builtin_weights_path",
@@ -109,10 +110,6 @@ def create_classifier(name: str = BUILTIN_BACKBONE, weights: str = "builtin",
     return model.eval()
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256: a weights file is hashed once per process
-_HASH_CHUNK = 1 << 20
-
-
 def weights_sha256(name: str, weights: str, allow_network: bool = False) -> str:
     """SHA-256 of the backbone's weights: of the weights file ('builtin' or a path), or, for 'hub'
     weights, of the loaded state dict's tensors in order (a saved model pins the exact weights)."""
@@ -127,15 +124,7 @@ def weights_sha256(name: str, weights: str, allow_network: bool = False) -> str:
     path = builtin_weights_path() if weights == "builtin" else Path(weights)
     if not path.is_file():
         raise UserError(f"backbone.weights: file not found: {path}")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+    return file_sha256(path)
 
 
 def resolve_device(device: str) -> torch.device:

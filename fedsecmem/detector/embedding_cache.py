@@ -34,6 +34,7 @@ import numpy as np
 import fedsecmem.detector.backbone
 from fedsecmem.detector.backbone import Embeddings
 from fedsecmem.errors import UserError
+from fedsecmem.provenance import file_sha256
 
 __all__ = [
     "FORMAT", "cache_ingredients", "cache_key", "embedder_source_digest", "file_sha256", "images_digest",
@@ -44,7 +45,6 @@ FORMAT = 2  # bump when the file layout or the meaning of the key changes
 _EMBEDDER_MODULES: tuple[ModuleType, ...] = (fedsecmem.detector.backbone,)
 _KEPT_BACKBONE_FIELDS = ("name", "weights", "layers", "image_layer", "pool_size")
 _CHUNK = 1 << 24
-_file_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
 
 
 def embedder_source_digest() -> str:
@@ -63,26 +63,6 @@ def _library_versions() -> dict:
     import torch
 
     return {"timm": str(timm.__version__), "torch": str(torch.__version__)}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, memoized within the process on (path, size, mtime_ns)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
-    digest = _file_digests.get(memo)
-    if digest is None:
-        digest = _hash_file(path)
-        _file_digests[memo] = digest
-    return digest
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_ingredient(backbone) -> dict:

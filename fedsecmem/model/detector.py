@@ -150,12 +150,21 @@ class Detector:
         images = np.stack([to_model_input(f.image, self.image_size) for f in frames])
         return self._finish(images, [(str(f.path), f.index) for f in frames], batch_size)
 
-    def predict(self, inputs, batch_size: int = 32, window: tuple[float, float] | None = None, axis: int = 2,
-                progress: Callable[[int], None] | None = None) -> Predictions:
+    def conversion(self, window: tuple[float, float] | None = None, axis: int | None = None
+                   ) -> tuple[tuple[float, float] | None, int]:
+        """The VOI window and NIfTI slice axis for files: as given, else as in training (the manifest)."""
+        conv = self.manifest.get("conversion") or {}
+        if window is None and conv.get("window"):
+            window = tuple(conv["window"])
+        return window, int(conv.get("slice_axis", 2)) if axis is None else axis
+
+    def predict(self, inputs, batch_size: int = 32, window: tuple[float, float] | None = None,
+                axis: int | None = None, progress: Callable[[int], None] | None = None) -> Predictions:
         """Score ``inputs``: a path, a uint8 image array ((H, W), (H, W, 3) or (N, H, W, 3)), or a list of
-        either. Files go through the same conversion as training (``window``: a DICOM/16-bit VOI window
-        (center, width); ``axis``: the NIfTI slice axis). A file that cannot be read is listed in
-        ``failed`` and the rest are scored."""
+        either. Files go through the conversion training used (``window``: a DICOM/16-bit VOI window
+        (center, width); ``axis``: the NIfTI slice axis; both default to the training data's). A file
+        that cannot be read is listed in ``failed`` and the rest are scored."""
+        window, axis = self.conversion(window, axis)
         items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         frames: list[Frame] = []
         failed: list[UnreadableImage] = []

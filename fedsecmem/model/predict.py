@@ -105,10 +105,11 @@ def _rows(pred: Predictions, threshold: Threshold | None, out: Path, used: set[s
 
 
 def predict_files(model_dir: Path, inputs: list[Path], out: Path, batch_size: int = 32,
-                  window: tuple[float, float] | None = None, axis: int = 2, overlays: bool = True,
+                  window: tuple[float, float] | None = None, axis: int | None = None, overlays: bool = True,
                   device: str = "cpu", weights: str | None = None) -> PredictRun:
-    """Score every readable image under ``inputs`` with the model at ``model_dir``; write the outputs."""
-    if axis not in (0, 1, 2):
+    """Score every readable image under ``inputs`` with the model at ``model_dir``; write the outputs
+    (``window``, ``axis``: the conversion of DICOM, NIfTI and 16-bit files; default: the training's)."""
+    if axis is not None and axis not in (0, 1, 2):
         raise UserError(f"--axis: expected 0, 1 or 2, got {axis}")
     if batch_size < 1:
         raise UserError(f"--batch-size: expected at least 1, got {batch_size}")
@@ -116,6 +117,7 @@ def predict_files(model_dir: Path, inputs: list[Path], out: Path, batch_size: in
         if src.is_dir() and _inside(out, src):
             raise UserError(f"--out: {out} is inside the input folder {src}; predict never writes into its inputs")
     det = Detector.load(model_dir, device, weights)
+    window, axis = det.conversion(window, axis)
     files, failed = find_inputs(inputs)
     if not files and not failed:
         raise UserError(f"predict: no images under {', '.join(map(str, inputs))}")

@@ -30,7 +30,10 @@ def keep_model(cfg, folder: Path, site: int, detector: SiteDetector, threshold: 
              "protocol": cfg.protocol if cfg.method not in ("local", "central") else "none",
              "dp": bool(pv.dp), "privacy_unit": pv.unit, "data": cfg.data.benchmark,
              "n_train": int(n_train), "n_calibration": threshold.n_calibration if threshold else 0,
-             "calibration_fraction": cfg.predict.calibration_fraction}
+             "calibration_fraction": cfg.predict.calibration_fraction,
+             # how files became images in training: predict converts alike unless told otherwise
+             "conversion": {"window": list(cfg.data.window) if cfg.data.window else None,
+                            "slice_axis": cfg.data.slice_axis}}
     scoring = {"primary": cfg.scoring.primary, "smoothing_sigma": cfg.scoring.smoothing_sigma,
                "score_with": cfg.feddymem.score_with if cfg.method == "feddymem" else "local"}
     return save_model(folder, detector, backbone, scoring, threshold, about, memory)

@@ -22,7 +22,6 @@ anywhere: its banks are the site's own training patches and are not covered by D
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ from fedsecmem.detector.threshold import Threshold
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.method.generator import MemoryGenerator
-from fedsecmem.provenance import source_commit
+from fedsecmem.provenance import hash_file, source_commit
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "GENERATOR_FILE", "IMAGE_BANK_FILE", "MANIFEST", "MODELS_DIR",
            "ModelError", "SavedModel", "load_model", "model_dir", "save_model"]
@@ -52,7 +51,6 @@ MODELS_DIR = "models"
 GENERATOR_FILE = "generator.safetensors"
 IMAGE_BANK_FILE = "image_bank.npy"
 GLOBAL_FILE = "global_memory.npz"
-_CHUNK = 1 << 20
 
 
 class ModelError(UserError):
@@ -62,14 +60,6 @@ class ModelError(UserError):
 def model_dir(out: Path, site: int) -> Path:
     """Where a run writes site ``site``'s model: ``OUT/models/client-<site>``."""
     return Path(out) / MODELS_DIR / f"client-{site}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -96,7 +86,7 @@ class SavedModel:
 
     @property
     def manifest_sha256(self) -> str:
-        return _sha256_file(self.folder / MANIFEST)
+        return hash_file(self.folder / MANIFEST)
 
 
 def save_model(folder: Path, detector: SiteDetector, backbone: BackboneInfo, scoring: dict,
@@ -133,7 +123,7 @@ def save_model(folder: Path, detector: SiteDetector, backbone: BackboneInfo, sco
     if global_memory is not None:
         save_global_memory(global_memory, tmp / GLOBAL_FILE)
     for f in sorted(tmp.iterdir()):
-        files[f.name] = _sha256_file(f)
+        files[f.name] = hash_file(f)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "fedsecmem": __version__, "commit": source_commit(),
@@ -151,7 +141,7 @@ def save_model(folder: Path, detector: SiteDetector, backbone: BackboneInfo, sco
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    return _sha256_file(folder / MANIFEST)
+    return hash_file(folder / MANIFEST)
 
 
 def _refuse(folder: Path, what: str) -> ModelError:
@@ -184,7 +174,7 @@ def _check_files(folder: Path, manifest: dict) -> None:
         path = folder / name
         if Path(name).name != name or not path.is_file():
             raise _refuse(folder, f"{name} is missing")
-        if _sha256_file(path) != digest:
+        if hash_file(path) != digest:
             raise _refuse(folder, f"{name} differs from the manifest (SHA-256)")
     needed = [b["file"] for b in manifest.get("patch_banks") or []]
     needed += [x["file"] for x in (manifest.get("generator"), manifest.get("image_bank"),
@@ -218,7 +208,7 @@ def _signed_in_ledger(folder: Path, manifest: dict) -> str | None:
     signed = [e.record for e in entries if e.record.get("event") == "model"]
     if not signed:
         raise _refuse(folder, f"its site's ledger {path.name} signs no model")
-    if signed[-1].get("manifest_sha256") != _sha256_file(folder / MANIFEST):
+    if signed[-1].get("manifest_sha256") != hash_file(folder / MANIFEST):
         raise _refuse(folder, f"{MANIFEST} differs from the manifest signed in {path.name}")
     return str(path)
 
