@@ -197,6 +197,8 @@ def onnx_metadata(saved: SavedModel) -> dict[str, str]:
                                       "applies (x - mean) / std",
         "primary_score": saved.manifest["scoring"]["primary"], "fedsecmem_version": __version__,
         "normalization": NORMALIZATION,
+        # how training turned DICOM / NIfTI / 16-bit files into 8-bit images (fedsecmem.data.imageio)
+        "conversion": json.dumps(saved.manifest.get("conversion") or {"window": None, "slice_axis": 2}),
     }
 
 
