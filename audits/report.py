@@ -338,8 +338,9 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = (), verified: t
                 {"what": "the embedding cache: backbone embeddings of every image (personal data where images are)",
                  "where": cache or "not kept (output.embedding_cache: null)",
                  "delete": "fedsecmem clean CONFIG" if cache else "nothing to delete"},
-                {"what": "each site's model: its generator, its own bank of training patches (not covered by DP), "
-                         "the global memory and its threshold; never sent to the server",
+                {"what": "each site's model: its generator, its bank of training patches (its own; central: the "
+                         "pooled bank), not covered by DP, the global memory and its threshold; the folder is never "
+                         "sent (without DP a served site's evaluation row carries its threshold)",
                  "where": "models/client-<i>/ in this folder (in process); each client's own --out/models/client-<i> "
                           "when deployed",
                  "delete": "remove the site's model folder (its ledger keeps only the manifest's digest)"}]},
@@ -370,8 +371,8 @@ def _kept_at_sites(parties: dict[str, list[dict]], n: int) -> list[dict]:
         if signed:
             out.append({"site": c, "manifest_sha256": signed[-1].get("manifest_sha256"),
                         "folder": signed[-1].get("folder"), "sent": False,
-                        "holds": "the site's own training patches (not covered by DP), its generator, the global "
-                                 "memory and its threshold"})
+                        "holds": "training patches (the site's own; central: the pooled bank), not covered by DP, "
+                                 "its generator, the global memory and its threshold"})
     return out
 
 

@@ -99,6 +99,13 @@ def print_run_summary(results: dict, out: Path) -> None:
     if lk:
         best = ", ".join(f"{v} {max(r['auc'] for r in atks.values()):.3f}" for v, atks in lk["views"].items())
         console.print(f"membership inference AUC (strongest attack; 0.5 = nothing learned): {best}", highlight=False)
+    dec = results.get("decisions") or {}
+    if dec.get("sites_calibrated"):
+        console.print(f"decisions at each site's own threshold (target FPR {dec['target_fpr']:g}, "
+                      f"{dec['sites_calibrated']} sites): FPR {_fmt(dec['fpr'])}, TPR {_fmt(dec['tpr'])}, "
+                      f"F1 {_fmt(dec['f1'])}; models in {out / 'models'}", highlight=False)
+        if dec.get("caveat"):
+            console.print(f"[yellow]thresholds on {results['benchmark']}: {dec['caveat']}", highlight=False)
     console.print(f"auroc.image ({a['primary_score']} score) = {_fmt(a['image'])}   "
                   f"epsilon = {'n/a (DP off)' if eps == '-' else eps}   "
                   f"wall = {results['wall_seconds']:.1f} s   results: {out / 'results.json'}")
@@ -355,6 +362,8 @@ def _predict(args) -> int:
         verdict = row["decision"] or "-"
         norm = "" if row["normalized"] is None else f"  normalized {row['normalized']:.2f}"
         console.print(f"{verdict:>9}  score {row['score']:.3f}{norm}  {where}", highlight=False, markup=False)
+    console.print(f"model signed in {done.signed}" if done.signed else
+                  "model outside its run folder: checked against its own manifest's digests only", highlight=False)
     scored = len(done.rows) - len(done.failed)
     flagged = sum(r["decision"] == "anomalous" for r in done.rows)
     console.print(f"{scored} images scored, {flagged} anomalous, {len(done.failed)} unreadable; "

@@ -365,6 +365,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_protocol(self) -> "RunConfig":
+        if self.scoring.primary == "image" and self.backbone.image_layer is None:
+            raise ValueError("scoring: primary image needs backbone.image_layer (image-level embeddings)")
         if self.protocol != "plain" and self.feddymem.kmeans_init == "kmeans++":
             raise ValueError(f"feddymem: kmeans_init kmeans++ shows the server every prototype; "
                              f"protocol {self.protocol} needs pca-partition (or auto)")

@@ -309,3 +309,93 @@ def test_a_window_of_no_width_is_a_config_error(capsys, tmp_path):
                  str(tmp_path / "x"), "--set", "data.window=[40,0]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "data.window: the width must be positive" in err[0]
+
+
+def test_a_model_in_its_run_folder_cannot_shed_its_ledger_check(tiny, tmp_path):
+    """Review findings: an edited manifest naming another site, a deleted ledger, a swapped folder."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny, run)
+    manifest = model_dir(run, 0) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["threshold"]["value"], m["site"] = 1e9, 99
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="is site 99's, the folder says client-0"):
+        Detector.load(model_dir(run, 0))
+    m["site"] = 0
+    manifest.write_text(json.dumps(m))
+    (run / "ledger" / "client-0.jsonl").unlink()
+    with pytest.raises(ModelError, match="its run folder has no ledger ledger/client-0.jsonl"):
+        Detector.load(model_dir(run, 0))
+    shutil.rmtree(run)
+    shutil.copytree(tiny, run)
+    a, b = model_dir(run, 0), model_dir(run, 1)
+    a.rename(run / "models" / "x")
+    b.rename(a)
+    with pytest.raises(ModelError, match="is site 1's, the folder says client-0"):
+        Detector.load(a)
+
+
+def test_a_loaded_model_keeps_the_id_of_the_manifest_it_parsed(tiny, tmp_path):
+    moved = _copy_model(tiny, tmp_path)
+    det = Detector.load(moved)
+    before = det.model_id
+    (moved / "manifest.json").write_text((model_dir(tiny, 1) / "manifest.json").read_text())
+    assert det.model_id == before and det.predict(np.zeros((64, 64, 3), np.uint8)).model_id == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["patch_banks"][0].pop("name"), "manifest.json is malformed"),
+    (lambda m: m["threshold"].update(value=float("nan")), "threshold is not a finite number"),
+    (lambda m: m["patch_banks"][0].update(dim=3), "the manifest says"),
+    (lambda m: m.update(scoring="x"), "manifest.json is malformed"),
+])
+def test_a_malformed_manifest_is_one_line_never_a_traceback(tiny, tmp_path, capsys, edit, message):
+    moved = _copy_model(tiny, tmp_path)
+    m = json.loads((moved / "manifest.json").read_text())
+    edit(m)
+    (moved / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    code = main(["predict", str(moved), str(tmp_path / "in"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_predict_never_overwrites_an_input_given_as_a_file(tiny, tmp_path, capsys):
+    (tmp_path / "A" / "overlays").mkdir(parents=True)
+    img = tmp_path / "A" / "overlays" / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
+    before = img.read_bytes()
+    code = main(["predict", str(model_dir(tiny, 0)), str(img), "--out", str(tmp_path / "A")])
+    err = capsys.readouterr().err
+    assert code == 2 and "predict never writes where its inputs are" in err and img.read_bytes() == before
+
+
+def test_predict_keeps_the_order_it_was_given(tiny, tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "img.png")
+    det = Detector.load(model_dir(tiny, 0))
+    pred = det.predict([np.zeros((64, 64, 3), np.uint8), tmp_path / "img.png", np.zeros((2, 64, 64), np.uint8)])
+    assert [p.source for p in pred.items] == ["array[0]", str(tmp_path / "img.png"), "array[2][0]", "array[2][1]"]
+    from fedsecmem.errors import UserError
+
+    with pytest.raises(UserError, match="channels-first"):
+        det.predict(np.zeros((3, 64, 64), np.uint8))
+
+
+def test_the_calibration_split_keeps_a_scans_frames_together_whatever_the_privacy_unit():
+    cfg = config_from_dict(TINY)
+    bench = load_benchmark(cfg.data, cfg.seed)
+    bench.train.groups = np.arange(len(bench.train)) // 2  # two frames per scan
+    clients = partition(bench, 2, 1.0, 0, 2)
+    kept, calib = calibration_split(clients, 0.25, 0)
+    for c, k in zip(clients, kept):
+        held = set(bench.train.groups[calib[c.client]])
+        assert len(np.unique(c.train.groups)) < 3 or (held and not held & set(bench.train.groups[k.train_index]))
+        assert len(calib[c.client]) == 2 * len(held)  # whole scans
+
+
+def test_image_scores_without_an_image_layer_are_a_config_error(capsys, tmp_path):
+    code = main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "--out",
+                 str(tmp_path / "x"), "--set", "scoring.primary=image", "--set", "backbone.image_layer=null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "primary image needs backbone.image_layer" in err[0]

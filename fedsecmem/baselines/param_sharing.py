@@ -99,6 +99,7 @@ def run_param_sharing(ctx: MethodContext, mu: float, name: str, personalize: boo
                         # FedSM's selector picks a personalized generator per image; a saved model keeps the
                         # global generator and the site's bank (docs/predict.md)
                         detectors=[cl.detector("local", cfg.scoring.image_k, cfg.scoring.reweight_k) for cl in clients],
+                        detectors_scored=fedsm is None,
                         aggregation={**aggregation_summary(cfg, None), "wsa_weight": wsa,
                                      **({"softpull": cfg.fl.softpull} if personalize else {})})
 

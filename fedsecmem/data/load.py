@@ -10,7 +10,16 @@ from fedsecmem.data.patients import attach_patients
 from fedsecmem.data.types import Benchmark
 from fedsecmem.errors import UserError
 
-__all__ = ["load_benchmark"]
+__all__ = ["CALIBRATION_CAVEATS", "load_benchmark"]
+
+# Where a benchmark's training images are not independent of each other, a site's calibration images
+# (taken from its training normals) resemble its bank more than new images do, and its threshold is
+# set too low: said beside the decisions (results.json ``decisions.caveat``, docs/predict.md).
+CALIBRATION_CAVEATS = {
+    "textures": "training crops are cut from the top of one photograph per product and overlap one another, "
+                "while test crops come from its held-out bottom: calibration crops overlap the bank's crops, "
+                "so the threshold sits below new crops' scores and the false-positive rate exceeds the target",
+}
 
 
 def load_benchmark(cfg, seed: int, patients: bool = False) -> Benchmark:

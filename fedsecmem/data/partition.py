@@ -148,12 +148,14 @@ def withhold(clients: list[ClientData], fraction: float, rng_of, by_patient: boo
     return kept, held
 
 
-def calibration_split(clients: list[ClientData], fraction: float, seed: int,
-                      by_patient: bool = False) -> tuple[list[ClientData], dict[int, np.ndarray]]:
-    """Each site's calibration images: ``fraction`` of its training normals (whole patients when
-    ``by_patient``) that never build its bank, on which it calibrates its decision threshold. A
-    site with fewer than three units keeps them all and calibrates nothing."""
+def calibration_split(clients: list[ClientData], fraction: float,
+                      seed: int) -> tuple[list[ClientData], dict[int, np.ndarray]]:
+    """Each site's calibration images: ``fraction`` of its training normals that never build its bank,
+    on which it calibrates its decision threshold. Whole units are kept together whenever the data
+    knows them (a patient's images, the frames or slices of one scan: ``ImageSet.groups``), whatever
+    the privacy unit: a slice in the bank would make its neighbour look normal. A site with fewer
+    than three units keeps them all and calibrates nothing."""
     if fraction <= 0:
         return clients, {c.client: c.train_index[:0] for c in clients}
-    return withhold(clients, fraction, lambda cid: np.random.default_rng([seed, cid, 23]), by_patient,
+    return withhold(clients, fraction, lambda cid: np.random.default_rng([seed, cid, 23]), by_patient=True,
                     strict=False)

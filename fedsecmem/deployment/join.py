@@ -30,7 +30,7 @@ from fedsecmem.method.round import RoundClient
 from fedsecmem.model.site import keep_model, site_threshold
 from fedsecmem.model.store import model_dir
 from fedsecmem.errors import UserError
-from fedsecmem.audits.ledger import SERVER
+from fedsecmem.audits.ledger import KEYS_FILE, LEDGER_DIR, SERVER, write_keys
 from fedsecmem.detector.evaluate import evaluate_client
 from fedsecmem.privacy.ledgers import begin, party_ledger, record_client_dp
 from fedsecmem.method.client import FedDyMemClient, patients_of
@@ -62,8 +62,7 @@ class FedDyMemMember:
         except ValueError as exc:
             raise UserError(f"clients.n: {exc}") from None
         # its calibration normals (never in its bank) set its decision threshold, as in process
-        (mine,), calibration = calibration_split([mine], cfg.predict.calibration_fraction, cfg.seed,
-                                                 by_patient=cfg.privacy.unit == "patient")
+        (mine,), calibration = calibration_split([mine], cfg.predict.calibration_fraction, cfg.seed)
         self.data = mine
         self.product_names = bench.train.product_names
         embedder = build_embedder(cfg.backbone)
@@ -242,9 +241,18 @@ class ClientSession:
             if digest is not None:  # the model stays here; its manifest is signed in this site's ledger
                 self.ledger.append("model", manifest_sha256=digest,
                                    folder=str(model_dir(Path("."), self.cid)))
+                self._pin_own_key()
                 console.print(f"client {self.cid}: model kept in {model_dir(Path(self.me.out), self.cid)}")
             console.print(f"client {self.cid}: run {self.run_id} finished")
             self.finished = True
+
+    def _pin_own_key(self) -> None:
+        """A site with its own folder (not the server's) keeps its provisioned public key beside its
+        ledger, so its model's signature can be checked where the model is."""
+        folder = Path(self.me.out)
+        if not (folder / LEDGER_DIR / KEYS_FILE).exists():
+            party = client_name(self.cid)
+            write_keys(folder, {party: verify_key(Path(self.cfg.deploy.certs), party)})
 
     def close(self, status: str) -> None:
         if self.run_id is not None:

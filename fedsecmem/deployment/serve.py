@@ -49,7 +49,7 @@ from fedsecmem.protocols.grpc_transport import start_server
 from fedsecmem.protocols.network_sum import NetworkCollective
 from fedsecmem.protocols.wire import Body, BodyBuilder
 from fedsecmem.method.context import MethodOutput, timed
-from fedsecmem.run.results import results_document, write_results
+from fedsecmem.run.results import decisions_summary, results_document, write_results
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_MEMORY", "FINISH_TIMEOUT_S", "Server", "Transport", "serve"]
 
@@ -351,6 +351,7 @@ class Server:
                                 "resumed_after_round": self.ckpt.get("round_done"),
                                 "excluded": {str(c): w for c, w in sorted(self.excluded.items())}},
                  "run_id": self.coord.run_id, "threat_model": threat_model(cfg),
+                 "decisions": decisions_summary(cfg, per_client),
                  "ledger": {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(self.keys),
                             "parties": len(self.keys)}}
         results = results_document(cfg, cfg.data.benchmark, per_client, output, self.timings, self.t_start, "cpu",

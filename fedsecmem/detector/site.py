@@ -6,7 +6,7 @@ images exactly as the run did."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -34,7 +34,6 @@ class SiteDetector:
     projection: Projection | None = None
     image_k: int = 2
     reweight_k: int = 0
-    info: dict = field(default_factory=dict)
 
     def memory_space(self, patches: np.ndarray) -> np.ndarray:
         return self.projection.transform(patches) if self.projection is not None else patches

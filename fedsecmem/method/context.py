@@ -53,6 +53,7 @@ class MethodOutput:
     aggregation: dict | None = None  # protocol and its settings (federated methods)
     privacy: dict | None = None  # DP parameters and epsilon spent (runs with privacy.dp)
     detectors: list[SiteDetector] | None = None  # what each site scores with at the end (its saved model)
+    detectors_scored: bool = True  # ``scores`` came from ``detectors`` (FedSM's selector scores otherwise)
     memory: object | None = None  # the last global memory (``GlobalMemory``; memory-sharing methods)
 
 

@@ -73,6 +73,8 @@ def _as_images(arr: np.ndarray) -> np.ndarray:
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         raise UserError(f"predict: arrays must be uint8 images, got {a.dtype} (read files by path for other depths)")
+    if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+        raise UserError(f"predict: shape {a.shape} looks channels-first; give (H, W, 3) images")
     if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         a = a[None] if a.ndim == 2 else a
         a = np.repeat(a[..., None], 3, axis=-1)
@@ -166,13 +168,13 @@ class Detector:
         that cannot be read is listed in ``failed`` and the rest are scored."""
         window, axis = self.conversion(window, axis)
         items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        frames: list[Frame] = []
+        frames: list[Frame] = []  # in the order given
         failed: list[UnreadableImage] = []
-        arrays: list[tuple[str, np.ndarray]] = []
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray):
-                for j, img in enumerate(_as_images(item)):
-                    arrays.append((f"array[{i}]" if item.ndim < 4 else f"array[{i}][{j}]", img))
+                stack = _as_images(item)
+                frames += [Frame(Path(f"array[{i}]" if len(stack) == 1 and item.ndim < 4 else f"array[{i}][{j}]"),
+                                 None, img) for j, img in enumerate(stack)]
                 continue
             try:
                 frames.extend(read_frames(Path(item), window, axis))
@@ -180,7 +182,6 @@ class Detector:
                 failed.append(exc)
             if progress is not None:
                 progress(1)
-        frames += [Frame(Path(name), None, img) for name, img in arrays]
         out = self.predict_frames(frames, batch_size)
         out.failed = failed
         return out

@@ -11,6 +11,7 @@ the exit code is then 1.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ CSV_FIELDS = ("path", "frame", "score", "normalized", "decision", "threshold", "
 OVERLAY_DIR = "overlays"
 OVERLAY_MIN_SIDE = 256  # overlays are drawn at least this large, whatever the model's input size
 OVERLAY_ALPHA = 0.45  # weight of the anomaly map's colours over the image
+OVERLAY_MAX_STEM = 200  # characters of an overlay's name before its suffix (file systems allow 255 bytes)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class PredictRun:
     rows: list[dict]
     failed: list[UnreadableImage]
     out: Path
+    signed: str | None = None  # the site's ledger that signs the model (None: moved out of its run folder)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -57,6 +60,8 @@ def _overlay_name(source: str, frame: int | None, used: set[str], roots: list[Pa
     rel = next((path.relative_to(r) for r in roots if r.is_dir() and _inside(path, r) and path != r), None)
     rel = (rel.parent / image_stem(path)) if rel is not None else Path(image_stem(path))
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.as_posix()).strip("_") or "image"
+    if len(stem) > OVERLAY_MAX_STEM:  # a file name has at most 255 bytes: keep the end, tell apart by a digest
+        stem = hashlib.sha256(stem.encode()).hexdigest()[:12] + "-" + stem[-OVERLAY_MAX_STEM + 13:]
     name = f"{stem}{'' if frame is None else f'_f{frame:04d}'}.png"
     base, k = name[:-4], 1
     while name in used:  # two inputs that flatten alike keep both overlays
@@ -121,9 +126,15 @@ def predict_files(model_dir: Path, inputs: list[Path], out: Path, batch_size: in
     files, failed = find_inputs(inputs)
     if not files and not failed:
         raise UserError(f"predict: no images under {', '.join(map(str, inputs))}")
-    out.mkdir(parents=True, exist_ok=True)
-    if overlays:
-        (out / OVERLAY_DIR).mkdir(exist_ok=True)
+    clash = next((f for f in files if _inside(f, out) or _inside(f.resolve(), out)), None)
+    if clash is not None:
+        raise UserError(f"--out: the input {clash} lies in {out}; predict never writes where its inputs are")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overlays:
+            (out / OVERLAY_DIR).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out: cannot create {out}: {exc.strerror}") from None
     for f in failed:
         console.print(f"[yellow]cannot read {f}", highlight=False)
     rows: list[dict] = []
@@ -156,8 +167,9 @@ def predict_files(model_dir: Path, inputs: list[Path], out: Path, batch_size: in
         w.writerows(rows)
     thr = det.threshold
     doc = {"model": str(model_dir), "model_id": det.model_id, "site": det.manifest.get("site"),
+           "signed_in": det.saved.signed,  # the site's ledger that signs this model (None: moved out of its run)
            "threshold": thr.record() if thr else None, "primary_score": det.primary,
            "normalized": "0..1, 0.5 at the threshold (lowest calibration score 0)",
            "predictions": rows, "failed": len(failed)}
     (out / "predictions.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return PredictRun(rows, failed, out)
+    return PredictRun(rows, failed, out, det.saved.signed)

@@ -9,6 +9,7 @@ from fedsecmem.detector.backbone import BackboneInfo, Embeddings
 from fedsecmem.detector.site import SiteDetector
 from fedsecmem.detector.threshold import Threshold, calibrate
 from fedsecmem.model.store import save_model
+from fedsecmem.progress import console
 
 __all__ = ["keep_model", "site_threshold"]
 
@@ -19,7 +20,11 @@ def site_threshold(cfg, detector: SiteDetector | None, calibration: Embeddings |
     if detector is None or calibration is None or len(calibration.patches) == 0:
         return None
     scores = detector.score(calibration).image(cfg.scoring.primary)
-    return calibrate(scores, cfg.predict.target_fpr, cfg.predict.calibration)
+    try:
+        return calibrate(scores, cfg.predict.target_fpr, cfg.predict.calibration)
+    except ValueError as exc:  # e.g. a non-finite score: the site keeps its model, without a threshold
+        console.print(f"[yellow]no threshold: {exc}", highlight=False)
+        return None
 
 
 def keep_model(cfg, folder: Path, site: int, detector: SiteDetector, threshold: Threshold | None,
@@ -35,5 +40,5 @@ def keep_model(cfg, folder: Path, site: int, detector: SiteDetector, threshold: 
              "conversion": {"window": list(cfg.data.window) if cfg.data.window else None,
                             "slice_axis": cfg.data.slice_axis}}
     scoring = {"primary": cfg.scoring.primary, "smoothing_sigma": cfg.scoring.smoothing_sigma,
-               "score_with": cfg.feddymem.score_with if cfg.method == "feddymem" else "local"}
+               "banks": list(detector.patch_banks)}
     return save_model(folder, detector, backbone, scoring, threshold, about, memory)

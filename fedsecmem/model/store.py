@@ -22,6 +22,7 @@ anywhere: its banks are the site's own training patches and are not covered by D
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -31,13 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from fedsecmem import __version__
-from fedsecmem.audits.ledger import KEYS_FILE, LEDGER_DIR, read_keys, verify_ledger
+from fedsecmem.audits.ledger import KEYS_FILE, LEDGER_DIR, RESULTS_FILE, read_keys, verify_ledger
 from fedsecmem.detector.backbone import BackboneInfo, weights_sha256
 from fedsecmem.detector.memory import MemoryBank
 from fedsecmem.detector.site import SiteDetector
 from fedsecmem.detector.threshold import Threshold
 from fedsecmem.errors import UserError
-from fedsecmem.method.client import GlobalMemory, load_global_memory, save_global_memory
+from fedsecmem.method.client import GlobalMemory, save_global_memory
 from fedsecmem.method.generator import MemoryGenerator
 from fedsecmem.provenance import hash_file, source_commit
 
@@ -76,17 +77,13 @@ class SavedModel:
     detector: SiteDetector
     threshold: Threshold | None
     backbone: BackboneInfo
-    global_memory: GlobalMemory | None
+    manifest_sha256: str  # of the manifest as loaded (what the site's ledger signs)
     signed: str | None = None  # the ledger that signs this manifest, when the folder is still in its run folder
 
     @property
     def model_id(self) -> str:
-        """The manifest's SHA-256 (what the site's ledger signs), first 16 hex digits."""
+        """The manifest's SHA-256, first 16 hex digits."""
         return self.manifest_sha256[:16]
-
-    @property
-    def manifest_sha256(self) -> str:
-        return hash_file(self.folder / MANIFEST)
 
 
 def save_model(folder: Path, detector: SiteDetector, backbone: BackboneInfo, scoring: dict,
@@ -148,14 +145,16 @@ def _refuse(folder: Path, what: str) -> ModelError:
     return ModelError(f"model {folder}: {what}; refused")
 
 
-def _read_manifest(folder: Path) -> dict:
+def _read_manifest(folder: Path) -> tuple[dict, str]:
+    """The manifest and the SHA-256 of the very bytes it was parsed from (the model id)."""
     if not folder.is_dir():
         raise ModelError(f"model: no model folder {folder}")
     path = folder / MANIFEST
     if not path.is_file():
         raise _refuse(folder, f"no {MANIFEST} (not a model folder?)")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise _refuse(folder, f"{MANIFEST} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -163,7 +162,7 @@ def _read_manifest(folder: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise _refuse(folder, f"format version {manifest.get('format_version')} (this fedsecmem reads "
                               f"{FORMAT_VERSION})")
-    return manifest
+    return manifest, hashlib.sha256(raw).hexdigest()
 
 
 def _check_files(folder: Path, manifest: dict) -> None:
@@ -191,39 +190,76 @@ def _load_npy(folder: Path, name: str) -> np.ndarray:
         raise _refuse(folder, f"{name} cannot be read: {exc}".splitlines()[0]) from None
 
 
-def _signed_in_ledger(folder: Path, manifest: dict) -> str | None:
-    """When the model sits in its run folder (``RUN/models/client-<i>``), the site's ledger there must
-    verify and its last ``model`` event must sign this manifest; returns that ledger's path, or None
-    when the folder was moved out of its run (nothing to check it against)."""
+def _site_of(folder: Path, manifest: dict) -> int:
+    """The site a model folder belongs to: its name says (``client-<i>``) and its manifest must agree."""
     site = manifest.get("site")
-    ledger_dir = folder.parent.parent / LEDGER_DIR
-    path = ledger_dir / f"client-{site}.jsonl"
-    if folder.parent.name != MODELS_DIR or not path.is_file():
+    if not isinstance(site, int) or isinstance(site, bool):
+        raise _refuse(folder, f"{MANIFEST} names no site")
+    if folder.name.startswith("client-") and folder.name != f"client-{site}":
+        raise _refuse(folder, f"{MANIFEST} is site {site}'s, the folder says {folder.name}")
+    return site
+
+
+def _signed_in_ledger(folder: Path, manifest: dict, digest: str) -> str | None:
+    """While the model sits in a run folder (``RUN/models/client-<i>``, the run's ledger/ or results.json
+    beside it), the site's ledger there must exist and verify, and its last ``model`` event must sign this
+    manifest (``digest``), as must results.json when it lists the models. Returns that ledger's path, or
+    None for a model moved out of any run folder (its digests are all that is checked then)."""
+    site = _site_of(folder, manifest)
+    run = folder.parent.parent
+    ledger_dir = run / LEDGER_DIR
+    if folder.parent.name != MODELS_DIR or not (ledger_dir.is_dir() or (run / RESULTS_FILE).is_file()):
         return None
+    path = ledger_dir / f"client-{site}.jsonl"
+    if not path.is_file():
+        raise _refuse(folder, f"its run folder has no ledger {LEDGER_DIR}/{path.name} to check the manifest against")
     keys = read_keys(ledger_dir / KEYS_FILE) if (ledger_dir / KEYS_FILE).is_file() else {}
     entries, problems = verify_ledger(path, f"client-{site}", keys.get(f"client-{site}"))
-    problems = [p for p in problems if "run_end" not in p.message]  # a joined site's run may still be open
     if problems:
         raise _refuse(folder, f"its site's ledger {path.name} does not verify ({problems[0].message})")
     signed = [e.record for e in entries if e.record.get("event") == "model"]
     if not signed:
         raise _refuse(folder, f"its site's ledger {path.name} signs no model")
-    if signed[-1].get("manifest_sha256") != hash_file(folder / MANIFEST):
+    if signed[-1].get("manifest_sha256") != digest:
         raise _refuse(folder, f"{MANIFEST} differs from the manifest signed in {path.name}")
+    listed = _listed_in_results(run, site)
+    if listed is not None and listed != digest:
+        raise _refuse(folder, f"{MANIFEST} differs from the one {RESULTS_FILE} lists for site {site}")
     return str(path)
+
+
+def _listed_in_results(run: Path, site: int) -> str | None:
+    try:
+        models = json.loads((run / RESULTS_FILE).read_text()).get("models") or {}
+        return (models.get("manifest_sha256") or {}).get(str(site))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_bank(folder: Path, name: str, items: np.ndarray, record: dict) -> np.ndarray:
+    if items.ndim != 2 or not np.isfinite(items).all():
+        raise _refuse(folder, f"{name} is not a finite (items, dim) array")
+    if record.get("items") not in (None, len(items)) or record.get("dim") not in (None, items.shape[1]):
+        raise _refuse(folder, f"{name} holds {items.shape}, the manifest says ({record.get('items')}, "
+                              f"{record.get('dim')})")
+    return items
 
 
 def load_model(folder: Path, weights: str | None = None) -> SavedModel:
     """Load and check a model folder. ``weights``: where the backbone weights are now, when not
     where the manifest says (their SHA-256 must still match)."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest, digest = _read_manifest(folder)
     _check_files(folder, manifest)
-    signed = _signed_in_ledger(folder, manifest)
+    signed = _signed_in_ledger(folder, manifest, digest)
     try:
-        backbone = BackboneInfo.from_record(manifest["backbone"])
-    except (KeyError, TypeError) as exc:
-        raise _refuse(folder, f"{MANIFEST}: backbone record incomplete ({exc})") from None
+        return _build(folder, manifest, digest, signed, weights)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _refuse(folder, f"{MANIFEST} is malformed ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+def _build(folder: Path, manifest: dict, digest: str, signed: str | None, weights: str | None) -> SavedModel:
+    backbone = BackboneInfo.from_record(manifest["backbone"])
     if weights is not None:
         backbone = backbone.with_weights(weights)
     found = weights_sha256(backbone.name, backbone.weights, backbone.weights == "hub")
@@ -243,15 +279,20 @@ def load_model(folder: Path, weights: str | None = None) -> SavedModel:
             raise _refuse(folder, f"{gen.get('file')} does not hold the generator: {exc}".splitlines()[0]) from None
         projection.eval()
     banks = {}
-    for b in manifest.get("patch_banks") or []:
-        banks[b["name"]] = MemoryBank(_load_npy(folder, b["file"]), b.get("radius"))
+    for b in manifest["patch_banks"]:
+        items = _check_bank(folder, b["file"], _load_npy(folder, b["file"]), b)
+        if projection is not None and items.shape[1] != projection.out_dim:
+            raise _refuse(folder, f"{b['file']} has dimension {items.shape[1]}, the generator gives {projection.out_dim}")
+        banks[str(b["name"])] = MemoryBank(items, b.get("radius"))
     if not banks:
         raise _refuse(folder, "no patch bank")
     ib = manifest.get("image_bank")
-    image_bank = MemoryBank(_load_npy(folder, ib["file"])) if ib else None
-    sc = manifest.get("scoring") or {}
-    detector = SiteDetector(banks, image_bank, projection, int(sc.get("image_k", 2)), int(sc.get("reweight_k", 0)))
-    thr = manifest.get("threshold")
-    gm = manifest.get("global_memory")
-    return SavedModel(folder, manifest, detector, Threshold.from_record(thr) if thr else None, backbone,
-                      load_global_memory(folder / gm["file"]) if gm else None, signed)
+    image_bank = MemoryBank(_check_bank(folder, ib["file"], _load_npy(folder, ib["file"]), ib)) if ib else None
+    sc = manifest["scoring"]
+    if sc["primary"] not in ("patch", "image") or (sc["primary"] == "image" and image_bank is None):
+        raise _refuse(folder, f"scoring.primary {sc['primary']!r} does not fit its banks")
+    detector = SiteDetector(banks, image_bank, projection, int(sc["image_k"]), int(sc["reweight_k"]))
+    thr = Threshold.from_record(manifest["threshold"]) if manifest.get("threshold") else None
+    if thr is not None and not (np.isfinite(thr.value) and np.isfinite(thr.calibration_min)):
+        raise _refuse(folder, "its threshold is not a finite number")
+    return SavedModel(folder, manifest, detector, thr, backbone, digest, signed)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedsecmem import __version__
 from fedsecmem.config import RunConfig
+from fedsecmem.data.load import CALIBRATION_CAVEATS
 from fedsecmem.detector.evaluate import category_summary, mean_defined
 from fedsecmem.errors import UserError
 from fedsecmem.method.context import MethodOutput
@@ -228,7 +229,8 @@ def decisions_summary(cfg: RunConfig, per_client: list[dict]) -> dict:
     calibrated = [r for r in per_client if r.get("threshold") is not None]
     return {"target_fpr": cfg.predict.target_fpr, "calibration_fraction": cfg.predict.calibration_fraction,
             "calibration": cfg.predict.calibration, "sites_calibrated": len(calibrated),
-            **{k: mean_defined(calibrated, k) for k in ("fpr", "tpr", "precision", "f1")}}
+            **{k: mean_defined(calibrated, k) for k in ("fpr", "tpr", "precision", "f1")},
+            "caveat": CALIBRATION_CAVEATS.get(cfg.data.benchmark)}
 
 
 def write_results(cfg: RunConfig, results: Results, out: Path) -> dict:

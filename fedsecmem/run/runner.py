@@ -80,8 +80,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
         except ValueError as exc:
             raise UserError(f"audit.holdout_fraction: {exc}") from None
     # each site's calibration normals: never in its bank, they set its decision threshold (the model it keeps)
-    clients, calibration = calibration_split(clients, cfg.predict.calibration_fraction, cfg.seed,
-                                             by_patient=cfg.privacy.unit == "patient")
+    clients, calibration = calibration_split(clients, cfg.predict.calibration_fraction, cfg.seed)
     timings["data_s"] = time.perf_counter() - t
 
     device = resolve_device(cfg.backbone.device)
@@ -132,8 +131,9 @@ def run(cfg: RunConfig, out: Path) -> dict:
         thresholds[c.client] = site_threshold(cfg, det, train_emb.subset(calibration[c.client]))
         row = {"client": c.client, "n_train": int(len(c.train)), "products": _client_products(c, bench.train.product_names),
                "bank_size": output.bank_sizes[c.client]}
+        # decisions only where the threshold was calibrated with the scorer that gave these scores (not FedSM's)
         row.update(evaluate_client(c.test, scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma, cfg.scoring.pro,
-                                   thresholds[c.client]))
+                                   thresholds[c.client] if output.detectors_scored else None))
         per_client.append(row)
     timings["evaluate_s"] = time.perf_counter() - t
     models = _keep_models(cfg, out, clients, output, thresholds, run_id, ledgers)
