@@ -399,3 +399,19 @@ def test_image_scores_without_an_image_layer_are_a_config_error(capsys, tmp_path
                  str(tmp_path / "x"), "--set", "scoring.primary=image", "--set", "backbone.image_layer=null"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "primary image needs backbone.image_layer" in err[0]
+
+
+def test_without_ledgers_results_json_still_names_each_sites_model(tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny, run)
+    shutil.rmtree(run / "ledger")
+    results = json.loads((run / "results.json").read_text())
+    results.pop("ledger")  # as a run with audit.ledger: false writes it
+    (run / "results.json").write_text(json.dumps(results))
+    assert Detector.load(model_dir(run, 0)).saved.signed is None
+    manifest = model_dir(run, 0) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["threshold"]["value"] = 1e9
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="differs from the one results.json lists for site 0"):
+        Detector.load(model_dir(run, 0))

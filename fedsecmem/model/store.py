@@ -202,14 +202,19 @@ def _site_of(folder: Path, manifest: dict) -> int:
 
 def _signed_in_ledger(folder: Path, manifest: dict, digest: str) -> str | None:
     """While the model sits in a run folder (``RUN/models/client-<i>``, the run's ledger/ or results.json
-    beside it), the site's ledger there must exist and verify, and its last ``model`` event must sign this
-    manifest (``digest``), as must results.json when it lists the models. Returns that ledger's path, or
-    None for a model moved out of any run folder (its digests are all that is checked then)."""
+    beside it), results.json's listing of the models must name this manifest (``digest``), and, unless the
+    run kept no ledgers, the site's ledger there must exist and verify and its last ``model`` event sign
+    it. Returns that ledger's path, or None when there is no ledger to check (a model moved out of any
+    run folder: its digests are all that is checked then)."""
     site = _site_of(folder, manifest)
     run = folder.parent.parent
     ledger_dir = run / LEDGER_DIR
-    if folder.parent.name != MODELS_DIR or not (ledger_dir.is_dir() or (run / RESULTS_FILE).is_file()):
+    results = _results(run)
+    if folder.parent.name != MODELS_DIR or not (ledger_dir.is_dir() or results is not None):
         return None
+    if not ledger_dir.is_dir() and not (results or {}).get("ledger"):
+        _check_listed(folder, results, site, digest)
+        return None  # a run that kept no ledgers (audit.ledger: false): results.json's listing is all there is
     path = ledger_dir / f"client-{site}.jsonl"
     if not path.is_file():
         raise _refuse(folder, f"its run folder has no ledger {LEDGER_DIR}/{path.name} to check the manifest against")
@@ -222,18 +227,23 @@ def _signed_in_ledger(folder: Path, manifest: dict, digest: str) -> str | None:
         raise _refuse(folder, f"its site's ledger {path.name} signs no model")
     if signed[-1].get("manifest_sha256") != digest:
         raise _refuse(folder, f"{MANIFEST} differs from the manifest signed in {path.name}")
-    listed = _listed_in_results(run, site)
-    if listed is not None and listed != digest:
-        raise _refuse(folder, f"{MANIFEST} differs from the one {RESULTS_FILE} lists for site {site}")
+    _check_listed(folder, results, site, digest)
     return str(path)
 
 
-def _listed_in_results(run: Path, site: int) -> str | None:
+def _check_listed(folder: Path, results: dict | None, site: int, digest: str) -> None:
+    listed = ((results or {}).get("models") or {}).get("manifest_sha256") or {}
+    if str(site) in listed and listed[str(site)] != digest:
+        raise _refuse(folder, f"{MANIFEST} differs from the one {RESULTS_FILE} lists for site {site}")
+
+
+def _results(run: Path) -> dict | None:
+    """The run folder's results.json as a dict, or None (absent or unreadable)."""
     try:
-        models = json.loads((run / RESULTS_FILE).read_text()).get("models") or {}
-        return (models.get("manifest_sha256") or {}).get(str(site))
-    except (OSError, ValueError, AttributeError):
+        doc = json.loads((run / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _check_bank(folder: Path, name: str, items: np.ndarray, record: dict) -> np.ndarray:
