@@ -384,3 +384,22 @@ case "$1" in serve|join) exec {sys.executable} -m fedsecmem "$@" {sets} ;; *) ex
     report = json.loads((tmp_path / "runs" / "served" / "report.json").read_text())
     assert report["run"]["transport"] == "grpc" and report["dp"]["enabled"]
     assert all(e is not None for e in report["dp"]["epsilon_per_client_signed_by_client"])  # each site's own figure
+
+
+def test_a_deviating_server_asking_for_a_sites_model_gets_a_refusal_and_no_bank(tmp_path, certs):
+    """The site model never leaves: a task asking for it (a kind no honest server sends) is refused with
+    a reason in the client's ledger, and the reply carries none of the model's bytes."""
+    from fedsecmem.config import load_config
+    from fedsecmem.deployment.join import ClientSession
+    from fedsecmem.protocols.coordinator import ERROR_KIND
+    from fedsecmem.protocols.wire import BodyBuilder, Envelope, parse_envelope
+
+    session = ClientSession(load_config(_config(tmp_path, certs)), 0, tmp_path / "site")
+    for kind in ("model", "bank", "export"):
+        reply = parse_envelope(session.answer(Envelope("r" * 16, 0, 1, 0, kind, BodyBuilder().build()).to_bytes()))
+        assert reply.kind == ERROR_KIND and "unknown task" in reply.body.SerializeToString().decode("latin-1")
+        assert len(reply.to_bytes()) < 200  # a reason, not a bank (the bank alone is tens of KB)
+    session.close("failed: test")
+    refused = [json.loads(line) for line in (tmp_path / "site" / "ledger" / "client-0.jsonl").read_text().splitlines()
+               if '"refused"' in line]
+    assert [r["task"] for r in refused] == ["model", "bank", "export"]
