@@ -154,7 +154,7 @@ class FedDyMemMember:
         if self.scored is None:
             return b.build()
         cfg = self.cfg
-        self.threshold = site_threshold(cfg, self.detector(), self.calib_emb)
+        self.threshold = site_threshold(cfg, self.side.detector(), self.calib_emb)
         row = evaluate_client(self.data.test, self.scored.scores, cfg.scoring.primary, cfg.scoring.smoothing_sigma,
                               cfg.scoring.pro, self.threshold)
         row["bank_size"] = self.scored.bank_size
@@ -163,17 +163,12 @@ class FedDyMemMember:
             row = {WITHHELD: True}
         return put_json(b, "row", row).build()
 
-    def detector(self):
-        """What this client scores with now (its saved model)."""
-        sc = self.cfg.scoring
-        return self.client.detector(self.cfg.feddymem.score_with, sc.image_k, sc.reweight_k)
-
     def keep_model(self, run_id: str) -> str | None:
         """This site's model folder (``OUT/models/client-<i>``); its manifest's SHA-256, or None when the
         client scored no global memory (or keeps no models)."""
         if self.out is None or self.scored is None or not self.cfg.predict.save_models:
             return None
-        return keep_model(self.cfg, model_dir(Path(self.out), self.cid), self.cid, self.detector(), self.threshold,
+        return keep_model(self.cfg, model_dir(Path(self.out), self.cid), self.cid, self.side.detector(), self.threshold,
                           self.backbone, run_id, len(self.data.train), self.client.global_memory)
 
     def _keep(self, row: dict) -> None:

@@ -160,13 +160,18 @@ class RoundClient:
             return c.prototypes, c.weights
         return c.image_points()
 
+    def detector(self):
+        """What this client scores with now (the site's model at the run's end)."""
+        sc = self.cfg.scoring
+        return self.client.detector(self.cfg.feddymem.score_with, sc.image_k, sc.reweight_k)
+
     def on_memory(self, memory: GlobalMemory | None) -> Scored:
         cl, sc = self.client, self.cfg.scoring
         if memory is not None:
             cl.receive(memory)
         if cl.global_memory is None:
             raise ProtocolError("asked to score without a global memory")
-        scores = cl.score(self.test_emb, self.cfg.feddymem.score_with, sc.image_k, sc.reweight_k)
+        scores = self.detector().score(self.test_emb)
         return Scored(scores, headline_auroc(self.test, scores.image_patch), headline_auroc(self.test, scores.image_knn),
                       len(cl.bank), cl.global_used)
 

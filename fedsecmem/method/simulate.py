@@ -139,5 +139,4 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
                         rounds=len(server.per_round), protocol=cfg.protocol, bank_sizes=[s.bank_size for s in scored],
                         per_round=server.per_round, aggregation=server.aggregation(),
                         privacy=privacy.summary() if privacy is not None else None,
-                        detectors=[m.client.detector(fc.score_with, cfg.scoring.image_k, cfg.scoring.reweight_k)
-                                   for m in members], memory=server.memory)
+                        detectors=[m.detector() for m in members], memory=server.memory)
