@@ -174,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--client-id", type=int, required=True, help="this client's id (0..clients.n-1)")
             s.add_argument("--out", default=None, help="this client's folder for its ledger (default: runs/<name>)")
+    bu = sub.add_parser("budget", help="a site's privacy budget over all its runs: show it, or reset it")
+    busub = bu.add_subparsers(dest="budget_command", required=True)
+    for name, helptext in (("show", "what this site's data has spent, per run and all runs composed"),
+                           ("reset", "start a new budget (the old state is kept; the reset is signed in the ledger)")):
+        b = busub.add_parser(name, help=helptext)
+        b.add_argument("config", help="the YAML configuration the site joins with")
+        b.add_argument("--client-id", type=int, required=True, help="this site's client id")
+        b.add_argument("--out", default=None, help="the site's folder (its join --out; default: runs/<name>)")
+        b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
+        if name == "reset":
+            b.add_argument("--reason", required=True, help="why (signed in the site's ledger)")
+            b.add_argument("--operator", required=True, help="who resets (signed in the site's ledger)")
     au = sub.add_parser("audit", help="verify a run's ledgers, write or check its privacy report")
     asub = au.add_subparsers(dest="audit_command", required=True)
     for name, helptext in (("verify", "check every ledger's chain and signatures and cross-check messages"),
@@ -249,6 +262,30 @@ def _keys_from(provision_dir: str | None, run_dir: Path):
         return {f.stem: verify_key(Path(provision_dir), f.stem) for f in sorted((run_dir / LEDGER_DIR).glob("*.jsonl"))}
     except ProvisioningError as exc:
         raise UserError(f"--keys: {exc}") from None
+
+
+def _budget(args) -> None:
+    from fedsecmem.config import load_config
+    from fedsecmem.deployment.site_budget import budget_status, reset_budget
+    from fedsecmem.progress import console
+
+    cfg = load_config(args.config, args.overrides)
+    if not 0 <= args.client_id < cfg.clients.n:
+        raise UserError(f"--client-id: {args.client_id} is not one of the config's clients 0..{cfg.clients.n - 1}")
+    folder = Path(args.out) if args.out else Path("runs") / cfg.name
+    if args.budget_command == "reset":
+        done = reset_budget(cfg, args.client_id, folder, args.reason, args.operator)
+        console.print(f"client {args.client_id}: budget reset after epsilon {done['epsilon_spent']:.3f} over "
+                      f"{done['runs']} runs; the old state is kept as {done['kept_file']}; signed in its ledger",
+                      highlight=False)
+        return
+    st = budget_status(cfg, args.client_id, folder)
+    for r in st["runs"]:
+        console.print(f"run {r['run_id']}: epsilon {r['epsilon']:.3f} (data {str(r['data_sha256'])[:12]})",
+                      highlight=False)
+    limit = "none" if st["limit"] is None else f"{st['limit']:g}"
+    console.print(f"client {args.client_id}: epsilon {st['epsilon']:.3f} at delta {st['delta']:g} over "
+                  f"{len(st['runs'])} runs; limit {limit}", highlight=False)
 
 
 def _audit(args) -> int:
@@ -437,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             from fedsecmem.deployment.join import join
 
             join(load_config(args.config, args.overrides), args.client_id, Path(args.out) if args.out else None)
+        elif args.command == "budget":
+            _budget(args)
         elif args.command == "audit":
             return _audit(args)
         elif args.command == "predict":

@@ -15,6 +15,7 @@ labels would be out of step). Threat models are those of ``secagg`` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -72,6 +73,7 @@ class NetworkCollective(Collective):
     def _task(self, request: Request, extra: pb.Payload | None = None) -> pb.Payload:
         b = BodyBuilder().text("collective", self.name).text("protocol", self.protocol)
         b.int("parties", len(self.participants))
+        b.tensor("participants", np.array(sorted(self.participants), dtype=np.int64))
         encode_request(request, b)
         payload = b.build()
         if extra is not None:
@@ -80,7 +82,8 @@ class NetworkCollective(Collective):
 
     def total(self, request: Request) -> np.ndarray:
         length = request.length(self.dim)
-        need = self.noisy.need if self.noisy is not None else 1
+        need = max(self.noisy.need if self.noisy is not None else 1,
+                   (self.ss.threshold or 1) if self.protocol == "secagg" else 1)
         if len(self.participants) < need:
             raise ProtocolAbort(f"{self.name}: only {len(self.participants)} participants, {need} needed")
         if broadcast_values(request):
@@ -143,18 +146,75 @@ class NetworkCollective(Collective):
         return SumOutcome(total, tuple(sorted(server.masked)), up, down, server_seconds=seconds)
 
 
+@dataclass(frozen=True)
+class JoinedTerms:
+    """What a client joined, from its own configuration: the protocol, the run's clients, the least
+    SecAgg+ threshold, the graph degree and the survivors its noise share was calibrated for. A
+    client checks every task against them and refuses one that would weaken them, whatever the
+    server says (a server that sends ``plain``, threshold 1 or an empty neighbour list gets a
+    refusal, not an input)."""
+
+    protocol: str  # "plain" | "secagg"
+    clients: int  # n of the run
+    threshold: int = 1  # the run's SecAgg+ threshold t (an instance may not have less)
+    neighbours: int | None = None  # k of the SecAgg+ graph (None: complete)
+    min_survivors: int = 1  # contributions the client's noise share counts on (1: no DP or not distributed)
+
+    def least_parties(self) -> int:
+        """Fewest participants a sum may have: t for SecAgg+, and the survivors the noise counts on."""
+        return max(self.min_survivors, self.threshold if self.protocol == "secagg" else 1)
+
+    def check_parties(self, cid: int, parties: int, participants: tuple[int, ...]) -> None:
+        """The participant list a task names: this client among them, the run's clients only, as
+        many as it says, and not fewer than the sum may have."""
+        if len(set(participants)) != len(participants) or parties != len(participants):
+            raise ProtocolError(f"compute: {parties} parties but {len(participants)} participants named")
+        if cid not in participants or any(not 0 <= c < self.clients for c in participants):
+            raise ProtocolError(f"compute: the participants {list(participants)[:16]} are not among this run's "
+                                f"{self.clients} clients with client {cid}")
+        if parties < self.least_parties():
+            raise ProtocolError(f"compute: a sum over {parties} clients; this client joined sums of at least "
+                                f"{self.least_parties()} (SecAgg+ threshold {self.threshold}, noise counted on "
+                                f"{self.min_survivors} survivors); refused")
+
+    def check_setup(self, cid: int, setup: Setup, participants: tuple[int, ...]) -> None:
+        """The SecAgg+ instance the server set up: the joined threshold (and a majority of each
+        neighbourhood), the joined graph degree over the participants, neighbours among them."""
+        n = len(participants)
+        k = n - 1 if self.neighbours is None else min(self.neighbours, n - 1)
+        nb = setup.neighbours
+        if setup.clients != n:
+            raise ProtocolError(f"secagg setup: an instance of {setup.clients} clients for {n} participants; refused")
+        if len(set(nb)) != len(nb) or cid in nb or not set(nb) <= set(participants) or len(nb) != k:
+            raise ProtocolError(f"secagg setup: {len(nb)} neighbours {list(nb)[:16]}; this client joined a graph of "
+                                f"degree {k} among the {n} participants; refused")
+        if setup.threshold < self.threshold or not (k + 1) / 2 < setup.threshold <= k + 1:
+            raise ProtocolError(f"secagg setup: threshold {setup.threshold}; this client joined threshold "
+                                f"{self.threshold} (a majority of its {k + 1} share holders); refused")
+
+    def check_unmask(self, cid: int, setup: Setup, survivors: tuple[int, ...]) -> None:
+        """On the complete graph a client sees every survivor: refuse to unmask a sum of fewer than
+        its noise counts on (on a sparse graph it sees only its neighbourhood; SecAgg+ checks t there)."""
+        if not setup.sparse and len(set(survivors)) < self.least_parties():
+            raise ProtocolError(f"secagg unmask: only {len(set(survivors))} survivors; this client's noise share "
+                                f"counts on {self.min_survivors} and the threshold is {self.threshold}; refused")
+
+
 class CollectiveMember:
     """A client's side of the network k-means runs of one round: its parties (by name), its noise,
     and the SecAgg+ instance in progress. ``handle`` answers one task with (reply kind, body)."""
 
     def __init__(self, cid: int, frac_bits: int, rounding: str, max_length: int, clip: dict[str, float] | None = None,
-                 signer: Ed25519PrivateKey | None = None, verify_keys: Mapping[int, Ed25519PublicKey] | None = None):
+                 signer: Ed25519PrivateKey | None = None, verify_keys: Mapping[int, Ed25519PublicKey] | None = None,
+                 terms: JoinedTerms | None = None):
         """``signer``/``verify_keys``: this client's provisioned Ed25519 key and every client's public one
-        (SecAgg+ key advertisements are signed and checked)."""
+        (SecAgg+ key advertisements are signed and checked). ``terms``: what it joined (its own
+        configuration; every task is checked against them)."""
         self.cid, self.frac_bits, self.rounding, self.max_length = cid, frac_bits, rounding, max_length
         self.signer, self.verify_keys = signer, verify_keys
+        self.terms = terms
         self.clip = clip or {}
-        self.on_release: Callable[[], None] | None = None  # called before each private answer (its accountant)
+        self.on_release: Callable[[str], None] | None = None  # before each private answer (its accountant; may refuse)
         self.parties: dict[str, KMeansParty] = {}
         self.noisy: NoisySum | None = None
         self._secagg: SecAggClient | None = None
@@ -176,6 +236,8 @@ class CollectiveMember:
             return "shares", encode_secagg(self._secagg.share_keys(msg))
         if env.kind == "secagg_relay":
             return "masked", encode_secagg(self._secagg.mask(msg, self._encoded))
+        if self.terms is not None:
+            self.terms.check_unmask(self.cid, self._secagg.setup, msg.survivors)
         out = self._secagg.unmask(msg)
         self._secagg = self._encoded = None
         return "unmask", encode_secagg(out)
@@ -186,6 +248,13 @@ class CollectiveMember:
         if name not in self.parties:
             raise WireError(f"compute: no points called {name!r} this round")
         party = self.parties[name]
+        protocol = body.text("protocol", 16)
+        parties = body.int("parties", 1)
+        if self.terms is not None:  # before anything is computed, charged or sent
+            if protocol != self.terms.protocol:
+                raise ProtocolError(f"compute: protocol {protocol[:16]!r} asked; this client joined "
+                                    f"{self.terms.protocol!r}; refused")
+            self.terms.check_parties(self.cid, parties, body.ids("participants", self.terms.clients))
         request = decode_request(payload, party.dim, self.max_length)
         if isinstance(request, PrivateCells):
             if self.noisy is None:
@@ -195,20 +264,25 @@ class CollectiveMember:
                                     f"{self.clip.get(name)}")
         elif self.noisy is not None:
             raise ProtocolError(f"compute: a non-private request {request.op!r} in a private run")
+        if protocol not in ("plain", "secagg"):
+            raise WireError(f"compute: unknown protocol {protocol[:16]!r}")
+        setup: Setup | None = None
+        if protocol == "secagg":
+            setup = decode_secagg(Setup, payload, SERVER_ID, self.cid, self.max_length)
+            if setup.length != request.length(party.dim):
+                raise ProtocolError(f"compute: setup length {setup.length} but the answer has "
+                                    f"{request.length(party.dim)} values")
+            if self.terms is not None:
+                self.terms.check_setup(self.cid, setup, body.ids("participants", self.terms.clients))
         if self.noisy is not None and self.on_release is not None:
-            self.on_release()  # charged by the client's own accountant before anything is computed
+            self.on_release(name)  # charged by the client's own accountant (or refused) before anything is computed
         vector = party.answer(request)
         if self.noisy is not None:
             vector = self.noisy.client_noise(vector)
-        protocol = body.text("protocol", 16)
-        if protocol == "plain":
+        if setup is None:
             return "vector", encode_vector(vector)
-        if protocol != "secagg":
-            raise WireError(f"compute: unknown protocol {protocol!r}")
-        setup: Setup = decode_secagg(Setup, payload, SERVER_ID, self.cid, self.max_length)
         if setup.length != len(vector):
             raise ProtocolError(f"compute: setup length {setup.length} but the answer has {len(vector)} values")
-        parties = body.int("parties", 2)
         self._encoded = FixedPoint(setup.bits, self.frac_bits, parties).encode(vector, self.rounding)
         self._secagg = SecAggClient(self.cid, setup, self.signer, self.verify_keys)
         return "advertise", encode_secagg(self._secagg.advertise())

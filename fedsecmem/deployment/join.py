@@ -32,21 +32,22 @@ from fedsecmem.model.site import keep_model, site_threshold
 from fedsecmem.model.store import model_dir
 from fedsecmem.errors import UserError
 from fedsecmem.audits.ledger import KEYS_FILE, LEDGER_DIR, SERVER, write_keys
+from fedsecmem.detector.embedding_cache import images_digest
 from fedsecmem.detector.evaluate import evaluate_client
 from fedsecmem.privacy.ledgers import begin, party_ledger, record_client_dp
 from fedsecmem.method.client import FedDyMemClient, patients_of
-from fedsecmem.privacy.budget import ClientBudget, min_survivors
+from fedsecmem.privacy.budget import ClientBudget, min_survivors, secagg_threshold
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import ERROR_KIND
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.errors import ProtocolError
 from fedsecmem.protocols.grpc_transport import ServerConnection, TransportError
 from fedsecmem.protocols.kmeans_party import KMeansParty
-from fedsecmem.protocols.network_sum import CollectiveMember
+from fedsecmem.protocols.network_sum import CollectiveMember, JoinedTerms
 from fedsecmem.protocols.secure_sum import PlainSum
 from fedsecmem.protocols.wire import BodyBuilder, Envelope, WireError, parse_envelope
 
-__all__ = ["ClientSession", "FedDyMemMember", "MAX_VECTOR", "join"]
+__all__ = ["ClientSession", "FedDyMemMember", "MAX_VECTOR", "join", "joined_terms"]
 
 log = logging.getLogger("fedsecmem.client")
 MAX_VECTOR = 1 << 28  # values in one k-means vector a client accepts to compute
@@ -99,7 +100,7 @@ class FedDyMemMember:
             raise UserError(f"deploy.certs: {exc}") from None
         self.member = CollectiveMember(cid, cfg.secure.secagg.frac_bits, cfg.secure.secagg.rounding, MAX_VECTOR,
                                        {"patches": pv.clip_norm, "images": pv.image_clip_norm} if pv.dp else None,
-                                       signer, verify_keys)
+                                       signer, verify_keys, joined_terms(cfg))
 
     @property
     def dims(self) -> tuple[int, int]:
@@ -133,8 +134,9 @@ class FedDyMemMember:
         cfg, pv = self.cfg, self.cfg.privacy
         d, e = self.dims
         round_task = decode_task(env.body, env.round, pv.dp, d, e or None)
-        if pv.dp and self.side.budget is None:  # this client's own accountant, for this run
-            self.side.budget = ClientBudget(cfg, self.cid, self.side.plan, self.out, env.run_id)
+        if pv.dp and self.side.budget is None:  # this client's own accountant: every run of its data
+            self.side.budget = ClientBudget(cfg, self.cid, self.side.plan, self.out, env.run_id, lifetime=True,
+                                            data_sha256=images_digest(self.data.train.images))
             self.member.on_release = self.side.charge_release
         ready = self.side.on_task(round_task)
         parties = {kind: KMeansParty(*pts) for kind in ("patches", "images")
@@ -189,6 +191,12 @@ class FedDyMemMember:
         os.replace(tmp, path)
 
 
+def joined_terms(cfg: RunConfig) -> JoinedTerms:
+    """What a client of ``cfg`` joined, from its own configuration: it refuses tasks that would weaken it."""
+    return JoinedTerms(cfg.protocol, cfg.clients.n, secagg_threshold(cfg) if cfg.protocol == "secagg" else 1,
+                       cfg.secure.secagg.neighbours, min_survivors(cfg) if cfg.privacy.dp else 1)
+
+
 class ClientSession:
     """One client's side of a served run, whatever carries the bytes (gRPC in ``join``, Ray in
     ``deployment.ray_backend``): each task envelope in, its reply envelope out, both recorded in the
@@ -198,6 +206,8 @@ class ClientSession:
         self.cfg, self.cid = cfg, cid
         self.me = FedDyMemMember(cfg, cid, progress, folder)
         self.ledger = party_ledger(folder, client_name(cid), cfg.deploy.certs)
+        # its epsilon signed at every release it makes, before the release leaves
+        self.me.side.on_charged = lambda r: record_client_dp(self.ledger, r, self.me.side.budget, self.me.side.z)
         self.run_id: str | None = None
         self.done = (0, 0)  # (round, step) of the last task answered
         self.scored = 0

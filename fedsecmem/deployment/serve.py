@@ -38,7 +38,7 @@ from fedsecmem.deployment.messages import WITHHELD, decode_bye, decode_ready, de
 from fedsecmem.errors import UserError
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, GlobalMemory, load_global_memory, save_global_memory
 from fedsecmem.privacy.ledgers import (
-    PartyLedgerHooks, begin, coordinator_observer, last_task, party_ledger, write_party_keys,
+    PartyLedgerHooks, begin, coordinator_observer, last_task, party_ledger, record_dp, write_party_keys,
 )
 from fedsecmem.run.plots import round_curve
 from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
@@ -300,9 +300,21 @@ class Server:
             self.coord.close()
             server.stop(grace=1.0)
             if status != "completed":
+                self._sign_charged()
                 self.ledger.append("run_end", status=status, run_id=self.coord.run_id)
                 self.ledger.close()
         return self._results()
+
+    def _sign_charged(self) -> None:
+        """A round cut short after its charges: every client's epsilon as charged, signed for that round
+        (each client signs its own at every release; the cross-check compares them)."""
+        r = self.coord.round
+        if self.privacy is None or not 1 <= r <= self.cfg.feddymem.rounds:
+            return
+        if any(rec.get("round") == r for rec in self.round.per_round):
+            return
+        self.privacy.end_round(self.out)
+        record_dp(self.ledger, r, self.privacy)
 
     def _finish(self) -> None:
         """Goodbyes, each with the client's evaluation of the last global memory it scored (evaluated

@@ -21,6 +21,7 @@ import torch
 from fedsecmem.crypto.ckks import CkksParams
 from fedsecmem.method.client import FLOAT_BYTES, Contribution, GlobalMemory
 from fedsecmem.method.kmeans import weighted_kmeans
+from fedsecmem.privacy.budget import secagg_threshold
 from fedsecmem.protocols.dp_release import NoisySum
 from fedsecmem.protocols.secure_kmeans import (
     AggregateCost, Collective, KMeansResult, LocalCollective, dp_kmeans_over, kmeans_over, secure_weighted_average,
@@ -85,8 +86,9 @@ def secure_sum_for(cfg, plain_wire: str = "float64") -> SecureSum:
     s = cfg.secure
     if cfg.protocol == "secagg":
         a = s.secagg
+        # the run's t for every instance, also one over fewer participants (what each client enforces)
         return make_secure_sum("secagg", bits=a.bits, frac_bits=a.frac_bits, neighbours=a.neighbours,
-                               threshold=a.threshold, rounding=a.rounding)
+                               threshold=secagg_threshold(cfg), rounding=a.rounding)
     if cfg.protocol == "ckks":
         c = s.ckks
         return make_secure_sum("ckks", params=CkksParams(c.poly_modulus_degree, tuple(c.coeff_mod_bit_sizes),

@@ -42,10 +42,10 @@ from fedsecmem.detector.scoring import Scores
 from fedsecmem.method.aggregation import RoundInfo, aggregation_summary, global_memory_over, kmeans_for
 from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
 from fedsecmem.audits.accountant import Step
-from fedsecmem.privacy.budget import ClientBudget, RunPrivacy, noise_floor, secagg_threshold
+from fedsecmem.privacy.budget import ClientBudget, RunPrivacy, noise_floor, releases_per_round, secagg_threshold
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
-from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective
+from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective, dp_kmeans_releases
 
 __all__ = ["Ready", "RoundClient", "RoundServer", "RoundTask", "Scored"]
 
@@ -100,11 +100,38 @@ class RoundClient:
         self.floor = noise_floor(cfg, self.plan) if pv.dp else None
         self.budget: ClientBudget | None = None  # its own accountant (set by the driver in a private run)
         self.z: float | None = None  # the noise multiplier of the round in progress
+        self.round = 0  # the round in progress
+        self.released: dict[str, int] = {}  # private releases made in it, per k-means run
+        self.on_charged: Callable[[int], None] | None = None  # after each charge (round): e.g. sign epsilon
 
-    def charge_release(self) -> None:
-        """One private release this client is about to compute: charged (and saved) first."""
-        if self.budget is not None and self.z is not None:
-            self.budget.charge([Step(self.z, 1.0, 1)])
+    def charge_release(self, kmeans: str | None = None) -> None:
+        """One private release this client is about to compute (for the k-means on ``kmeans``, when
+        known): refused past what its own plan allows (releases per k-means run and per round) or past
+        its own limit; charged (and saved) first, then ``on_charged`` (a deployed client signs its
+        epsilon there, at every release)."""
+        if self.budget is None or self.z is None:
+            return
+        cfg = self.cfg
+        per_kmeans = dp_kmeans_releases(cfg.privacy.kmeans_iters)
+        allowed = ("patches", "images") if cfg.feddymem.share_images else ("patches",)
+        done = sum(self.released.values())
+        if kmeans is not None and kmeans not in allowed:
+            raise ProtocolError(f"client {self.cid}: a private release of {kmeans[:32]!r} is not in its plan; refused")
+        if kmeans is not None and self.released.get(kmeans, 0) >= per_kmeans:
+            raise ProtocolError(f"client {self.cid}: release {self.released[kmeans] + 1} of the {kmeans} k-means in "
+                                f"round {self.round}; its plan allows {per_kmeans} (privacy.kmeans_iters); refused")
+        if done >= releases_per_round(cfg):
+            raise ProtocolError(f"client {self.cid}: release {done + 1} in round {self.round}; its plan allows "
+                                f"{releases_per_round(cfg)} a round; refused")
+        step = [Step(self.z, 1.0, 1)]
+        refused = self.budget.refuse(step)
+        if refused is not None:
+            raise ProtocolError(refused)
+        self.budget.charge(step)
+        key = kmeans or "any"
+        self.released[key] = self.released.get(key, 0) + 1
+        if self.on_charged is not None:
+            self.on_charged(self.round)
 
     def check_noise(self, z: float | None) -> None:
         """Refuse a private round whose noise multiplier is below this client's own floor: its
@@ -123,6 +150,10 @@ class RoundClient:
     def on_task(self, task: RoundTask) -> Ready:
         cl, pv = self.client, self.cfg.privacy
         self.check_noise(task.z)  # before anything is trained or released
+        if not 1 <= task.round <= self.cfg.feddymem.rounds:
+            raise ProtocolError(f"client {self.cid}: round {task.round} asked; it joined a run of "
+                                f"{self.cfg.feddymem.rounds} rounds; refused")
+        self.round, self.released = task.round, {}
         if task.memory is not None:
             cl.receive(task.memory)
         train = task.train and cl.generator is not None

@@ -20,19 +20,21 @@ import functools
 import json
 from pathlib import Path
 
-from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate
+from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate, epsilon_of
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
 from fedsecmem.protocols.secagg import default_threshold
 from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
 from fedsecmem.protocols.secure_sum import SecureSum
 
 __all__ = [
-    "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "min_survivors", "noise_floor", "releases_per_round",
-    "run_plan", "secagg_threshold",
+    "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "min_survivors", "noise_floor",
+    "read_client_state", "releases_per_round", "run_plan", "secagg_threshold",
 ]
 
 STATE_FILE = "privacy_state.json"
 CLIENT_STATE_FILE = "privacy_state-client-{cid}.json"  # a client's own accountant, in its own folder
+CLIENT_STATE_FORMAT = 2  # every run of the site's data (format 1 held one run)
+LIMIT_SLACK = 1e-9  # relative: the plan calibrated to the target spends it exactly, up to rounding
 
 
 def secagg_threshold(cfg) -> int:
@@ -193,19 +195,39 @@ class RunPrivacy:
 
 class ClientBudget:
     """A client's own accountant: it charges every DP-SGD round and every release it makes itself,
-    before it runs or leaves (saved first), and refuses a round that would take it past its own
-    ``privacy.epsilon_budget``, whatever the server's arithmetic says."""
+    before it runs or leaves (saved first), and refuses what would take it past its own limit
+    (``privacy.epsilon_budget``, else its target ``privacy.epsilon``), whatever the server's
+    arithmetic says.
+
+    ``lifetime`` (a site's own folder: ``join``, Ray): the state file keeps every run this site's
+    data took part in, and the limit holds for all of them composed; a new run id starts no new
+    budget, and only ``fedsecmem budget reset`` (an operator's act, written to the site's ledger)
+    does. Without it (the simulator's run folder) the file holds this run only. ``epsilon`` is this
+    run's (what the server's figure is checked against); ``lifetime_epsilon`` all runs'."""
 
     def __init__(self, cfg, cid: int, sgd_plan: tuple[float, int], out: Path | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, lifetime: bool = False, data_sha256: str | None = None):
         pv = cfg.privacy
         self.cfg, self.cid, self.plan, self.run_id = cfg, cid, sgd_plan, run_id
+        self.lifetime, self.data_sha256 = lifetime, data_sha256
         self.path = None if out is None else Path(out) / CLIENT_STATE_FILE.format(cid=cid)
         self.accountant = PrivacyAccountant([cid], pv.delta, pv.accountant)
+        self.earlier: list[dict] = []  # the other runs' entries, kept as they are (lifetime)
         if self.path is not None and self.path.is_file():
-            saved = json.loads(self.path.read_text())
-            if saved.get("run_id") == run_id:  # a restarted client of the same run keeps what it spent
-                self.accountant = PrivacyAccountant.from_json(saved["accountant"])
+            runs = read_client_state(self.path, cid)
+            for entry in runs:
+                if entry.get("run_id") == run_id:  # a restarted client of the same run keeps what it spent
+                    self.accountant = PrivacyAccountant.from_json(entry["accountant"])
+                elif lifetime:
+                    self.earlier.append(entry)
+        self._earlier_steps = [s for e in self.earlier
+                               for s in PrivacyAccountant.from_json(e["accountant"]).history.get(cid, [])]
+
+    @property
+    def limit(self) -> float | None:
+        """The most this client spends: its budget, else its target epsilon (None: neither set)."""
+        pv = self.cfg.privacy
+        return pv.epsilon_budget if pv.epsilon_budget is not None else pv.epsilon
 
     def training(self, z: float) -> list[Step]:
         q, steps = self.plan
@@ -215,23 +237,55 @@ class ClientBudget:
         return [Step(z, 1.0, releases_per_round(self.cfg))]
 
     def refuse(self, steps: list[Step]) -> str | None:
-        """Why this client will not spend ``steps`` (its own budget), or None."""
-        budget = self.cfg.privacy.epsilon_budget
-        if budget is None:
+        """Why this client will not spend ``steps`` (its own limit, over every run of its data when
+        ``lifetime``), or None."""
+        limit = self.limit
+        if limit is None:
             return None
-        after = self.accountant.would_spend(self.cid, steps)
-        if after > budget:
-            return (f"client {self.cid}: the round would take it to epsilon {after:.2f} > its own budget "
-                    f"{budget:g} (spent {self.epsilon():.2f}); refused")
+        after = epsilon_of([*self._earlier_steps, *self.accountant.history[self.cid], *steps],
+                           self.accountant.delta, self.accountant.kind)
+        if after > limit * (1 + LIMIT_SLACK):
+            what = "its own budget" if self.cfg.privacy.epsilon_budget is not None else "its own target"
+            runs = f" over {len(self.earlier) + 1} runs on its data" if self.earlier else ""
+            return (f"client {self.cid}: this would take it to epsilon {after:.2f}{runs} > {what} {limit:g} "
+                    f"(spent {self.lifetime_epsilon():.2f}); refused")
         return None
 
     def charge(self, steps: list[Step]) -> None:
         self.accountant.record(self.cid, steps)
         if self.path is not None:
+            entry = {"run_id": self.run_id, "data_sha256": self.data_sha256, "accountant": self.accountant.to_json()}
+            state = {"format": CLIENT_STATE_FORMAT, "client": self.cid, "runs": [*self.earlier, entry]}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"run_id": self.run_id, "accountant": self.accountant.to_json()}))
+            tmp.write_text(json.dumps(state))
             tmp.replace(self.path)  # written before what it charges runs or leaves
 
     def epsilon(self) -> float:
+        """This run's epsilon."""
         return self.accountant.epsilon(self.cid)
+
+    def lifetime_epsilon(self) -> float:
+        """Every run of this site's data composed (this run's alone without ``lifetime``)."""
+        return epsilon_of([*self._earlier_steps, *self.accountant.history[self.cid]], self.accountant.delta,
+                          self.accountant.kind)
+
+
+def read_client_state(path: Path, cid: int) -> list[dict]:
+    """The runs a client's state file holds (the one-run form of earlier versions read as one run);
+    a malformed file is a ``ValueError`` naming it (never read as "nothing spent")."""
+    try:
+        state = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+        runs = state["runs"] if "runs" in state else [{"run_id": state["run_id"], "accountant": state["accountant"]}]
+        if state.get("client", cid) != cid or not isinstance(runs, list):
+            raise ValueError(f"not client {cid}'s state")
+        for entry in runs:
+            PrivacyAccountant.from_json(entry["accountant"])  # refuses what does not parse
+        return runs
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{Path(path).name} is unreadable or malformed ({exc}); it must not be read as "
+                         "nothing spent: restore it, or reset the budget with `fedsecmem budget reset`") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
