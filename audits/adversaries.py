@@ -68,18 +68,23 @@ def adversaries(histories: dict[str, list[list]], *, protocol: str, noise: str, 
     """One row per adversary: who, how much of the calibrated release noise it faces (worst case the
     protocol allows), the largest epsilon over clients, and what the protocol assumes.
 
-    SecAgg+ clients enforce its threshold t themselves (fewer than t inputs cannot be unmasked);
-    ``min_survivors`` m is enforced by the server, so a server that ignores it can reveal a sum of t.
-    Hence, with distributed noise: the server alone faces t/(m - 1), the server with t - 1 colluders
-    1/(m - 1) (the victim's own share); a client, or anyone shown the global memory, faces
-    (s - 1)/(m - 1) >= 1 for the s >= m sums an honest server releases."""
+    Every figure is what the clients enforce from their own configuration, so it holds against a
+    server that deviates from the protocol too: a SecAgg+ client refuses another protocol, a threshold
+    below t, another graph degree, and a sum over fewer than max(t, m) participants (m =
+    ``min_survivors``); on the complete graph it sees every survivor and refuses to unmask fewer. On a
+    sparse graph a client sees only its neighbourhood, so only t holds there: a sum of t. Hence, with
+    distributed noise and s the fewest uploads a sum can have (max(t, m), or t on a sparse graph):
+    the server alone faces s/(m - 1), the server with t - 1 colluders (s - t + 1)/(m - 1); a client,
+    or anyone shown the global memory, faces (s - 1)/(m - 1) >= 1 for the s >= m sums released."""
     m = max(int(min_survivors), 2)
     t = max(int(threshold or 2), 2)
+    sparse = protocol == "secagg" and neighbours is not None and neighbours < clients - 1
+    fewest = t if sparse else max(t, m)
     if protocol == "secagg":
         colluders = t - 1
-        assumes_alone = (f"the server sees only sums SecAgg+ lets it unmask: at least t = {t} uploads, "
-                         "enforced by the clients")
-        assumes_coalition = (f"fewer than t = {t} collude (t - 1 can remove their own shares of a sum of t); "
+        assumes_alone = (f"every client refuses a sum of fewer than {fewest} uploads, another protocol, a lower "
+                         "threshold or another graph: holds whether or not the server follows the protocol")
+        assumes_coalition = (f"fewer than t = {t} collude (t - 1 can remove their own shares of a sum of {fewest}); "
                              "more would break SecAgg+ itself")
     elif protocol == "ckks":
         colluders = 1
@@ -91,8 +96,8 @@ def adversaries(histories: dict[str, list[list]], *, protocol: str, noise: str, 
         assumes_alone = "the plain protocol: the server sees each client's upload"
         assumes_coalition = "the server already sees each upload"
     if noise == "distributed":
-        alone = {"secagg": t / (m - 1), "ckks": m / (m - 1)}.get(protocol, 1 / (m - 1))
-        with_clients = 1 / (m - 1)
+        alone = {"secagg": fewest / (m - 1), "ckks": m / (m - 1)}.get(protocol, 1 / (m - 1))
+        with_clients = (fewest - t + 1) / (m - 1) if protocol == "secagg" else 1 / (m - 1)
         memory = 1.0
     elif noise == "local":
         alone = with_clients = memory = 1.0
@@ -114,9 +119,10 @@ def adversaries(histories: dict[str, list[list]], *, protocol: str, noise: str, 
          "assumes": "post-processing of the released sums; a client knows its own noise share",
          "noise_share": memory, "epsilon": worst(memory)},
     ]
-    if protocol == "secagg" and neighbours is not None and neighbours < clients - 1:
+    if sparse:
         rows[1]["assumes"] += (f"; sparse graph of degree {neighbours}: holds only within Bell et al.'s bounds "
-                               "the config was checked against (a failure probability, not zero)")
+                               "the config was checked against (a failure probability, not zero), and only if "
+                               "the server draws the graph at random (a client checks its degree, not the draw)")
     for row in rows:
         row["odds_factor"] = odds_factor(row["epsilon"])
         row["in_words"] = in_words(row["epsilon"], delta, unit)

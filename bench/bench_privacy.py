@@ -87,7 +87,7 @@ def _dp_sgd_overhead(bench: str) -> str:
             if kind == "plain":
                 client.train_towards(targets)
             else:
-                client.train_towards_dp(targets, 3.0, 1.0, 8)
+                client.train_towards_dp(targets, 3.0, 1.0, (0.25, 4), 8)
             times[kind].append(time.perf_counter() - t)
     plain, dp = statistics.median(times["plain"]), statistics.median(times["dp"])
     return f"| {bench} | {emb.patches.shape[0]} | {plain:.2f} | {dp:.2f} | {dp / plain:.2f} |"

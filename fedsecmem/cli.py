@@ -63,7 +63,8 @@ def print_run_summary(results: dict, out: Path) -> None:
         top = sorted(r["products"].items(), key=lambda kv: -kv[1])
         prods = " ".join(f"{k[:6]}:{v}" for k, v in top[:3]) + (f" +{len(top) - 3}" if len(top) > 3 else "")
         if r.get("withheld"):  # a private deployment: the client kept its figures
-            t.add_row(str(r["client"]), str(r["n_train"]), prods, str(r["n_test"]), "kept by the client", "", "", "")
+            n_train = "kept" if r["n_train"] is None else str(r["n_train"])
+            t.add_row(str(r["client"]), n_train, prods or "kept", str(r["n_test"]), "kept by the client", "", "", "")
             continue
         t.add_row(str(r["client"]), str(r["n_train"]), prods, f"{r['n_test']} ({r['n_test_anomalous']})",
                   _fmt(r["auroc_patch"]), _fmt(r["auroc_knn"]), _fmt(r["auroc_pixel"]), _fmt(r["pro"]))

@@ -240,7 +240,11 @@ class PrivacyConfig(Strict):
     image_clip_norm: float = Field(45.0, gt=0, description="L2 clip of image-level embeddings")
     kmeans_iters: int = Field(2, ge=0, description="Lloyd steps of the private k-means (fixed schedule)")
     sgd_clip: float = Field(1.0, gt=0, description="per-image gradient clip of DP-SGD")
-    sgd_batch_images: int = Field(8, ge=1, description="expected images per Poisson-sampled DP-SGD batch")
+    sgd_sample_rate: float = Field(0.25, gt=0, le=1, description="Poisson sampling rate of DP-SGD, the same at "
+                                   "every site: public, so neither it nor the steps (local_epochs / rate a round) "
+                                   "tell how many images a site holds")
+    sgd_batch_images: int = Field(8, ge=1, description="divisor of DP-SGD's noisy gradient sum (a typical site's "
+                                  "expected batch; public, whatever a site holds)")
     unit: Literal["image", "patient"] = Field("image", description="what the guarantee protects: one training "
                                               "image, or one patient with all their images (data.patients)")
 

@@ -469,15 +469,21 @@ def test_adversary_epsilons_on_known_answers():
 
     rows = adversaries(hist, protocol="secagg", noise="distributed", min_survivors=4, threshold=3, clients=6,
                        delta=1e-5, kind="pld")
-    # each contributor adds 1/3 of z^2; SecAgg+ clients unmask a sum of as few as t = 3 (m = 4 is the
-    # server's to enforce): the server alone faces 3/3, with two colluders the victim's 1/3 is left
-    assert [r["noise_share"] for r in rows] == pytest.approx([1.0, 1 / 3, 1.0])
-    assert [r["epsilon"] for r in rows] == pytest.approx([eps(4.0), eps(4.0 * (1 / 3) ** 0.5), eps(4.0)])
+    # each contributor adds 1/3 of z^2; on the complete graph every client refuses a sum of fewer than
+    # max(t, m) = 4 uploads, whatever the server says: the server alone faces 4/3, with two colluders 2/3
+    assert [r["noise_share"] for r in rows] == pytest.approx([4 / 3, 2 / 3, 1.0])
+    assert [r["epsilon"] for r in rows] == pytest.approx([eps(4.0 * (4 / 3) ** 0.5), eps(4.0 * (2 / 3) ** 0.5),
+                                                          eps(4.0)])
+    # on a sparse graph a client sees only its neighbourhood: only t = 3 holds, the victim's 1/3 is left
+    sparse = adversaries(hist, protocol="secagg", noise="distributed", min_survivors=4, threshold=3, clients=6,
+                         delta=1e-5, kind="pld", neighbours=2)
+    assert [r["noise_share"] for r in sparse] == pytest.approx([1.0, 1 / 3, 1.0])
+    assert "draws the graph at random" in sparse[1]["assumes"]
     # a DP-SGD step at rate 1 is not a release: its noise is the client's alone, whoever colludes
     sgd_at_one = adversaries({"0": [[4.0, 1.0, 10, "sgd"], [4.0, 1.0, 6, "release"]]}, protocol="secagg",
                              noise="distributed", min_survivors=4, threshold=3, clients=6, delta=1e-5, kind="pld")
     assert sgd_at_one[1]["epsilon"] == pytest.approx(epsilon_of(
-        [Step(4.0, 1.0, 10), Step(4.0 * (1 / 3) ** 0.5, 1.0, 6)], 1e-5))
+        [Step(4.0, 1.0, 10), Step(4.0 * (2 / 3) ** 0.5, 1.0, 6)], 1e-5))
     plain = adversaries(hist, protocol="plain", noise="distributed", min_survivors=4, threshold=None, clients=6,
                         delta=1e-5, kind="pld")
     assert plain[0]["noise_share"] == pytest.approx(1 / 3)  # the plain server sees each upload with its share

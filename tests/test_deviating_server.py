@@ -254,3 +254,42 @@ def test_only_the_operators_reset_starts_a_new_budget_and_the_ledger_signs_it(tm
     assert problems == []  # the reset is signed with the site's key and the chain holds
     _, b = _private_side(site, cfg, lifetime=True, run_id="B")
     assert b.budget.lifetime_epsilon() == 0.0
+
+
+# ---- under DP no exact count leaves a client ----------------------------------------------------
+
+def test_the_dp_sgd_plan_is_public_the_same_whatever_a_site_holds(tmp_path):
+    """The review's finding: q = 8 / n (in the report) gave back each site's exact n."""
+    from fedsecmem.method.round import RoundClient
+
+    cfg = _quickstart()
+    small, large = RoundClient(cfg, _Plan(n=13), None, None), RoundClient(cfg, _Plan(n=42), None, None)
+    assert small.plan == large.plan == (cfg.privacy.sgd_sample_rate, 4)
+    assert small.floor == large.floor
+
+
+def test_a_private_clients_hello_and_ready_carry_no_training_counts():
+    from types import SimpleNamespace
+
+    from fedsecmem.deployment.join import FedDyMemMember
+    from fedsecmem.deployment.messages import decode_ready, encode_ready
+    from fedsecmem.deployment.serve import _decode_hello
+    from fedsecmem.method.round import Ready
+
+    class _Train:
+        products = np.array([0] * 30 + [1] * 7)
+
+        def __len__(self):
+            return 37
+
+    for dp in (True, False):
+        me = SimpleNamespace(dims=(8, 4), cfg=_quickstart(f"privacy.dp={str(dp).lower()}"),
+                             data=SimpleNamespace(train=_Train(), test=np.zeros(5)), product_names=["a", "b"])
+        hello = _decode_hello(0, Envelope("r", 0, 0, 1, "hello", FedDyMemMember._hello(me)))
+        ready = decode_ready(0, Envelope("r", 0, 1, 1, "ready", encode_ready(Ready(2960, 37, True, 0.4), dp)))
+        if dp:
+            assert hello["n_train"] is None and hello["products"] == {} and hello["n_test"] == 5
+            assert (ready.n_prototypes, ready.n_images, ready.loss) == (1, 1, None)
+        else:
+            assert hello["n_train"] == 37 and hello["products"] == {"a": 30, "b": 7}
+            assert (ready.n_prototypes, ready.n_images) == (2960, 37)

@@ -249,14 +249,14 @@ def test_a_client_refuses_noise_below_its_own_floor():
     from fedsecmem.detector.backbone import Embeddings
     from fedsecmem.method.client import FedDyMemClient, GlobalMemory
     from fedsecmem.method.round import RoundClient, RoundTask
-    from fedsecmem.privacy.budget import RunPrivacy, noise_floor
+    from fedsecmem.privacy.budget import RunPrivacy, noise_floor, sgd_plan
     from fedsecmem.protocols.errors import ProtocolError
 
     cfg = _dp_config()
     patches = np.random.default_rng(0).normal(size=(12, 4, 4, 8)).astype(np.float32)
     client = FedDyMemClient(0, Embeddings(patches, None), cfg.feddymem, 0, 0.5)
     me = RoundClient(cfg, client, None, None)
-    plan = client.dp_sgd_plan(cfg.privacy.sgd_batch_images, cfg.feddymem.local_epochs)
+    plan = sgd_plan(cfg)
     assert me.floor == pytest.approx(noise_floor(cfg, plan)) and me.floor > 0.5
     memory = GlobalMemory(patches[0, 0, :2], None)
     for z in (0.0, me.floor * 0.99, None):
@@ -395,7 +395,7 @@ def test_dp_sgd_samples_and_clips_patients(embedder):
     emb = embedder.embed(bench.train.images, 16)
     cfg = FedDyMemConfig(local_epochs=1)
     cl = FedDyMemClient(0, Embeddings(emb.patches, None), cfg, 0, 0.1, groups=PATIENT_OF)
-    assert cl.dp_sgd_plan(4, 1) == (4 / 12, 3)  # 12 patients, expected 4 a batch
+    assert cl.units == 12  # Poisson sampling draws patients
     x = torch.from_numpy(emb.patches.reshape(24, -1, emb.patches.shape[-1]))
     rows, present = cl._units_of(x)
     assert rows.shape[0] == 12 and present.sum(1).tolist() == np.bincount(PATIENT_OF).tolist()
@@ -403,7 +403,7 @@ def test_dp_sgd_samples_and_clips_patients(embedder):
     assert torch.equal(rows[9, :p], x[17]) and torch.equal(rows[9, 2 * p:3 * p], x[19])  # patient 9: images 17-19
     cl.rebuild_bank()
     before = [t.detach().clone() for t in cl.generator.parameters()]
-    loss = cl.train_towards_dp(torch.from_numpy(cl.bank.items[:8]), 1.0, 1.0, 4)
+    loss = cl.train_towards_dp(torch.from_numpy(cl.bank.items[:8]), 1.0, 1.0, (4 / 12, 3), 4)
     assert np.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, cl.generator.parameters()))
 
 
@@ -449,8 +449,8 @@ def test_a_private_run_with_patients_accounts_per_patient_and_says_so(tmp_path):
         "output": {"embedding_cache": None, "map_examples_per_product": 0}})
     res = run(cfg, tmp_path / "out")
     per = res["privacy"]["dp_sgd"]["per_client"]
-    for c, row in enumerate(res["per_client"]):
-        assert per[str(c)]["sample_rate"] == pytest.approx(min(1.0, 2 / (row["n_train"] / 2)))  # 2 images a patient
+    for c, row in enumerate(res["per_client"]):  # the public rate, whatever a site holds (Poisson over patients)
+        assert per[str(c)] == {"sample_rate": cfg.privacy.sgd_sample_rate, "steps_per_round": 4}
     report = build_report(tmp_path / "out")
     assert report["dp"]["unit"] == "patient" and report["dp"]["per_patient"] is None
 

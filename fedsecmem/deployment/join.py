@@ -121,13 +121,14 @@ class FedDyMemMember:
         return self.member.handle(env)
 
     def _hello(self):
-        pv, fc = self.cfg.privacy, self.cfg.feddymem
-        q, steps = self.client.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
+        """Its dimensions and test-set size; its training counts only without DP (under DP an exact
+        count would tell whether one image was added: it stays here, and the DP-SGD plan is public)."""
         d, e = self.dims
-        counts = np.bincount(self.data.train.products, minlength=len(self.product_names))
-        b = BodyBuilder().int("n_train", len(self.data.train)).int("n_test", len(self.data.test))
-        b.int("patch_dim", d).int("image_dim", e).float("sgd_rate", q).int("sgd_steps", steps)
-        put_json(b, "products", {self.product_names[p]: int(n) for p, n in enumerate(counts) if n})
+        b = BodyBuilder().int("n_test", len(self.data.test)).int("patch_dim", d).int("image_dim", e)
+        if not self.cfg.privacy.dp:
+            counts = np.bincount(self.data.train.products, minlength=len(self.product_names))
+            b.int("n_train", len(self.data.train))
+            put_json(b, "products", {self.product_names[p]: int(n) for p, n in enumerate(counts) if n})
         return b.build()
 
     def _round(self, env: Envelope):

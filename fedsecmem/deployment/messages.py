@@ -72,12 +72,14 @@ def decode_task(payload: pb.Payload, r: int, dp: bool, patch_dim: int, image_dim
 
 
 def encode_ready(ready: Ready, private: bool) -> pb.Payload:
-    """The ``ready`` reply; a private run's client sends no training loss (a value of its data that no
-    noise covers)."""
-    b = BodyBuilder().int("n_prototypes", ready.n_prototypes).int("trained", int(ready.trained))
+    """The ``ready`` reply; a private run's client sends no training loss and no exact counts (values of
+    its data that no noise covers): only whether it holds points and image embeddings (1 or 0); the
+    private k-means needs no point count."""
+    b = BodyBuilder().int("n_prototypes", min(ready.n_prototypes, 1) if private else ready.n_prototypes)
+    b.int("trained", int(ready.trained))
     if not private:
         b.float("loss", ready.loss)
-    b.int("n_images", ready.n_images)
+    b.int("n_images", min(ready.n_images, 1) if private else ready.n_images)
     return b.build()
 
 

@@ -41,7 +41,7 @@ from fedsecmem.privacy.ledgers import (
     PartyLedgerHooks, begin, coordinator_observer, last_task, party_ledger, record_dp, write_party_keys,
 )
 from fedsecmem.run.plots import round_curve
-from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy
+from fedsecmem.privacy.budget import STATE_FILE, RunPrivacy, sgd_plan
 from fedsecmem.progress import console, make_progress, task
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.errors import CheatingDetected, ProtocolAbort
@@ -57,13 +57,19 @@ log = logging.getLogger("fedsecmem.server")
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_MEMORY = "checkpoint_memory.npz"
 FINISH_TIMEOUT_S = 10.0
+LEAKAGE_NOT_MEASURED = ("a served or Ray run cannot measure membership leakage at the server: the membership "
+                        "inference needs each site's training images and withheld non-members, which stay at the "
+                        "sites (run the same config in process to measure it)")
 
 
 def _decode_hello(cid, env) -> dict:
+    """A client's registration; under DP it holds no training counts (``n_train`` None, ``products``
+    empty): they stay with the client."""
     b = Body(env.body, "hello")
-    return {"n_train": b.int("n_train", 1), "n_test": b.int("n_test", 0), "patch_dim": b.int("patch_dim", 1, 1 << 16),
-            "image_dim": b.int("image_dim", 0, 1 << 16), "sgd_rate": b.float("sgd_rate", 0.0, 1.0),
-            "sgd_steps": b.int("sgd_steps", 0, 1 << 30), "products": get_json(env.body, "products", "hello", 1 << 14)}
+    counted = b.has_int("n_train")
+    return {"n_train": b.int("n_train", 1) if counted else None, "n_test": b.int("n_test", 0),
+            "patch_dim": b.int("patch_dim", 1, 1 << 16), "image_dim": b.int("image_dim", 0, 1 << 16),
+            "products": get_json(env.body, "products", "hello", 1 << 14) if counted else {}}
 
 
 def _save_checkpoint(out: Path, state: dict, memory: GlobalMemory) -> None:
@@ -155,7 +161,7 @@ class Server:
         cfg = self.cfg
         if not cfg.privacy.dp:
             return
-        plans = {c: (h["sgd_rate"], h["sgd_steps"]) for c, h in sorted(self.hello.items())}
+        plans = {c: sgd_plan(cfg) for c in sorted(self.hello)}  # public: the same at every site
         self.round.privacy = RunPrivacy(cfg, plans, self.ss, self.out)
         saved = self.ckpt.get("privacy")
         if saved:  # resume: the same noise, and the budget already spent (the state file holds every
@@ -366,6 +372,8 @@ class Server:
                  "decisions": decisions_summary(cfg, per_client),
                  "ledger": {"dir": LEDGER_DIR, "key_fingerprint": key_fingerprint(self.keys),
                             "parties": len(self.keys)}}
+        if cfg.audit.leakage:  # said, not omitted: the candidates to attack (members, non-members) stay at the sites
+            extra["leakage"] = {"measured": False, "views": {}, "reason": LEAKAGE_NOT_MEASURED}
         results = results_document(cfg, cfg.data.benchmark, per_client, output, self.timings, self.t_start, "cpu",
                                    {"anomaly_maps": None, "auroc_per_round": curve.name if curve else None},
                                    extra=extra)

@@ -250,18 +250,12 @@ class FedDyMemClient:
         self.losses.append(mean)
         return mean
 
-    def dp_sgd_plan(self, batch_images: int, local_epochs: int) -> tuple[float, int]:
-        """(Poisson sampling rate, steps) of one round of DP-SGD: ``local_epochs`` passes of
-        expected ``batch_images`` units (images, or patients) each."""
-        n = self.units
-        q = min(1.0, batch_images / n)
-        return q, local_epochs * max(1, int(np.ceil(n / batch_images))) if local_epochs > 0 else 0
-
     def train_towards_dp(self, targets: torch.Tensor, noise_multiplier: float, clip: float,
-                         batch_images: int) -> float:
-        """DP-SGD (Opacus) of the generator with one image as the privacy unit: Poisson-sampled
-        batches of images, the per-image metric loss, each image's gradient clipped to ``clip``,
-        Gaussian noise of ``noise_multiplier * clip``. Returns the mean loss."""
+                         plan: tuple[float, int], batch_images: int) -> float:
+        """DP-SGD (Opacus) of the generator with one image (or patient) as the privacy unit: ``plan``
+        (Poisson rate, steps; public, ``privacy.budget.sgd_plan``) batches of units, the per-image
+        metric loss, each unit's gradient clipped to ``clip``, Gaussian noise of ``noise_multiplier *
+        clip``, the sum divided by the public ``batch_images``. Returns the mean loss."""
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -273,7 +267,7 @@ class FedDyMemClient:
         x, present = self._units_of(x)  # (U, m_max * P, D): one row per unit; present (U, m_max)
         per_unit = present.shape[1]
         targets = targets.to(self.device)
-        q, steps = self.dp_sgd_plan(batch_images, cfg.local_epochs)
+        q, steps = plan
         rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))  # fresh per call
         noise_rng = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(8), "little"))
         model = GradSampleModule(self.generator)

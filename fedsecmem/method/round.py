@@ -42,7 +42,9 @@ from fedsecmem.detector.scoring import Scores
 from fedsecmem.method.aggregation import RoundInfo, aggregation_summary, global_memory_over, kmeans_for
 from fedsecmem.method.client import Contribution, FedDyMemClient, GlobalMemory
 from fedsecmem.audits.accountant import Step
-from fedsecmem.privacy.budget import ClientBudget, RunPrivacy, noise_floor, releases_per_round, secagg_threshold
+from fedsecmem.privacy.budget import (
+    ClientBudget, RunPrivacy, noise_floor, releases_per_round, secagg_threshold, sgd_plan,
+)
 from fedsecmem.privacy.hooks import RoundHooks
 from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.protocols.secure_kmeans import AggregateCost, Collective, dp_kmeans_releases
@@ -95,7 +97,7 @@ class RoundClient:
         self.cfg, self.client, self.test, self.test_emb = cfg, client, test, test_emb
         self.contribution: Contribution | None = None
         pv, fc = cfg.privacy, cfg.feddymem
-        self.plan = client.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
+        self.plan = sgd_plan(cfg)  # public: the same at every site
         # the least noise this client accepts: what its own epsilon target needs (its own calibration)
         self.floor = noise_floor(cfg, self.plan) if pv.dp else None
         self.budget: ClientBudget | None = None  # its own accountant (set by the driver in a private run)
@@ -172,7 +174,7 @@ class RoundClient:
         if train:
             if task.z is not None:
                 targets = torch.from_numpy(cl.global_memory.patches)
-                loss = cl.train_towards_dp(targets, task.z, pv.sgd_clip, pv.sgd_batch_images)
+                loss = cl.train_towards_dp(targets, task.z, pv.sgd_clip, self.plan, pv.sgd_batch_images)
             else:
                 loss = cl.train_generator()
             trained = True

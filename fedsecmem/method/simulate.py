@@ -14,7 +14,7 @@ from fedsecmem.method.aggregation import Aggregated, RoundInfo, make_aggregator,
 from fedsecmem.method.client import GLOBAL_MEMORY_FILE, FedDyMemClient, patients_of, save_global_memory
 from fedsecmem.method.context import MethodContext, MethodOutput, timed
 from fedsecmem.method.round import RoundClient, RoundServer
-from fedsecmem.privacy.budget import ClientBudget, RunPrivacy
+from fedsecmem.privacy.budget import ClientBudget, RunPrivacy, sgd_plan
 from fedsecmem.progress import console, task
 from fedsecmem.protocols.secure_sum import SecureSum
 
@@ -73,8 +73,7 @@ def run_feddymem(ctx: MethodContext) -> MethodOutput:
     ss = tapped(ctx, secure_sum_for(cfg))
     privacy = None
     if pv.dp:  # no generator, no DP-SGD: nothing to charge for it
-        plans = {cl.cid: cl.dp_sgd_plan(pv.sgd_batch_images, fc.local_epochs if fc.use_generator else 0)
-                 for cl in clients}
+        plans = {cl.cid: sgd_plan(cfg) for cl in clients}  # public: the same at every site
         privacy = RunPrivacy(cfg, plans, ss, ctx.out)
     try:
         return _rounds(ctx, clients, ss, privacy)

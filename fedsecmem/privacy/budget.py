@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate, epsilon_of
@@ -28,7 +29,7 @@ from fedsecmem.protocols.secure_sum import SecureSum
 
 __all__ = [
     "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "min_survivors", "noise_floor",
-    "read_client_state", "releases_per_round", "run_plan", "secagg_threshold",
+    "read_client_state", "releases_per_round", "run_plan", "secagg_threshold", "sgd_plan",
 ]
 
 STATE_FILE = "privacy_state.json"
@@ -53,6 +54,16 @@ def min_survivors(cfg) -> int:
     if cfg.protocol == "secagg":
         return secagg_threshold(cfg)
     return n // 2 + 1
+
+
+def sgd_plan(cfg) -> tuple[float, int]:
+    """A client's DP-SGD plan of one round, (Poisson rate, steps): from the configuration alone, the
+    same at every site, so the rate the accountant is given (and the report shows) says nothing of
+    how many images a site holds (``privacy.sgd_sample_rate``; ``local_epochs`` / rate steps)."""
+    pv, fc = cfg.privacy, cfg.feddymem
+    epochs = fc.local_epochs if fc.use_generator else 0
+    q = float(pv.sgd_sample_rate)
+    return q, epochs * max(1, math.ceil(1 / q)) if epochs > 0 else 0
 
 
 def releases_per_round(cfg) -> int:

@@ -57,12 +57,15 @@ def threat_model(cfg) -> dict:
         if pv.noise == "distributed" and protocol == "secagg":
             m = min_survivors(cfg)
             t = out["threshold"]
-            # each client adds s^2/(m-1); SecAgg+ unmasks a sum of as few as t (the clients enforce t,
-            # only an honest server enforces m), and a coalition of t-1 subtracts its own shares:
-            # the victim's share is what is left in the worst case (audits.adversaries)
-            out["noise_left_with_coalition"] = 1 / (m - 1)
-            out["coalition_sees"] += (f"; in the worst case (a sum of t = {t} uploads) that sum still carries "
-                                      f"{1 / (m - 1):.2f}x the calibrated noise variance")
+            # each client adds s^2/(m-1); its own config makes it refuse a sum of fewer than max(t, m)
+            # (t only on a sparse graph, where it sees its neighbourhood alone), and a coalition of
+            # t-1 subtracts its own shares: what is left in the worst case (audits.adversaries)
+            a = cfg.secure.secagg
+            fewest = t if a.neighbours is not None and a.neighbours < n - 1 else max(t, m)
+            left = (fewest - t + 1) / (m - 1)
+            out["noise_left_with_coalition"] = left
+            out["coalition_sees"] += (f"; in the worst case (a sum of {fewest} uploads, the fewest every client "
+                                      f"accepts) that sum still carries {left:.2f}x the calibrated noise variance")
     else:
         out["dp"] = "off"
     return out

@@ -76,7 +76,7 @@ class Auroc(_Closed):
 
 class ClientResult(_Open):
     client: int
-    n_train: int
+    n_train: int | None  # None: kept by the client (a private deployment sends no training counts)
     products: dict[str, int]
     bank_size: int | None
     n_test: int
