@@ -7,11 +7,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedsecmem.crypto import aead, shamir
+
 ID_BYTES = 8
 SESSION_BYTES = 16
 COMMITMENT_BYTES = 32  # SHA-256
 SIGNATURE_BYTES = 64  # Ed25519
-PUBLIC_KEY_BYTES = 32
+PUBLIC_KEY_BYTES = 32  # X25519 and Ed25519 alike
+SIGNED_SHARE_BYTES = shamir.SHARE_BYTES + SIGNATURE_BYTES  # a Shamir share and its dealer's signature
+# what a dealer seals for one holder: dealer and holder ids, then the signed shares of its
+# self-mask seed and of its mask key
+SHARE_PLAINTEXT_BYTES = 2 * ID_BYTES + 2 * SIGNED_SHARE_BYTES
+SHARE_CIPHERTEXT_BYTES = aead.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + aead.TAG_BYTES
 
 
 @dataclass(frozen=True)
@@ -37,19 +44,22 @@ class Setup:
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Client -> server: public keys for share encryption (c) and pairwise masks (s), and a
-    commitment to the self-mask seed (lets the server tell a true reconstruction from a forged one)."""
+    """Client -> server: public keys for share encryption (c) and pairwise masks (s), a commitment
+    to the self-mask seed (lets the server tell a true reconstruction from a forged one), and the
+    Ed25519 key its shares are signed with (lets holders and server tell a dealt share from a forged one)."""
 
     session: bytes
     sender: int
     c_public: bytes
     s_public: bytes
     b_commitment: bytes = bytes(COMMITMENT_BYTES)
-    signature: bytes = b""  # Ed25519 over session, sender, both keys and the commitment (empty: unsigned)
+    signature: bytes = b""  # Ed25519 over session, sender, both keys, commitment, share key (empty: unsigned)
+    share_key: bytes = b""  # Ed25519 public key of the share signatures (32 bytes; refused when missing)
 
     @property
     def nbytes(self) -> int:
-        return SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES + COMMITMENT_BYTES + len(self.signature)
+        return (SESSION_BYTES + ID_BYTES + 2 * PUBLIC_KEY_BYTES + COMMITMENT_BYTES + len(self.signature)
+                + len(self.share_key))
 
 
 @dataclass(frozen=True)
@@ -60,16 +70,19 @@ class NeighbourKeys:
     receiver: int
     keys: dict[int, tuple[bytes, bytes]]
     proofs: dict[int, bytes] = field(default_factory=dict)  # neighbour -> its commitment + signature
+    share_keys: dict[int, bytes] = field(default_factory=dict)  # neighbour -> its share-signing key
 
     @property
     def nbytes(self) -> int:
         return (SESSION_BYTES + ID_BYTES + len(self.keys) * (ID_BYTES + 2 * PUBLIC_KEY_BYTES)
-                + sum(ID_BYTES + len(v) for v in self.proofs.values()))
+                + sum(ID_BYTES + len(v) for v in self.proofs.values())
+                + sum(ID_BYTES + len(v) for v in self.share_keys.values()))
 
 
 @dataclass(frozen=True)
 class EncryptedShares:
-    """Client -> server: for each neighbour, AES-GCM(shares of my self-mask seed and mask key)."""
+    """Client -> server: for each neighbour, AES-GCM(shares of my self-mask seed and mask key, each
+    signed by me for that neighbour)."""
 
     session: bytes
     sender: int
@@ -122,7 +135,8 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskShares:
-    """Client -> server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
+    """Client -> server: shares of survivors' self-mask seeds and of dropped clients' mask keys, each
+    followed by the signature its dealer gave it (``SIGNED_SHARE_BYTES``)."""
 
     session: bytes
     sender: int

@@ -21,8 +21,8 @@ from fedsecmem.protocols.kmeans_party import (
     DP_ASSIGN, REQUESTS, CellStats, LloydStats, Moments, PartitionStats, Pca, PrivateCells, Request, plan_of,
 )
 from fedsecmem.protocols.secagg_messages import (
-    COMMITMENT_BYTES, SIGNATURE_BYTES, AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, PUBLIC_KEY_BYTES, SESSION_BYTES, Setup,
-    SharesForYou, UnmaskRequest, UnmaskShares,
+    COMMITMENT_BYTES, PUBLIC_KEY_BYTES, SESSION_BYTES, SHARE_CIPHERTEXT_BYTES, SIGNATURE_BYTES, SIGNED_SHARE_BYTES,
+    AdvertiseKeys, EncryptedShares, MaskedInput, NeighbourKeys, Setup, SharesForYou, UnmaskRequest, UnmaskShares,
 )
 
 SERVER_ID = -1
@@ -248,10 +248,10 @@ def encode_secagg(msg) -> pb.Payload:
         b.int("clients", msg.clients)
     elif isinstance(msg, AdvertiseKeys):
         b.blob("c_public", msg.c_public).blob("s_public", msg.s_public).blob("b_commitment", msg.b_commitment)
-        b.blob("signature", msg.signature)
+        b.blob("signature", msg.signature).blob("share_key", msg.share_key)
     elif isinstance(msg, NeighbourKeys):
         b.id_blobs("c", {k: v[0] for k, v in msg.keys.items()}).id_blobs("s", {k: v[1] for k, v in msg.keys.items()})
-        b.id_blobs("proofs", msg.proofs)
+        b.id_blobs("proofs", msg.proofs).id_blobs("share_keys", msg.share_keys)
     elif isinstance(msg, (EncryptedShares, SharesForYou)):
         b.id_blobs("ciphertexts", msg.ciphertexts)
     elif isinstance(msg, MaskedInput):
@@ -279,25 +279,27 @@ def decode_secagg(kind: type, payload: pb.Payload, sender: int, receiver: int, m
             raise WireError(f"AdvertiseKeys: a signature is {SIGNATURE_BYTES} bytes")
         return AdvertiseKeys(session, sender, body.blob("c_public", PUBLIC_KEY_BYTES),
                              body.blob("s_public", PUBLIC_KEY_BYTES), body.blob("b_commitment", COMMITMENT_BYTES),
-                             signature)
+                             signature, body.blob("share_key", PUBLIC_KEY_BYTES))
     if kind is NeighbourKeys:
         c, s = body.id_blobs("c", PUBLIC_KEY_BYTES), body.id_blobs("s", PUBLIC_KEY_BYTES)
-        if set(c) != set(s):
+        share_keys = body.id_blobs("share_keys", PUBLIC_KEY_BYTES)
+        if not set(c) == set(s) == set(share_keys):
             raise WireError("NeighbourKeys: key maps name different clients")
         proofs = body.id_blobs("proofs", max_items=1 << 16) if "proofs" in payload.id_blobs else {}
         if any(len(v) != COMMITMENT_BYTES + SIGNATURE_BYTES and len(v) != COMMITMENT_BYTES for v in proofs.values()):
             raise WireError("NeighbourKeys: a proof is a commitment and a signature")
-        return NeighbourKeys(session, receiver, {k: (c[k], s[k]) for k in c}, proofs)
+        return NeighbourKeys(session, receiver, {k: (c[k], s[k]) for k in c}, proofs, share_keys)
     if kind is EncryptedShares:
-        return EncryptedShares(session, sender, body.id_blobs("ciphertexts", max_items=1 << 16))
+        return EncryptedShares(session, sender, body.id_blobs("ciphertexts", SHARE_CIPHERTEXT_BYTES))
     if kind is SharesForYou:
-        return SharesForYou(session, receiver, body.id_blobs("ciphertexts"))
+        return SharesForYou(session, receiver, body.id_blobs("ciphertexts", SHARE_CIPHERTEXT_BYTES))
     if kind is MaskedInput:
         return MaskedInput(session, sender, body.tensor("vector", {"uint32", "uint64"}, ndim=1, max_values=max_length))
     if kind is UnmaskRequest:
         return UnmaskRequest(session, receiver, body.ids("survivors"), body.ids("dropped"))
     if kind is UnmaskShares:
-        return UnmaskShares(session, sender, body.id_blobs("self_mask"), body.id_blobs("keys"))
+        return UnmaskShares(session, sender, body.id_blobs("self_mask", SIGNED_SHARE_BYTES),
+                            body.id_blobs("keys", SIGNED_SHARE_BYTES))
     raise WireError(f"no codec for {kind.__name__}")
 
 

@@ -8,7 +8,7 @@ from scipy import stats
 from fedsecmem.crypto import prg, shamir
 from fedsecmem.crypto.errors import CryptoError
 from fedsecmem.protocols import secagg
-from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
+from fedsecmem.protocols.errors import CheatingDetected, ProtocolAbort, ProtocolError
 from fedsecmem.protocols.graph import harary_graph
 from fedsecmem.protocols.secure_sum import SecAggSum, drive_secagg
 
@@ -19,6 +19,11 @@ def _run(inputs, bits=32, k=None, t=None, drop=None):
     server = secagg.SecAggServer(params)
     run = drive_secagg(server, inputs, drop)
     return run.total, server, run.clients, run.transcript
+
+
+def _share(signed: bytes) -> shamir.Share:
+    """The Shamir share of a returned share (which its dealer's signature follows)."""
+    return shamir.Share.from_bytes(signed[: shamir.SHARE_BYTES])
 
 
 def _ints(n_clients, length, bits, seed=0):
@@ -115,7 +120,7 @@ def test_server_view_does_not_unmask_a_single_client():
     total, server, machines, transcript = _run(xs, 32)
     replies = [m for m in transcript if isinstance(m, secagg.UnmaskShares)]
     # survivors reveal self-mask shares only: the server can strip client 0's self mask ...
-    b0 = shamir.combine([shamir.Share.from_bytes(r.self_mask_shares[0]) for r in replies], server.params.threshold)
+    b0 = shamir.combine([_share(r.self_mask_shares[0]) for r in replies], server.params.threshold)
     y0 = server.masked[0].vector
     stripped = prg.add_masks(y0.copy(), [secagg._self_seed(b0, server.params.session)], [-1])
     # ... but the pairwise masks stay: what is left is still uniform, not client 0's input
@@ -123,7 +128,7 @@ def test_server_view_does_not_unmask_a_single_client():
     assert stats.kstest(stripped / 2.0**32, "uniform").pvalue > 1e-4
     assert not any(r.key_shares for r in replies)  # nobody dropped: no mask key share was revealed
     # t - 1 shares of a secret do not reconstruct it
-    fewer = [shamir.Share.from_bytes(r.self_mask_shares[0]) for r in replies][: server.params.threshold - 1]
+    fewer = [_share(r.self_mask_shares[0]) for r in replies][: server.params.threshold - 1]
     with pytest.raises(CryptoError, match="needed"):
         shamir.combine(fewer, server.params.threshold)
 
@@ -251,7 +256,7 @@ def test_server_refuses_shares_from_non_holders_or_at_wrong_points():
     with pytest.raises(ProtocolError, match="holds no share"):
         server.receive(secagg.UnmaskShares(params.session, 0, {stranger: some}, {}))
     owner = next(iter(honest.self_mask_shares))
-    wrong = shamir.Share(5, 7).to_bytes()
+    wrong = shamir.Share(5, 7).to_bytes() + bytes(64)
     with pytest.raises(ProtocolError, match="wrong point"):
         server.receive(secagg.UnmaskShares(params.session, 0, {owner: wrong}, {}))
     server.receive(honest)  # the honest reply still counts
@@ -287,24 +292,31 @@ def test_sparse_graphs_never_reveal_partial_sums():
 
 # ---- a cheating share holder (attack, then defence) ------------------------------------------------
 
-def _forging(monkeypatch, cheater: int, victim: int, kind: str, forge):
-    """Client ``cheater`` returns a forged share of ``victim``'s self-mask seed (``kind="self"``) or
-    mask key (``"key"``) at unmasking, every other message honest."""
+def _returning(monkeypatch, forge):
+    """Every client returns ``forge(cid, kind, owner, share)`` in place of each share it reveals at
+    unmasking (``kind``: ``"self"`` for a self-mask seed, ``"key"`` for a mask key), keeping whatever
+    travels with the share (its dealer's signature) as it was."""
     honest = secagg.SecAggClient.unmask
+    n = shamir.SHARE_BYTES
 
     def unmask(self, msg):
         out = honest(self, msg)
-        if self.cid != cheater:
-            return out
-        field = "self_mask_shares" if kind == "self" else "key_shares"
-        shares = dict(getattr(out, field))
-        s = shamir.Share.from_bytes(shares[victim])
-        shares[victim] = shamir.Share(s.x, forge(s.y) % shamir.PRIME).to_bytes()
-        return secagg.UnmaskShares(out.session, out.sender, **{
-            "self_mask_shares": shares if kind == "self" else out.self_mask_shares,
-            "key_shares": shares if kind == "key" else out.key_shares})
+
+        def edit(shares, kind):
+            return {o: forge(self.cid, kind, o, shamir.Share.from_bytes(b[:n])).to_bytes() + b[n:]
+                    for o, b in shares.items()}
+
+        return secagg.UnmaskShares(out.session, out.sender, edit(out.self_mask_shares, "self"),
+                                   edit(out.key_shares, "key"))
 
     monkeypatch.setattr(secagg.SecAggClient, "unmask", unmask)
+
+
+def _forging(monkeypatch, cheater: int, victim: int, kind: str, forge):
+    """Client ``cheater`` returns a forged share of ``victim``'s self-mask seed (``kind="self"``) or
+    mask key (``"key"``) at unmasking, every other message honest."""
+    _returning(monkeypatch, lambda cid, k, owner, s: shamir.Share(s.x, forge(s.y) % shamir.PRIME)
+               if (cid, k, owner) == (cheater, kind, victim) else s)
 
 
 @pytest.mark.parametrize("forge", [lambda y: y + 1, lambda y: y ^ (1 << 300)],
@@ -330,21 +342,164 @@ def test_a_forged_key_share_of_a_dropped_client_is_caught(monkeypatch):
 
 def test_a_client_sharing_a_seed_other_than_it_committed_to_is_named(monkeypatch):
     """Every holder returns a consistent share, but of a seed the owner never committed to."""
-    from fedsecmem.protocols.errors import CheatingDetected
-
     honest = secagg.SecAggClient.advertise
 
     def advertise(self):
         msg = honest(self)
         if self.cid == 2:  # commits to (and signs) a seed it will not share
-            signed = self.signer.sign(secagg.advertised_bytes(msg.session, 2, msg.c_public, msg.s_public, bytes(32)))
-            msg = secagg.AdvertiseKeys(msg.session, msg.sender, msg.c_public, msg.s_public, bytes(32), signed)
+            signed = self.signer.sign(secagg.advertised_bytes(msg.session, 2, msg.c_public, msg.s_public, bytes(32),
+                                                              msg.share_key))
+            msg = secagg.AdvertiseKeys(msg.session, msg.sender, msg.c_public, msg.s_public, bytes(32), signed,
+                                       msg.share_key)
         return msg
 
     monkeypatch.setattr(secagg.SecAggClient, "advertise", advertise)
-    with pytest.raises(CheatingDetected, match="client 2 shared a self-mask seed other than") as err:
+    with pytest.raises(CheatingDetected, match="client 2 dealt shares of a self-mask seed other than") as err:
         _run(_ints(5, 50, 64, seed=7), 64)
     assert err.value.clients == {2}
+
+
+# ---- colluding clients framing honest ones (attack, then defence) ----------------------------------
+
+def test_colluders_cannot_get_honest_holders_named(monkeypatch):
+    """n = 5, t = 3: colluders 0 and 1 add c x (x - x_3) to their shares of client 2's seed, a
+    polynomial vanishing at 0 and at holder 3's point. Shares {0, 1, 3} then reconstruct exactly
+    what client 2 committed to; the server that searched t-subsets took that polynomial and named
+    the honest holders 2 and 4 as forgers (the deployment excluded them). Now each share carries
+    its dealer's signature: the colluders' shares fail it, they are named, and the sum is exact."""
+    xs = _ints(5, 64, 64, seed=9)
+    x3 = 3 + 1  # client 3's Shamir point
+
+    def forge(cid, kind, owner, s):
+        if cid in (0, 1) and (kind, owner) == ("self", 2):
+            return shamir.Share(s.x, (s.y + 987654321 * s.x * (s.x - x3)) % shamir.PRIME)
+        return s
+
+    _returning(monkeypatch, forge)
+    total, server, *_ = _run(xs, 64)
+    assert not set(server.cheaters) & {2, 3, 4}, f"honest clients named: {server.cheaters}"
+    assert set(server.cheaters) == {0, 1}
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=np.uint64))
+
+
+def test_with_exactly_t_shares_back_a_colluder_cannot_get_the_owner_named(monkeypatch):
+    """n = 5, t = 3, clients 3 and 4 gone before unmasking: three shares of each seed come back, and
+    any three points lie on some polynomial. One colluder shifting its share of client 1's seed made
+    the old server conclude that client 1 shared a seed other than it committed to. Now the
+    colluder's share fails its signature: the colluder is named, the owner is not."""
+    xs = _ints(5, 64, 64, seed=10)
+    _forging(monkeypatch, cheater=0, victim=1, kind="self", forge=lambda y: y + 1)
+    with pytest.raises(CheatingDetected) as err:
+        _run(xs, 64, drop={"unmask": {3, 4}})
+    assert err.value.clients == {0}, f"named {err.value.clients}"
+
+
+def test_a_forged_share_is_named_with_its_own_share_as_proof(monkeypatch):
+    """The proof kept against a forger is the share it returned and the signature that came with it,
+    which does not verify under the dealer's advertised share-signing key."""
+    xs = _ints(5, 64, 64, seed=11)
+    _forging(monkeypatch, cheater=0, victim=3, kind="self", forge=lambda y: y + 1)
+    total, server, *_ = _run(xs, 64)
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=np.uint64))
+    assert set(server.cheaters) == {0}
+    (proof,) = server.evidence[0]
+    assert (proof.dealer, proof.holder, proof.kind) == (3, 0, "self")
+    assert not proof.signed_by(server.keys[3].share_key)
+    # the honest share the same holder was dealt does verify: the proof is the forgery, not the key
+    honest = shamir.Share.from_bytes(proof.share)
+    real = secagg.ShareEvidence(proof.session, 3, 0, "self",
+                                shamir.Share(honest.x, (honest.y - 1) % shamir.PRIME).to_bytes(), proof.signature)
+    assert real.signed_by(server.keys[3].share_key)
+
+
+def test_a_share_returned_as_the_other_secret_is_named(monkeypatch):
+    """Client 0 returns its (validly signed) share of client 3's mask key as its share of client 3's
+    self-mask seed: the signature names which secret it is, so the swap is caught."""
+    honest = secagg.SecAggClient.unmask
+
+    def unmask(self, msg):
+        out = honest(self, msg)
+        if self.cid == 0:
+            out = secagg.UnmaskShares(out.session, 0, {**out.self_mask_shares, 3: self.held[3][1]}, out.key_shares)
+        return out
+
+    monkeypatch.setattr(secagg.SecAggClient, "unmask", unmask)
+    xs = _ints(5, 32, 64, seed=12)
+    total, server, *_ = _run(xs, 64)
+    assert set(server.cheaters) == {0}
+    assert np.array_equal(total, np.sum(list(xs.values()), axis=0, dtype=np.uint64))
+
+
+def _dealing(monkeypatch, dealer: int, bend):
+    """Client ``dealer`` deals its self-mask seed's shares through ``bend(shares)`` (then signs them
+    as usual); every other client deals honestly."""
+    honest, split = secagg.SecAggClient.share_keys, shamir.split
+
+    def share_keys(self, msg):
+        if self.cid != dealer:
+            return honest(self, msg)
+        calls = []
+
+        def bent(secret, xs, t, coefficients=None):
+            shares = split(secret, xs, t, coefficients)
+            calls.append(secret)
+            return bend(shares) if len(calls) == 1 else shares  # the first split is the self-mask seed's
+
+        monkeypatch.setattr(shamir, "split", bent)
+        try:
+            return honest(self, msg)
+        finally:
+            monkeypatch.setattr(shamir, "split", split)
+
+    monkeypatch.setattr(secagg.SecAggClient, "share_keys", share_keys)
+
+
+def test_an_owner_dealing_inconsistent_signed_shares_is_named(monkeypatch):
+    """Client 2 deals (and signs) holder 0 a share off its polynomial. The old server found a subset
+    without it and named the honest holder 0 as a forger. Now the t signed shares that do not give
+    the committed seed are the owner's own evidence: client 2 is named, nobody else."""
+    xs = _ints(5, 32, 64, seed=13)
+    _dealing(monkeypatch, 2, lambda sh: [shamir.Share(sh[0].x, (sh[0].y + 1) % shamir.PRIME), *sh[1:]])
+    params = secagg.make_params(sorted(xs), 32, 64)
+    server = secagg.SecAggServer(params)
+    with pytest.raises(CheatingDetected, match="client 2 dealt") as err:
+        drive_secagg(server, xs)
+    assert err.value.clients == {2} and set(server.cheaters) == {2}
+    proof = server.evidence[2]
+    assert len(proof) == params.threshold and all(p.signed_by(server.keys[2].share_key) for p in proof)
+    y0 = shamir.interpolate([shamir.Share.from_bytes(p.share) for p in proof], 0)
+    assert y0 >= 2**256 or secagg.seed_commitment(y0.to_bytes(32, "big"), params.session, 2) != \
+        server.keys[2].b_commitment
+
+
+def test_a_holder_refuses_a_share_its_dealer_did_not_sign_or_dealt_at_another_point(monkeypatch):
+    """An honest holder checks each share when it arrives, so it never returns one the server would
+    blame it for: a signature other than under the dealer's advertised key, or a share at another
+    holder's point (which would get the holder's whole unmask reply refused), is refused at once."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    xs = _ints(5, 16, 32, seed=14)
+    params = secagg.make_params(list(xs), 16, 32)
+    server = secagg.SecAggServer(params)
+    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
+    for m in machines.values():
+        server.receive(m.advertise())
+    keys = server.close_stage()
+    machines[2].share_signer = Ed25519PrivateKey.generate()  # not the key client 2 advertised
+    for c, m in machines.items():
+        server.receive(m.share_keys(keys[c]))
+    routed = server.close_stage()
+    with pytest.raises(ProtocolError, match="not signed by client 2"):
+        machines[0].mask(routed[0], xs[0])
+    assert machines[0].stage == "mask"  # refused, state kept
+    # a dealer handing holder 0 a (signed) share at holder 1's point
+    _dealing(monkeypatch, 3, lambda sh: [sh[1], sh[0], *sh[2:]])
+    params, server, machines, shares = _through_share_stage(xs)
+    for m in shares.values():
+        server.receive(m)
+    routed = server.close_stage()
+    with pytest.raises(ProtocolError, match="client 3 dealt it a share at point 2"):
+        machines[0].mask(routed[0], xs[0])
 
 
 def test_a_server_that_substitutes_a_neighbours_key_is_refused():
@@ -366,12 +521,19 @@ def test_a_server_that_substitutes_a_neighbours_key_is_refused():
     assert clients[0].share_keys(honest).ciphertexts  # untouched: shares go out
     fake = generate_keypair()
     forged = secagg.NeighbourKeys(honest.session, 0, {**honest.keys, 1: (fake.public, honest.keys[1][1])},
-                                  honest.proofs)
+                                  honest.proofs, honest.share_keys)
     again = secagg.SecAggClient(0, server.setups()[0], signers[0], verify)
     again.advertise()
     with pytest.raises(ProtocolAbort, match="keys relayed for client 1 are not the ones it signed"):
         again.share_keys(forged)
     assert again.stage == "share"  # nothing was encrypted under the substituted key
+    # nor can it relay a share-signing key of its own for client 1 (to pass off shares as client 1's)
+    other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    with pytest.raises(ProtocolAbort, match="keys relayed for client 1 are not the ones it signed"):
+        again.share_keys(secagg.NeighbourKeys(honest.session, 0, honest.keys, honest.proofs,
+                                              {**honest.share_keys, 1: other}))
+    # with identity keys, the share key advertised is the identity key
+    assert {c: k.share_key for c, k in server.keys.items()} == {c: k.public_bytes_raw() for c, k in verify.items()}
 
 
 # ---- a sparse graph: one colluder and one dropout (attack, then defence) ---------------------------
@@ -381,8 +543,8 @@ def _strip_victim(params, server, run, victim, dropped, colluder):
     what the unmask stage revealed and the colluder's own mask key; None if the shares are not there."""
     t, session = params.threshold, params.session
     replies = [m for m in run.transcript if isinstance(m, secagg.UnmaskShares)]
-    b = [shamir.Share.from_bytes(r.self_mask_shares[victim]) for r in replies if victim in r.self_mask_shares]
-    s = [shamir.Share.from_bytes(r.key_shares[dropped]) for r in replies if dropped in r.key_shares]
+    b = [_share(r.self_mask_shares[victim]) for r in replies if victim in r.self_mask_shares]
+    s = [_share(r.key_shares[dropped]) for r in replies if dropped in r.key_shares]
     if len(b) < t or len(s) < t:
         return None
     v_public = server.keys[victim].s_public

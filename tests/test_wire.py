@@ -8,12 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedsecmem.crypto import shamir
 from fedsecmem.protocols import federation_pb2 as pb
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.errors import ProtocolAbort
 from fedsecmem.protocols.kmeans_party import KMeansParty, LloydStats
 from fedsecmem.protocols.secagg import SecAggClient, SecAggServer, make_params
-from fedsecmem.protocols.secagg_messages import AdvertiseKeys
+from fedsecmem.protocols.secagg_messages import (
+    AdvertiseKeys, EncryptedShares, NeighbourKeys, SharesForYou, UnmaskShares,
+)
 from fedsecmem.protocols.wire import (
     SERVER_ID, BodyBuilder, Envelope, WireError, chunks, decode_request, decode_secagg, encode_request,
     encode_secagg, join_chunks, parse_envelope,
@@ -90,6 +93,41 @@ def test_decoders_name_the_bad_field():
     from fedsecmem.protocols.secagg_messages import MaskedInput
     with pytest.raises(WireError, match="bytes do not hold"):
         decode_secagg(MaskedInput, body, 0, SERVER_ID, 10)
+
+
+def test_secagg_decoders_refuse_keys_ciphertexts_and_shares_of_the_wrong_length():
+    """A share-signing key, a share ciphertext or a returned share (share + its dealer's signature)
+    of any other length is refused at decoding, naming the field, before a state machine sees it."""
+    msgs = {type(m): m for m in _secagg_messages()}
+    adv, keys = msgs[AdvertiseKeys], msgs[NeighbourKeys]
+    shares, relay, unmask = msgs[EncryptedShares], msgs[SharesForYou], msgs[UnmaskShares]
+    sealed = len(next(iter(shares.ciphertexts.values())))
+    signed = shamir.SHARE_BYTES + 64  # a share and its dealer's Ed25519 signature
+
+    def refused(kind, msg, edit, match):
+        payload = encode_secagg(msg)
+        edit(payload)
+        with pytest.raises(WireError, match=match):
+            decode_secagg(kind, payload, 0, SERVER_ID, 100)
+
+    def set_item(field, size):
+        def edit(p):
+            items = p.id_blobs[field].items
+            items[next(iter(items)) if items else 0] = b"x" * size
+        return edit
+
+    refused(EncryptedShares, shares, set_item("ciphertexts", sealed - 1), "ciphertexts")
+    refused(SharesForYou, relay, set_item("ciphertexts", sealed + 1), "ciphertexts")
+    refused(UnmaskShares, unmask, set_item("self_mask", signed - 1), "self_mask")
+    refused(UnmaskShares, unmask, set_item("keys", signed + 1), "keys")
+    assert all(len(b) == signed for b in unmask.self_mask_shares.values())
+    refused(UnmaskShares, unmask, set_item("self_mask", shamir.SHARE_BYTES), "self_mask")  # signature stripped
+    assert len(adv.share_key) == 32 and set(keys.share_keys) == set(keys.keys)
+    refused(AdvertiseKeys, adv, lambda p: p.blobs.__setitem__("share_key", b"k" * 31), "share_key")
+    refused(AdvertiseKeys, adv, lambda p: p.blobs.__delitem__("share_key"), "share_key")
+    refused(NeighbourKeys, keys, set_item("share_keys", 33), "share_keys")
+    refused(NeighbourKeys, keys, lambda p: p.id_blobs["share_keys"].items.__delitem__(next(iter(keys.keys))),
+            "name different clients")
 
 
 def test_requests_round_trip_and_are_checked_against_the_points():
