@@ -227,8 +227,9 @@ class PrivacyConfig(Strict):
                                   "to spend it over the run (null = use noise_multiplier)")
     noise_multiplier: float = Field(1.0, ge=0, description="noise std / sensitivity of every release and "
                                     "DP-SGD step when epsilon is null (0 = clipping only, epsilon infinite)")
-    epsilon_budget: float | None = Field(None, gt=0, description="refuse any round that would take a "
-                                         "client past this epsilon")
+    epsilon_budget: float | None = Field(None, gt=0, description="refuse any round, and any release, that "
+                                         "would take a client past this epsilon (null: the target epsilon; "
+                                         "set it above the target to let a run re-run a round cut short)")
     accountant: Literal["pld", "rdp", "prv"] = Field("pld", description="pld (dp_accounting, the tightest sound one), rdp or prv (Opacus)")
     noise: Literal["distributed", "local", "central"] = Field(
         "distributed", description="distributed: each client adds 1/t of the variance (secagg, ckks); "

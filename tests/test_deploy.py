@@ -330,7 +330,9 @@ def test_server_killed_mid_round_under_dp_resumes_with_every_release_charged(tmp
     the resumed run's epsilon must cover everything released, the lost round included."""
     from fedsecmem.audits.accountant import Step, epsilon_of
 
-    cfg = _config(tmp_path, certs, privacy__dp=True, privacy__epsilon=8.0)
+    # the re-run round costs privacy: the clients agreed to spend up to 12 for the target 8 (without the
+    # room, each client refuses the re-run past its target)
+    cfg = _config(tmp_path, certs, privacy__dp=True, privacy__epsilon=8.0, privacy__epsilon_budget=12.0)
     server, clients, out = _run_processes(tmp_path, cfg, {"server": "role=server,round=2,stage=aggregated"})
     assert _wait(server, tmp_path / "server.log") == 75
     resumed = _start(["serve", str(cfg), "--out", str(out), "--resume"], tmp_path / "resumed.log")

@@ -16,7 +16,7 @@ from pathlib import Path
 from fedsecmem.audits.accountant import PrivacyAccountant, epsilon_of
 from fedsecmem.crypto.pki import client_name
 from fedsecmem.errors import UserError
-from fedsecmem.privacy.budget import CLIENT_STATE_FILE, read_client_state
+from fedsecmem.privacy.budget import CLIENT_STATE_FILE, epsilon_limit, read_client_state
 from fedsecmem.privacy.ledgers import party_ledger
 from fedsecmem.provenance import hash_file
 
@@ -47,7 +47,7 @@ def budget_status(cfg, cid: int, folder: Path) -> dict:
     pv = cfg.privacy
     return {"client": cid, "file": str(path), "runs": per_run, "delta": pv.delta,
             "epsilon": epsilon_of(steps, pv.delta, pv.accountant),
-            "limit": pv.epsilon_budget if pv.epsilon_budget is not None else pv.epsilon}
+            "limit": epsilon_limit(cfg)}
 
 
 def reset_budget(cfg, cid: int, folder: Path, reason: str, operator: str) -> dict:

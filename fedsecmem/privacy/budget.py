@@ -28,7 +28,7 @@ from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
 from fedsecmem.protocols.secure_sum import SecureSum
 
 __all__ = [
-    "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "min_survivors", "noise_floor",
+    "CLIENT_STATE_FILE", "ClientBudget", "RunPrivacy", "STATE_FILE", "epsilon_limit", "min_survivors", "noise_floor",
     "read_client_state", "releases_per_round", "run_plan", "secagg_threshold", "sgd_plan",
 ]
 
@@ -36,6 +36,15 @@ STATE_FILE = "privacy_state.json"
 CLIENT_STATE_FILE = "privacy_state-client-{cid}.json"  # a client's own accountant, in its own folder
 CLIENT_STATE_FORMAT = 2  # every run of the site's data (format 1 held one run)
 LIMIT_SLACK = 1e-9  # relative: the plan calibrated to the target spends it exactly, up to rounding
+
+
+def epsilon_limit(cfg) -> float | None:
+    """The most a client may spend: ``privacy.epsilon_budget``, else the target ``privacy.epsilon`` the
+    noise was calibrated to (None: neither). Every client enforces it itself, and the server stops a
+    run before a round that would pass it; a run that must survive a re-run round (a crash mid-round,
+    a round retried without a cheater) needs a budget above the target."""
+    pv = cfg.privacy
+    return pv.epsilon_budget if pv.epsilon_budget is not None else pv.epsilon
 
 
 def secagg_threshold(cfg) -> int:
@@ -120,12 +129,12 @@ class RunPrivacy:
 
     def refuse(self, round_number: int) -> str | None:
         """A message if the round would take any client past the budget (nothing recorded)."""
-        budget = self.cfg.privacy.epsilon_budget
+        budget = epsilon_limit(self.cfg)
         if budget is None:
             return None
         for cid in self.sgd_plans:
             after = self.accountant.would_spend(cid, self.round_steps(cid, round_number == 1))
-            if after > budget:
+            if after > budget * (1 + LIMIT_SLACK):
                 spent = self.accountant.epsilon(cid)
                 self.stopped = {"round": round_number, "client": cid, "epsilon_spent": spent,
                                 "epsilon_after_round": after, "budget": budget}
@@ -236,9 +245,8 @@ class ClientBudget:
 
     @property
     def limit(self) -> float | None:
-        """The most this client spends: its budget, else its target epsilon (None: neither set)."""
-        pv = self.cfg.privacy
-        return pv.epsilon_budget if pv.epsilon_budget is not None else pv.epsilon
+        """The most this client spends (``epsilon_limit``)."""
+        return epsilon_limit(self.cfg)
 
     def training(self, z: float) -> list[Step]:
         q, steps = self.plan
