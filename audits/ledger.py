@@ -20,7 +20,12 @@ that run: every ledger must end with the ``run_end`` of the run id it records,
 and a ledger whose head (line count and last line's digest) ``results.json``
 records must end exactly there, so ledgers that continue across runs cannot be
 cut back to an earlier run's end unnoticed; the server's ``run_end`` must name
-the digest of the run's ``global_memory.npz``.
+the digest of the run's ``global_memory.npz``. Without ``results.json`` the
+ledgers are bound to nothing: that is a problem ("unbound") unless the server's
+last ``run_end`` itself records a failed run (which writes no results), and the
+verdict (``Verification.binding``) says which. The run's privacy state files
+(``privacy_state.json``, ``privacy_state-client-<i>.json``) must read strictly:
+a NaN or an infinity in them is a problem naming the file.
 What it does not prove: that a party recorded everything it did (a party may
 omit events it controls alone), or anything once a private key has leaked.
 In simulation the simulator makes one key per party per run and writes the
@@ -44,6 +49,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedsecmem.audits.accountant import PrivacyAccountant, StrictJSONError, read_json_strict, step_of
 
 LEDGER_DIR = "ledger"
 KEYS_FILE = "keys.json"
@@ -171,6 +178,9 @@ class Verification:
     parties: dict[str, int] = field(default_factory=dict)  # party -> lines
     messages_matched: int = 0
     key_fingerprint: str | None = None
+    # what the ledgers are bound to: "bound: ..." (results.json of their run), "failed: ..." (the
+    # server's run_end records a failed run, which writes no results) or "unbound: ..." (a problem)
+    binding: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -178,7 +188,8 @@ class Verification:
 
     def summary(self) -> dict:
         return {"ok": self.ok, "parties": self.parties, "messages_matched": self.messages_matched,
-                "problems": [str(p) for p in self.problems], "key_fingerprint": self.key_fingerprint}
+                "problems": [str(p) for p in self.problems], "key_fingerprint": self.key_fingerprint,
+                "binding": self.binding}
 
 
 def verify_ledger(path: Path, party: str, key: Ed25519PublicKey | None) -> tuple[list[Entry], list[Problem]]:
@@ -302,6 +313,30 @@ def cross_check_privacy(ledgers: dict[str, list[Entry]]) -> list[Problem]:
     return problems
 
 
+def check_dp_histories(ledgers: dict[str, list[Entry]]) -> list[Problem]:
+    """Every mechanism history a ``dp`` event signs (the server's: per client; a client's: its own)
+    is one the accountant accepts (``step_of``: noise multiplier, rate and count in range): a
+    history the accountant would refuse cannot back an epsilon."""
+    problems = []
+    for party, entries in sorted(ledgers.items()):
+        for e in entries:
+            r = e.record
+            if r.get("event") != "dp" or r.get("history") is None:
+                continue
+            hist = r["history"]
+            for c, h in (hist.items() if isinstance(hist, dict) else [(None, hist)]):
+                try:
+                    if not isinstance(h, list):
+                        raise ValueError(f"{h!r} is not a list of steps")
+                    for entry in h:
+                        step_of(entry)
+                except ValueError as exc:
+                    who = "" if c is None else f"client {c}'s "
+                    problems.append(Problem(f"{party}.jsonl", e.line, f"round {r.get('round')}: {who}signed history "
+                                            f"refused by the accountant: {exc}"))
+    return problems
+
+
 def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -> Verification:
     """Verify every ledger in ``RUN_DIR/ledger`` (keys from ``keys`` or the folder's keys.json),
     cross-check clients against the server, and bind the ledgers to the run ``results.json`` records."""
@@ -335,7 +370,10 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
     problems, result.messages_matched = cross_check(ledgers)
     result.problems.extend(problems)
     result.problems.extend(cross_check_privacy(ledgers))
-    result.problems.extend(check_run_binding(run_dir, ledgers))
+    result.problems.extend(check_dp_histories(ledgers))
+    result.problems.extend(check_privacy_states(run_dir))
+    result.binding, problems = run_binding(run_dir, ledgers)
+    result.problems.extend(problems)
     return result
 
 
@@ -363,6 +401,52 @@ def signed_files(run_dir: Path) -> dict[str, str]:
     return out
 
 
+PRIVACY_STATE_FILE = "privacy_state.json"
+CLIENT_PRIVACY_STATES = "privacy_state-client-*.json"  # each client's own accountant (simulation, or its --out)
+
+
+def _accountant_states(doc):
+    """Every privacy accountant's state (``PrivacyAccountant.to_json``) in a state file's document,
+    whatever wraps it (the server's file is one; a client's holds one per run)."""
+    if isinstance(doc, dict):
+        if "history" in doc and "kind" in doc:
+            yield doc
+            return
+        for value in doc.values():
+            yield from _accountant_states(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            yield from _accountant_states(value)
+
+
+def check_privacy_states(run_dir: Path) -> list[Problem]:
+    """The run folder's privacy state files, read as a resumed run reads them: strictly (no NaN or
+    infinity, ``read_json_strict``) and every history in range (``PrivacyAccountant.from_json``). A
+    state that does not read would be counted as less spent; each is a problem naming the file."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / PRIVACY_STATE_FILE] + sorted(run_dir.glob(CLIENT_PRIVACY_STATES))
+    problems = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            doc = read_json_strict(path)
+            for state in _accountant_states(doc):
+                PrivacyAccountant.from_json(state)
+        except StrictJSONError as exc:
+            problems.append(Problem(path.name, None, exc.reason))
+        except (ValueError, TypeError, KeyError) as exc:
+            problems.append(Problem(path.name, None, f"not a privacy state a run can resume from ({exc})"))
+        except OSError as exc:
+            problems.append(Problem(path.name, None, f"unreadable ({exc})"))
+    return problems
+
+
+def _failed(status) -> bool:
+    """A ``run_end`` status of a run that stopped before its results (``failed`` or ``failed: why``)."""
+    return isinstance(status, str) and (status == "failed" or status.startswith("failed:"))
+
+
 def _last_run_end(entries: list[Entry]) -> Entry | None:
     for e in reversed(entries):
         if e.record.get("event") == "run_end":
@@ -371,28 +455,84 @@ def _last_run_end(entries: list[Entry]) -> Entry | None:
 
 
 def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Problem]:
-    """The ledgers end with the run ``results.json`` records: each one's last ``run_end`` names its
-    run id and comes right after the head results.json records, and the files the server's
-    ``run_end`` signs (results.json itself, the config, the privacy state, the global memory) are
-    the ones in the folder, byte for byte."""
+    """``run_binding``'s problems."""
+    return run_binding(run_dir, ledgers)[1]
+
+
+def _same_run(ledgers: dict[str, list[Entry]], run_id, source: str) -> list[Problem]:
+    """Every ledger's last ``run_end`` is of run ``run_id`` (``source`` says who records that run)."""
+    problems = []
+    for party, entries in sorted(ledgers.items()):
+        end = _last_run_end(entries)
+        if end is None or end.record.get("run_id") != run_id:
+            ended = "no run" if end is None else f"run {end.record.get('run_id')!r}"
+            problems.append(Problem(f"{party}.jsonl", end.line if end else None,
+                                    f"ends with {ended}, not run {run_id!r} that {source} records "
+                                    "(cut back to an earlier run, or from another run)"))
+    return problems
+
+
+def _unbound(ledgers: dict[str, list[Entry]]) -> tuple[str, list[Problem]]:
+    """The verdict on a folder without results.json: fine only where the server's last ``run_end``
+    (signed) records a failed run, which writes no results; otherwise the ledgers are unbound."""
+    server = ledgers.get(SERVER)
+    end = _last_run_end(server) if server else None
+    if end is None:
+        return ("unbound: results.json missing, and no server run_end says how the run ended",
+                [Problem(RESULTS_FILE, None, "missing, and no server run_end says how the run ended: the ledgers "
+                                             "are bound to no results (unbound)")])
+    run_id, status = end.record.get("run_id"), end.record.get("status")
+    problems = _same_run(ledgers, run_id, "the server's run_end")
+    if _failed(status):
+        return (f"failed: run {run_id!r} failed before writing results (the server's run_end: {status!r}); "
+                "no results to bind", problems)
+    signs = RESULTS_FILE in (end.record.get("files") or {})
+    problems.insert(0, Problem(RESULTS_FILE, None, f"missing: the server's run_end records run {run_id!r} as "
+                               f"{status!r}{' and signs its results.json' if signs else ''}; without it the ledgers "
+                               "are bound to no results (unbound: the results deleted, or the ledgers cut back to "
+                               "an earlier run's end)"))
+    return f"unbound: results.json missing (the server's run_end: run {run_id!r}, {status!r})", problems
+
+
+def _signed_files_differ(run_dir: Path, end: Entry, skip=()) -> list[Problem]:
+    """The files the server's ``run_end`` signs that are missing from ``run_dir`` or differ."""
+    problems = []
+    for name, digest in sorted((end.record.get("files") or {}).items()):
+        if name in skip:
+            continue
+        f = Path(run_dir) / name
+        if not f.is_file():
+            problems.append(Problem(name, None, "signed in the server's run_end but missing from the folder"))
+        elif sha256(f.read_bytes()) != digest:
+            problems.append(Problem(name, None, "differs from the file the server signed at the run's end "
+                                    "(changed after the run)"))
+    return problems
+
+
+def run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> tuple[str, list[Problem]]:
+    """The verdict on what the ledgers are bound to, and its problems. With ``results.json``: they
+    end with the run it records (each one's last ``run_end`` names its run id and comes right after
+    the head results.json records), and the files the server's ``run_end`` signs (results.json
+    itself, the config, the privacy state, the global memory, the plots) are the ones in the folder,
+    byte for byte. Without it: ``_unbound``."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
-        return []
+        binding, problems = _unbound(ledgers)
+        server = ledgers.get(SERVER)
+        end = _last_run_end(server) if server else None
+        if end is not None and not _failed(end.record.get("status")):
+            problems.extend(_signed_files_differ(run_dir, end, skip=(RESULTS_FILE,)))
+        return binding, problems
     try:
         results = json.loads(path.read_text())
         run_id = results["run_id"]
         heads = (results.get("ledger") or {}).get("heads") or {}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return [Problem(RESULTS_FILE, None, "unreadable: cannot bind the ledgers to a run")]
-    problems = []
+        return ("unbound: results.json unreadable",
+                [Problem(RESULTS_FILE, None, "unreadable: cannot bind the ledgers to a run")])
+    problems = _same_run(ledgers, run_id, RESULTS_FILE)
     for party, entries in sorted(ledgers.items()):
         name = f"{party}.jsonl"
-        end = _last_run_end(entries)
-        if end is None or end.record.get("run_id") != run_id:
-            ended = "no run" if end is None else f"run {end.record.get('run_id')!r}"
-            problems.append(Problem(name, end.line if end else None,
-                                    f"ends with {ended}, not run {run_id!r} that {RESULTS_FILE} records "
-                                    "(cut back to an earlier run, or from another run)"))
         head = heads.get(party)
         if head is not None:
             lines = (Path(run_dir) / LEDGER_DIR / name).read_bytes().splitlines()
@@ -409,14 +549,10 @@ def check_run_binding(run_dir: Path, ledgers: dict[str, list[Entry]]) -> list[Pr
         if RESULTS_FILE not in signed:  # e.g. a failed run's end, and a results file written afterwards
             problems.append(Problem(RESULTS_FILE, None, f"not signed by the server's run_end (status "
                                                         f"{end.record.get('status')!r}): not this run's results"))
-        for name, digest in sorted(signed.items()):
-            f = Path(run_dir) / name
-            if not f.is_file():
-                problems.append(Problem(name, None, "signed in the server's run_end but missing from the folder"))
-            elif sha256(f.read_bytes()) != digest:
-                problems.append(Problem(name, None, "differs from the file the server signed at the run's end "
-                                        "(changed after the run)"))
-    return problems
+        problems.extend(_signed_files_differ(run_dir, end))
+    binding = (f"bound: results.json of run {run_id!r}, signed by the server's run_end" if not problems else
+               f"unbound: results.json of run {run_id!r} is not bound to the ledgers")
+    return binding, problems
 
 
 def events(run_dir: Path, party: str, event: str | None = None) -> list[dict]:

@@ -2,7 +2,9 @@
 self-contained file, plots embedded as PNG data URIs, no network needed to view it).
 
 It reads only what the run wrote (``results.json``, the ledgers, ``config.yaml`` and the run's
-PNGs) and verifies the ledgers itself, so an auditor can regenerate it. It refuses a run whose
+PNGs) and verifies the ledgers itself, so an auditor can regenerate it. A plot from the folder is
+shown only if the server's ``run_end`` signed that very file (its SHA-256): one copied in or
+changed after the run is left out, and the page says so in one line. It refuses a run whose
 ledgers do not verify: the server's last ledger line signs results.json, the config, the privacy
 state and the global memory, so an edited results.json is refused, and every DP figure is read from
 the server's signed ``dp_plan`` and ``dp`` events (results.json is checked against them, field by
@@ -19,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, events, verify_run
+from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, check_privacy_states, events, sha256, verify_run
 from fedsecmem.audits.mia import dp_auc_bound
 from fedsecmem.audits.report_schema import REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Report
 
@@ -92,6 +94,9 @@ def verified_run(run_dir: Path, keys=None) -> tuple[dict, dict, dict[str, list[d
     results = _read_json(path)
     if not isinstance(results, dict) or "run_id" not in results or "privacy" not in results:
         raise ReportError(f"{path} is not a fedsecmem results file")
+    states = check_privacy_states(run_dir)
+    if states:  # named first: a state that does not read would be counted as less spent
+        raise ReportError(f"{states[0]}; `fedsecmem audit verify {run_dir}` lists every problem")
     if not (run_dir / LEDGER_DIR).is_dir():
         raise ReportError(f"no ledgers in {run_dir}: the report takes its figures from the signed ledgers "
                           "(run with audit.ledger: true; a deployment's clients' ledgers are gathered with "
@@ -390,6 +395,24 @@ def _img(uri: str, alt: str) -> str:
     return f'<figure><img src="{uri}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
+def _signed_plot(report: dict, run_dir: Path, name: str, alt: str) -> str:
+    """The run folder's plot ``name``, embedded only if the server's run_end signed these very bytes
+    (``report["files"]``, taken from the signed ledger); otherwise one line saying why it is not
+    shown (nothing when there is no such file)."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return ""
+    data = path.read_bytes()
+    signed = (report.get("files") or {}).get(name)
+    if signed is None:
+        return (f"<p class=bad>Not shown: {html.escape(name)} is in the run folder but the server did not sign it "
+                "when the run ended, so nothing shows it belongs to this run.</p>")
+    if sha256(data) != signed.get("sha256"):
+        return (f"<p class=bad>Not shown: {html.escape(name)} in the run folder is not the file the server signed "
+                "when the run ended (it was changed afterwards).</p>")
+    return _img(_png_uri(data), alt)
+
+
 # After load, the page marks whether every image decoded and which sections have a rendered height
 # (a headless browser check reads both).
 _CHECK = """<script>
@@ -531,9 +554,7 @@ def render_html(report: dict, run_dir: Path) -> str:
                      "than alone.</p>")
     else:
         parts.append("<p class=ok>No site did worse by joining than alone.</p>")
-    curve = run_dir / "auroc_per_round.png"
-    if curve.is_file():
-        parts.append(_img(_png_uri(curve.read_bytes()), "image AUROC per round"))
+    parts.append(_signed_plot(report, run_dir, "auroc_per_round.png", "image AUROC per round"))
     out["utility"] = "".join(parts)
     lk = report["leakage"]
     if not lk:
@@ -553,9 +574,7 @@ def render_html(report: dict, run_dir: Path) -> str:
             parts.append(f"<p>What (epsilon {bound['epsilon']:.2f}, delta {bound['delta']:g})-DP alone promises "
                          f"against any attack: AUC at most {bound['auc']:.4f}, TPR at {fpr:g} FPR at most "
                          f"{bound['tpr']:.4f}.</p>")
-        roc = run_dir / "leakage_roc.png"
-        if roc.is_file():
-            parts.append(_img(_png_uri(roc.read_bytes()), "membership inference ROC"))
+        parts.append(_signed_plot(report, run_dir, "leakage_roc.png", "membership inference ROC"))
         out["leakage"] = "".join(parts)
     out["ledger"] = (f"<p class=ok>verified: {sum(lg['parties'].values())} lines from {len(lg['parties'])} parties, "
                      f"{lg['messages_matched']} messages matched between clients and server; key fingerprint "

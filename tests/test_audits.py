@@ -170,8 +170,10 @@ def _signed_pair(tmp: Path, client_digest: bytes, server_digest: bytes):
         led.append("run_start", run_id="x")
     c.message("sent", "server", "mask", client_digest)
     s.message("received", "client-0", "mask", server_digest)
+    (tmp / "results.json").write_text(json.dumps({"run_id": "x"}))  # a completed run's results, which run_end signs
+    s.append("run_end", status="completed", run_id="x", files=signed_files(tmp))
+    c.append("run_end", status="completed", run_id="x")
     for led in (s, c):
-        led.append("run_end", status="completed")
         led.close()
     write_keys(tmp, {p: k.public_key() for p, k in keys.items()})
 
@@ -258,8 +260,10 @@ def test_a_server_that_records_less_epsilon_than_a_client_counted_is_caught(tmp_
     leds["server"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon={"0": 1.5, "1": 1.2})
     leds["client-0"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon=1.5)
     leds["client-1"].append("dp", round=1, noise_multiplier=2.0, delta=1e-5, epsilon=1.4)  # more than the server says
-    for led in leds.values():
-        led.append("run_end", status="completed", run_id="x")
+    (tmp_path / "results.json").write_text(json.dumps({"run_id": "x"}))  # a completed run's results, signed below
+    for party, led in leds.items():
+        led.append("run_end", status="completed", run_id="x", **({"files": signed_files(tmp_path)}
+                                                                  if party == "server" else {}))
         led.close()
     write_keys(tmp_path, {p: k.public_key() for p, k in keys.items()})
     text = [str(p) for p in verify_run(tmp_path).problems]
