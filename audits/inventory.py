@@ -27,11 +27,13 @@ _MASKED = Stage("the client's k-means statistics (per-cell weighted sums), noise
                 "by pairwise and self masks", True, "yes", "the server, only as the sum of at least t uploads")
 _CLEAR = Stage("the client's k-means statistics (per-cell weighted sums) without masks, noised when DP is on",
                True, "yes", "the server, each upload")
-_KEYS = Stage("X25519 public keys, their Ed25519 signature and a commitment to the self-mask seed", False, "n/a",
+_KEYS = Stage("X25519 public keys, a share-signing key, their Ed25519 signature and a commitment to the self-mask "
+              "seed", False, "n/a",
               "the server and the client's neighbours")
-_SHARES = Stage("Shamir shares of the client's mask keys, encrypted to each neighbour (AES-GCM)", False, "n/a",
+_SHARES = Stage("Shamir shares of the client's mask keys, each signed by it, encrypted to each neighbour (AES-GCM)",
+                False, "n/a",
                 "only the addressed neighbour can decrypt")
-_UNMASK = Stage("shares that remove dropped clients' pairwise masks and survivors' self masks", False, "n/a",
+_UNMASK = Stage("signed shares that remove dropped clients' pairwise masks and survivors' self masks", False, "n/a",
                 "the server")
 _REQUEST = Stage("the server's k-means request: cluster centres or a partition, computed from earlier releases",
                  False, "post-processing", "the addressed clients")

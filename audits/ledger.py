@@ -380,8 +380,15 @@ def verify_run(run_dir: Path, keys: dict[str, Ed25519PublicKey] | None = None) -
 RESULTS_FILE = "results.json"
 GLOBAL_MEMORY_FILE = "global_memory.npz"
 # the run's files the server signs in its ``run_end`` (``signed_files``), in the order a report lists them
-SIGNED_FILES = ("results.json", "config.yaml", "privacy_state.json", GLOBAL_MEMORY_FILE, "auroc_per_round.png",
-                "leakage_roc.png", "anomaly_maps.png")
+RUN_PLOTS = ("auroc_per_round.png", "leakage_roc.png", "anomaly_maps.png")  # written only by some runs
+SIGNED_FILES = ("results.json", "config.yaml", "privacy_state.json", GLOBAL_MEMORY_FILE, *RUN_PLOTS)
+
+
+def remove_stale_plots(run_dir: Path) -> None:
+    """A new run in an old folder: the plots an earlier run left go first, so the new run's
+    ``run_end`` never signs a plot it did not draw (a 1-round run draws no curve)."""
+    for name in RUN_PLOTS:
+        (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def ledger_head(path: Path) -> dict:

@@ -328,6 +328,8 @@ def _audit(args) -> int:
         v = verify_run(run_dir, keys)
         for p in v.problems:
             console.print(str(p), style="bold red", markup=False, highlight=False)
+        if v.binding:
+            console.print(v.binding, markup=False, highlight=False)
         lines = sum(v.parties.values())
         if v.ok:
             console.print(f"ledgers verified: {len(v.parties)} parties, {lines} lines, {v.messages_matched} "

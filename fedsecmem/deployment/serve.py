@@ -29,7 +29,9 @@ from pathlib import Path
 from fedsecmem.method.aggregation import secure_sum_for
 from fedsecmem.method.round import RoundServer
 from fedsecmem.privacy.threat_model import threat_model
-from fedsecmem.audits.ledger import LEDGER_DIR, SERVER, key_fingerprint, ledger_head, sha256, signed_files
+from fedsecmem.audits.ledger import (
+    LEDGER_DIR, SERVER, key_fingerprint, ledger_head, remove_stale_plots, sha256, signed_files,
+)
 from fedsecmem.audits.accountant import PrivacyAccountant
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.pki import ProvisioningError, revoked
@@ -234,7 +236,8 @@ class Server:
                 self._round(r)
                 return None
             except CheatingDetected as exc:
-                self._exclude(r, {c: "shared a secret other than the one it advertised" for c in exc.clients})
+                self._exclude(r, {c: f"proved to have cheated in secure aggregation (signed evidence): {exc}"
+                                  for c in exc.clients})
                 if len(self._targets()) < self.round.need():
                     raise UserError(f"aggregation ({self.cfg.protocol}): {exc}; too few honest clients left") from None
                 console.print(f"[bold yellow]server: round {r} retried without clients {sorted(exc.clients)}")
@@ -391,5 +394,7 @@ def serve(cfg: RunConfig, out: Path, resume: bool = False) -> dict:
     check_deployable(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        remove_stale_plots(out)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     return Server(cfg, out, resume).run()

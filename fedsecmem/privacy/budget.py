@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate, epsilon_of
+from fedsecmem.audits.accountant import SGD, PrivacyAccountant, Step, calibrate, epsilon_of, read_json_strict
 from fedsecmem.protocols.dp_release import SENSITIVITY, NoisySum
 from fedsecmem.protocols.secagg import default_threshold
 from fedsecmem.protocols.secure_kmeans import dp_kmeans_releases
@@ -294,7 +294,7 @@ def read_client_state(path: Path, cid: int) -> list[dict]:
     """The runs a client's state file holds (the one-run form of earlier versions read as one run);
     a malformed file is a ``ValueError`` naming it (never read as "nothing spent")."""
     try:
-        state = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+        state = read_json_strict(path)
         runs = state["runs"] if "runs" in state else [{"run_id": state["run_id"], "accountant": state["accountant"]}]
         if state.get("client", cid) != cid or not isinstance(runs, list):
             raise ValueError(f"not client {cid}'s state")
@@ -304,7 +304,3 @@ def read_client_state(path: Path, cid: int) -> list[dict]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{Path(path).name} is unreadable or malformed ({exc}); it must not be read as "
                          "nothing spent: restore it, or reset the budget with `fedsecmem budget reset`") from None
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"non-finite number {name}")

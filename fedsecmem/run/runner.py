@@ -30,7 +30,7 @@ from fedsecmem.run.results import decisions_summary, results_document, write_res
 from fedsecmem.run.plots import anomaly_map_grid, pick_examples, round_curve
 from fedsecmem.progress import make_progress, task
 from fedsecmem.privacy.threat_model import threat_model
-from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint, signed_files
+from fedsecmem.audits.ledger import LEDGER_DIR, key_fingerprint, remove_stale_plots, signed_files
 from fedsecmem.audits.mia import dp_auc_bound, dp_tpr_bound
 from fedsecmem.method.context import MethodContext
 from fedsecmem.methods import METHODS, implementation
@@ -60,6 +60,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_plots(out)
     except OSError as exc:
         raise UserError(f"--out: cannot create {out}: {exc.strerror}") from None
     t_start = time.perf_counter()
