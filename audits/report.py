@@ -162,13 +162,17 @@ def group_privacy(epsilon: float | None, delta: float, k: int) -> dict:
     return {"images": k, "epsilon": k * epsilon, "delta": min(d, 1.0)}
 
 
-def _participant(row: dict) -> dict:
+def _participant(row: dict, dp: bool = False) -> dict:
     """A site's counts for print: a count under ``SMALL_CELL`` is hidden, and then the row's other
     counts (the total too) are rounded to a multiple of it, so no hidden count can be recovered by
-    subtracting the others from the total."""
+    subtracting the others from the total. Under DP every count is rounded (an exact count would tell
+    whether one image was added; rounding coarsens, it is not DP), and a deployed site that kept its
+    counts is shown as such."""
+    if row.get("n_train") is None:
+        return {"client": row["client"], "n_train": "kept by the site", "products": {}}
     products = {k: int(v) for k, v in (row.get("products") or {}).items()}
     total = int(row.get("n_train") or 0)
-    if all(v >= SMALL_CELL for v in products.values()) and total >= SMALL_CELL:
+    if not dp and all(v >= SMALL_CELL for v in products.values()) and total >= SMALL_CELL:
         return {"client": row["client"], "n_train": total, "products": products}
 
     def rounded(v: int) -> int | str:
@@ -319,7 +323,7 @@ def build_report(run_dir: Path, keys=None, compare: list[Path] = (), verified: t
                 "benchmark": r.get("benchmark"), "rounds": r.get("rounds"), "folder": run_dir.resolve().name,
                 "transport": (r.get("aggregation") or {}).get("transport", "in-process simulation"),
                 "code_version": env.get("fedsecmem"), "commit": env.get("commit")},
-        "participants": [_participant(c) for c in r.get("per_client", [])],
+        "participants": [_participant(c, signed is not None) for c in r.get("per_client", [])],
         "protocol": r.get("protocol"),
         "threat_model": threat,
         "dp": dp,

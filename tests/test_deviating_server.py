@@ -293,3 +293,13 @@ def test_a_private_clients_hello_and_ready_carry_no_training_counts():
         else:
             assert hello["n_train"] == 37 and hello["products"] == {"a": 30, "b": 7}
             assert (ready.n_prototypes, ready.n_images) == (2960, 37)
+
+
+def test_the_privacy_report_shows_no_exact_count_of_a_private_run():
+    from fedsecmem.audits.report import _participant
+
+    row = {"client": 0, "n_train": 37, "products": {"a": 30, "b": 7}}
+    assert _participant(row) == row  # without DP, counts of 5 and more are shown as they are
+    assert _participant({**row, "products": {"a": 34, "b": 3}})["n_train"] == "~35"  # a small cell hides its row
+    assert _participant(row, dp=True) == {"client": 0, "n_train": "~35", "products": {"a": "~30", "b": "~5"}}
+    assert _participant({"client": 1, "n_train": None, "products": {}}, dp=True)["n_train"] == "kept by the site"
