@@ -303,3 +303,22 @@ def test_the_privacy_report_shows_no_exact_count_of_a_private_run():
     assert _participant({**row, "products": {"a": 34, "b": 3}})["n_train"] == "~35"  # a small cell hides its row
     assert _participant(row, dp=True) == {"client": 0, "n_train": "~35", "products": {"a": "~30", "b": "~5"}}
     assert _participant({"client": 1, "n_train": None, "products": {}}, dp=True)["n_train"] == "kept by the site"
+
+
+def test_the_adversary_table_is_one_table_and_every_test_it_cites_exists():
+    import re
+
+    def table(doc: str) -> str:
+        text = (ROOT / "docs" / doc).read_text()
+        return text[text.index("<!-- adversary-table"):text.index("<!-- /adversary-table -->")]
+
+    mine = table("secure_aggregation.md")
+    assert mine == table("privacy.md"), "docs/secure_aggregation.md and docs/privacy.md must hold the same table"
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")),
+                             re.M))
+    cited = set(re.findall(r"`(test_\w+)`", mine))
+    assert len(cited) >= 15 and not cited - defined, f"cited but not in tests/: {sorted(cited - defined)}"
+    header = next(line for line in mine.splitlines() if line.startswith("| guarantee"))
+    for adversary in ("honest-but-curious server", "deviates from the protocol", "malicious client",
+                      "t - 1 clients", "Ray cluster"):
+        assert adversary in header
