@@ -383,6 +383,7 @@ case "$1" in serve|join) exec {sys.executable} -m fedsecmem "$@" {sets} ;; *) ex
     r = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "ledgers verified: 4 parties" in r.stdout and "0 failed" in r.stdout, r.stdout[-3000:]
+    assert "client 0: epsilon" in r.stdout and "over 1 runs" in r.stdout  # the site's budget, shown
     report = json.loads((tmp_path / "runs" / "served" / "report.json").read_text())
     assert report["run"]["transport"] == "grpc" and report["dp"]["enabled"]
     assert all(e is not None for e in report["dp"]["epsilon_per_client_signed_by_client"])  # each site's own figure
