@@ -11,8 +11,14 @@ deployment. So the three drivers (in process, gRPC, Ray) share one round and one
 state machines; the Ray and gRPC runs share the server code too.
 
 Threat model: the cryptography is the deployment's (SecAgg+ masks, signed key advertisements,
-signed ledgers), so the server learns what it learns over gRPC. Ray's own channels are not the
-deployment's mutual TLS: on a cluster shared with others, turn on Ray's TLS. Without
+signed ledgers), so the server learns what it learns over gRPC. Each actor is given only its own
+clients' ledger signing keys, with the public material (the CA certificate, every party's verify key,
+identities and revocations): never another client's key, the server's or ``ca.key``; and a reply an
+actor returns for a client it does not hold is refused as an identity refusal, so an actor cannot
+answer or sign for another client. But a Ray cluster is one trust domain: whoever runs it (the head
+node, or any process on its nodes) can read every actor's memory and objects, keys and data included.
+Sites that do not trust each other use ``serve``/``join`` (docs/scaling.md). Ray's own channels are not
+the deployment's mutual TLS: on a cluster shared with others, turn on Ray's TLS. Without
 ``deploy.certs`` the run provisions per-run keys in a temporary folder (deleted at the end; the
 public keys stay in ``ledger/keys.json``), like the simulator's per-run keys.
 """
@@ -23,20 +29,21 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
 
 from fedsecmem.config import ExecutionConfig, RunConfig, config_from_dict
-from fedsecmem.crypto.pki import provision
+from fedsecmem.crypto.pki import SERVER, client_name, provision
 from fedsecmem.deployment.checks import FAULT_ENV, check_deployable
 from fedsecmem.deployment.serve import Server
 from fedsecmem.errors import UserError
 from fedsecmem.protocols.coordinator import Coordinator
-from fedsecmem.protocols.wire import WireError, parse_envelope
+from fedsecmem.protocols.wire import parse_envelope
 from fedsecmem.run.grid import require_ray
 
-__all__ = ["RayTransport", "actor_groups", "run_on_ray"]
+__all__ = ["RayTransport", "actor_groups", "actor_keys", "run_on_ray"]
 
 log = logging.getLogger("fedsecmem.ray")
 POLL_S = 0.5  # how long a pump thread waits for its clients' next tasks before looking again
@@ -47,20 +54,57 @@ POLL_S = 0.5  # how long a pump thread waits for its clients' next tasks before 
 INLINE_BYTES = 8 << 20
 
 
+PUBLIC_FILES = ("ca.pem", "identities.json", "revoked.json")
+
+
+def actor_keys(certs: Path, cids: list[int], n: int) -> dict[str, bytes]:
+    """What an actor holding clients ``cids`` is given of the provisioned folder ``certs`` (file name ->
+    bytes): the public material (CA certificate, identities, revocations, the server's and every
+    client's ledger verify key) and its own clients' ledger signing keys. Never another client's
+    signing key, any TLS key (actors speak no TLS), the server's keys or ``ca.key``."""
+    names = [n for n in PUBLIC_FILES if (Path(certs) / n).is_file()]
+    names += [f"{p}.sign.pub" for p in [SERVER] + [client_name(c) for c in range(n)]]
+    names += [f"{client_name(c)}.sign.key" for c in cids]
+    try:
+        return {name: (Path(certs) / name).read_bytes() for name in names}
+    except FileNotFoundError as exc:
+        raise UserError(f"deploy.certs: missing file {exc.filename}") from None
+
+
+def _unpack_keys(keys: dict[str, bytes]) -> Path:
+    """An actor's key material in a folder of its own (mode 0700, keys 0600), standing for deploy.certs."""
+    folder = Path(tempfile.mkdtemp(prefix="fedsecmem-actor-keys-"))
+    for name, data in keys.items():
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"bad key file name {name!r}")
+        fd = os.open(folder / name, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    return folder
+
+
 def _actor_class(ray):
     @ray.remote
     class ClientActor:
         """One client or several (``execution.clients_per_actor``), each apart: its own
-        ``ClientSession`` (data, embeddings, generator, bank, budget, ledger)."""
+        ``ClientSession`` (data, embeddings, generator, bank, budget, ledger). ``keys``: its clients'
+        signing keys and the public material only (``actor_keys``), in a folder of its own; the
+        signing keys are off the disk once the sessions hold them."""
 
-        def __init__(self, cfg_json: str, cids: list[int], folder: str, threads: int):
+        def __init__(self, cfg_json: str, cids: list[int], folder: str, threads: int, keys: dict[str, bytes]):
             import torch
 
             from fedsecmem.deployment.join import ClientSession
 
             torch.set_num_threads(threads)  # Ray gives workers 1 thread; the same math as the driver's
             cfg = config_from_dict(json.loads(cfg_json))
-            self.sessions = {c: ClientSession(cfg, c, Path(folder)) for c in cids}
+            self.keys = _unpack_keys(keys)
+            try:
+                cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"certs": self.keys})})
+                self.sessions = {c: ClientSession(cfg, c, Path(folder)) for c in cids}
+            finally:
+                for c in cids:
+                    (self.keys / f"{client_name(c)}.sign.key").unlink(missing_ok=True)
             self.replies: dict[int, bytes] = {}  # each client's last reply, until the server's verdict on it
 
         def _taken(self, cid: int, verdict: tuple[bool, str] | None) -> None:
@@ -85,8 +129,10 @@ def _actor_class(ray):
 
         def close(self, cid: int, verdict: tuple[bool, str] | None = None) -> bool:
             self._taken(cid, verdict)
-            session = self.sessions[cid]
+            session = self.sessions.pop(cid)
             session.close("completed" if session.finished else "failed: the run ended without it")
+            if not self.sessions:  # the public key material too, once no client here needs it
+                shutil.rmtree(self.keys, ignore_errors=True)
             return session.finished
 
     return ClientActor
@@ -127,24 +173,46 @@ class RayTransport:
                 log.warning("clients %s dropped out: %s", sorted(done), str(exc).splitlines()[0][:300])
                 self.dead.update(done)
                 return
-            for c, reply in replies.items():
-                if isinstance(reply, str):  # the client failed in its actor
-                    log.warning("client %d dropped out: %s", c, reply)
-                    self.failed.add(c)
-                    del done[c]
-                    continue
-                ok, reason = self.coord.admit(c, len(reply))
-                if ok:
-                    try:
-                        ok, reason = self.coord.handle_push(c, reply)
-                    finally:
-                        self.coord.received(c)
-                self.last[c] = (ok, reason)  # recorded by the client with its next task, or at close
-                try:
-                    env = parse_envelope(reply)
+            self._take(cids, tasks, replies, done)
+            for c, task in tasks.items():  # asked once per exchange, whatever came back (as over gRPC)
+                if c in done:
+                    env = parse_envelope(task)
                     done[c] = (env.round, env.step)
-                except WireError:
-                    continue
+
+    def _take(self, cids: list[int], tasks: dict[int, bytes], replies, done: dict) -> None:
+        """An actor's replies through the coordinator's checks, each as from the client it names, which
+        must be one this actor holds and was asked now (as a gRPC reply comes from its certificate's
+        client): a reply for another client is refused as an identity refusal, never taken."""
+        if not isinstance(replies, dict):
+            self.coord.rejected["malformed"] += 1
+            log.warning("refused the reply of the actor of clients %s: not a reply per client", cids)
+            return
+        for c, reply in replies.items():
+            if type(c) is not int or c not in cids:
+                self.coord.rejected["identity"] += 1
+                log.warning("refused a reply for client %r from the actor of clients %s: not a client it holds",
+                            str(c)[:40], cids)
+                continue
+            if c not in tasks or c not in done:
+                self.coord.rejected["unexpected"] += 1
+                log.warning("refused a reply for client %d: no task was sent to it now", c)
+                continue
+            if isinstance(reply, str):  # the client failed in its actor
+                log.warning("client %d dropped out: %s", c, reply[:300])
+                self.failed.add(c)
+                del done[c]
+                continue
+            if not isinstance(reply, bytes):
+                self.coord.rejected["malformed"] += 1
+                log.warning("refused a reply for client %d: %s, not bytes", c, type(reply).__name__)
+                continue
+            ok, reason = self.coord.admit(c, len(reply))
+            if ok:
+                try:
+                    ok, reason = self.coord.handle_push(c, reply)
+                finally:
+                    self.coord.received(c)
+            self.last[c] = (ok, reason)  # recorded by the client with its next task, or at close
 
     def stop(self, grace: float) -> None:
         """Stop the pumps and close the ledger of every client whose actor is alive (a client that
@@ -202,12 +270,16 @@ def run_on_ray(cfg: RunConfig, out: Path) -> dict:
         cls = _actor_class(ray).options(num_cpus=ex.cpus_per_client, num_gpus=ex.gpus_per_client,
                                         scheduling_strategy="SPREAD",  # over the nodes, even at 0 CPUs each
                                         runtime_env={"env_vars": env} if env else None)
-        cfg_json = cfg.model_dump_json()
+        # the actors are not pointed at the driver's key folder: each is given its own keys (below)
+        cfg_json = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"certs": None})}).model_dump_json()
         import torch
 
         threads = ex.threads_per_client or torch.get_num_threads()
         groups = actor_groups(n, ex, ray.cluster_resources(), local=own)
-        handles = [cls.remote(cfg_json, g, str(out.resolve()), threads) for g in groups]
+        # each actor its own clients' signing keys and the public material only (passed as bytes: no
+        # folder of the driver's is read by an actor, on this node or another)
+        handles = [cls.remote(cfg_json, g, str(out.resolve()), threads, actor_keys(cfg.deploy.certs, g, n))
+                   for g in groups]
         actors = {c: h for g, h in zip(groups, handles) for c in g}
         try:
             # one call carries every client an actor holds: the per-client deadlines scale with them
