@@ -563,6 +563,8 @@ def render_html(report: dict, run_dir: Path) -> str:
     lk = report["leakage"]
     if not lk:
         out["leakage"] = "<p>Not measured in this run (<code>audit.leakage: true</code> measures it).</p>"
+    elif lk.get("measured") is False:
+        out["leakage"] = f"<p>Not measured in this run: {esc(lk.get('reason', ''))}.</p>"
     else:
         fpr = lk.get("fpr", 0.01)
         rows = [[view, atk, f"{res['auc']:.3f} [{res['auc_ci'][0]:.3f}, {res['auc_ci'][1]:.3f}]",

@@ -38,7 +38,7 @@ def _epsilon(privacy: dict) -> str:
 
 def _leak(leakage: dict | None) -> str:
     """Strongest attack's AUC on the server's view and on the global memory, e.g. '0.53/0.52'."""
-    if not leakage:
+    if not leakage or leakage.get("measured") is False:
         return "-"
     views = leakage["views"]
 
@@ -97,7 +97,9 @@ def print_run_summary(results: dict, out: Path) -> None:
         if pv.get("stopped"):
             console.print(f"[bold yellow]stopped by the privacy budget before round {pv['stopped']['round']}")
     lk = results.get("leakage")
-    if lk:
+    if lk and lk.get("measured") is False:
+        console.print(f"membership inference not measured: {lk.get('reason')}", highlight=False)
+    elif lk:
         best = ", ".join(f"{v} {max(r['auc'] for r in atks.values()):.3f}" for v, atks in lk["views"].items())
         console.print(f"membership inference AUC (strongest attack; 0.5 = nothing learned): {best}", highlight=False)
     dec = results.get("decisions") or {}

@@ -88,6 +88,8 @@ def test_the_main_jobs_config_on_ray_trains_on_the_same_images_and_gives_the_in_
     assert got["leakage"]["measured"] is False and "stay at the sites" in got["leakage"]["reason"]
     v = verify_run(tmp_path / "ray")  # every actor kept its own ledger beside the server's
     assert v.ok and len(v.parties) == 6 and v.messages_matched > 50, [str(p) for p in v.problems[:5]]
+    starts = [json.loads(f.read_text().splitlines()[0]) for f in sorted((tmp_path / "ray" / "ledger").glob("*.jsonl"))]
+    assert len({s["config_sha256"] for s in starts}) == 1  # one config signed by all, whatever folder holds its keys
     for c in range(5):  # each actor kept its site's model, signed in that site's ledger: the simulator's
         mine, sims = Detector.load(model_dir(tmp_path / "ray", c)), Detector.load(model_dir(tmp_path / "sim", c))
         assert mine.saved.signed is not None and mine.threshold.value == pytest.approx(sims.threshold.value, rel=1e-5)

@@ -30,7 +30,12 @@ __all__ = [
 
 
 def config_digest(cfg) -> str:
-    return sha256(json.dumps(json.loads(cfg.model_dump_json()), sort_keys=True).encode())
+    """SHA-256 of the run's configuration as every party signs it: ``deploy.certs`` left out (each
+    party keeps its keys in a folder of its own, a Ray actor in a temporary one), so the server and
+    every client sign the same digest for the same configuration."""
+    tree = json.loads(cfg.model_dump_json())
+    (tree.get("deploy") or {}).pop("certs", None)
+    return sha256(json.dumps(tree, sort_keys=True).encode())
 
 
 def run_start_fields(cfg, run_id: str) -> dict:
