@@ -178,14 +178,19 @@ def test_refused_messages_leave_the_server_able_to_finish():
     assert server.rejected == 5
 
 
-def test_client_refuses_unsafe_unmask_requests():
-    xs = _ints(5, 16, 32)
-    params = secagg.make_params(list(xs), 16, 32)
-    server = secagg.SecAggServer(params)
+def _advertised(xs, length: int, bits: int):
+    """A fresh instance over ``xs``'s clients, through the advertise stage: (server, clients, keys to relay)."""
+    server = secagg.SecAggServer(secagg.make_params(list(xs), length, bits))
     machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
     for m in machines.values():
         server.receive(m.advertise())
-    keys = server.close_stage()
+    return server, machines, server.close_stage()
+
+
+def test_client_refuses_unsafe_unmask_requests():
+    xs = _ints(5, 16, 32)
+    server, machines, keys = _advertised(xs, 16, 32)
+    params = server.params
     for c, m in machines.items():
         server.receive(m.share_keys(keys[c]))
     routed = server.close_stage()
@@ -479,12 +484,7 @@ def test_a_holder_refuses_a_share_its_dealer_did_not_sign_or_dealt_at_another_po
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     xs = _ints(5, 16, 32, seed=14)
-    params = secagg.make_params(list(xs), 16, 32)
-    server = secagg.SecAggServer(params)
-    machines = {c: secagg.SecAggClient(c, s) for c, s in server.setups().items()}
-    for m in machines.values():
-        server.receive(m.advertise())
-    keys = server.close_stage()
+    server, machines, keys = _advertised(xs, 16, 32)
     machines[2].share_signer = Ed25519PrivateKey.generate()  # not the key client 2 advertised
     for c, m in machines.items():
         server.receive(m.share_keys(keys[c]))

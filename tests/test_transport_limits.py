@@ -4,7 +4,6 @@ time, and a client reads a task only up to its size limit (checked while streami
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -18,15 +17,10 @@ from fedsecmem.protocols import federation_pb2_grpc as pb_grpc
 from fedsecmem.protocols.coordinator import Coordinator
 from fedsecmem.protocols.grpc_transport import ServerConnection, TransportError, start_server
 from fedsecmem.protocols.wire import BodyBuilder, encode_vector
+from test_deploy import _port
 
 N = 3  # clients; the server's pool has 2n + 8 workers, as `fedsecmem serve` gives it
 CHUNK_S = 0.5  # the server's per-chunk deadline in these tests (60 s by default)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
