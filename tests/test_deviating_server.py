@@ -322,3 +322,15 @@ def test_the_adversary_table_is_one_table_and_every_test_it_cites_exists():
     for adversary in ("honest-but-curious server", "deviates from the protocol", "malicious client",
                       "t - 1 clients", "Ray cluster"):
         assert adversary in header
+
+
+def test_the_simulators_clients_keep_one_run_each_so_a_new_run_in_an_old_folder_starts_over(tmp_path):
+    import json
+
+    cfg, a = _private_side(tmp_path, run_id="A")
+    _spend_all(a, cfg)
+    _, b = _private_side(tmp_path, run_id="B")  # the simulator: one process, no site to deceive
+    assert b.budget.lifetime_epsilon() == 0.0
+    b.charge_release("patches")
+    runs = json.loads((tmp_path / "privacy_state-client-0.json").read_text())["runs"]
+    assert [r["run_id"] for r in runs] == ["B"]

@@ -32,6 +32,7 @@ class MethodContext:
     out: Path | None = None  # the run folder (state saved during the run, e.g. the privacy accountant)
     ledgers: RunLedgers | None = None  # the parties' signed records
     leakage: RoundHooks | None = None  # what each adversary saw, for the membership inference
+    run_id: str | None = None  # this run's id (a client's own accountant is kept per run in process)
 
     @property
     def hooks(self) -> list[RoundHooks]:

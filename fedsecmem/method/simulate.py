@@ -93,7 +93,7 @@ def _rounds(ctx: MethodContext, clients: list[FedDyMemClient], ss: SecureSum, pr
     if privacy is not None:  # every client keeps its own accountant too, charged as the server's is
         by_id = {m.cid: m for m in members}
         for m in members:
-            m.budget = ClientBudget(cfg, m.cid, m.plan, ctx.out)
+            m.budget = ClientBudget(cfg, m.cid, m.plan, ctx.out, ctx.run_id)  # this run's: a new run starts over
         server_charge = privacy.noisy.on_release
 
         def charge(clients) -> None:

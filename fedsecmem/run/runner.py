@@ -21,7 +21,7 @@ from fedsecmem.data.partition import calibration_split, partition
 from fedsecmem.data.types import ImageSet
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.errors import UserError
-from fedsecmem.protocols.errors import ProtocolAbort
+from fedsecmem.protocols.errors import ProtocolAbort, ProtocolError
 from fedsecmem.detector.evaluate import evaluate_client, mean_defined
 from fedsecmem.detector.metrics import auroc
 from fedsecmem.model.site import keep_model, site_threshold
@@ -105,11 +105,11 @@ def run(cfg: RunConfig, out: Path) -> dict:
             ledgers.start(cfg, run_id)
         leakage = LeakageViews(cfg) if held is not None and METHODS[cfg.method].memory_sharing else None
         ctx = MethodContext(cfg=cfg, clients=clients, train_emb=train_emb, test_emb=test_emb, progress=progress,
-                            timings=timings, out=out, ledgers=ledgers, leakage=leakage)
+                            timings=timings, out=out, ledgers=ledgers, leakage=leakage, run_id=run_id)
         t = time.perf_counter()
         try:
             output = implementation(cfg.method)(ctx)
-        except (OverflowRisk, ProtocolAbort) as exc:  # refused before anything was revealed
+        except (OverflowRisk, ProtocolAbort, ProtocolError) as exc:  # refused before anything was revealed
             _end_ledgers(ledgers, f"failed: {exc}", run_id=run_id)
             raise UserError(f"aggregation ({cfg.protocol}): {exc}") from None
         except BaseException as exc:
