@@ -11,6 +11,16 @@ deadline or is refused is a dropout: SecAgg+ recovers the sum while at least t
 remain, and the client takes no further part in this k-means run (its cluster
 labels would be out of step). Threat models are those of ``secagg`` and
 ``dp_release``; the server never holds a point.
+
+A client enforces what it joined (``JoinedTerms``, from its own configuration),
+so those threat models hold against a server that deviates from the protocol,
+not only an honest one: it refuses a protocol other than its own, a sum over
+fewer participants than its threshold and noise count on (or over clients not
+in the run), a SecAgg+ threshold below the run's or not a majority of its
+share holders, a graph of another degree or with neighbours outside the
+participants, and, on the complete graph, unmasking for fewer survivors. Each
+refusal happens before anything is computed, charged or sent. Not enforced: a
+sparse graph's random draw (a client sees its degree, not how it was drawn).
 """
 
 from __future__ import annotations
