@@ -124,13 +124,21 @@ class Step:
             raise ValueError(f"unknown step kind {self.kind!r}")
 
 
+def _steps(steps: Iterable[Step]) -> list[Step]:
+    """``steps`` as a list, each a ``Step`` (checked when it was made: its values are in range)."""
+    steps = list(steps)
+    for s in steps:
+        if not isinstance(s, Step):
+            raise ValueError(f"not a Step: {s!r}")
+    return steps
+
+
 def epsilon_of(history: Iterable[Step], delta: float, kind: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon at ``delta`` for a history of steps (0 for an empty history; infinite when a step
     has no noise). A step out of range is a ``ValueError``, never skipped."""
     if not _real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta {delta!r} is not a number in (0, 1)")
-    hist = [check_step(s.noise_multiplier, s.sample_rate, s.count) for s in history]
-    hist = [h for h in hist if h[2] > 0]
+    hist = [(s.noise_multiplier, s.sample_rate, s.count) for s in _steps(history) if s.count > 0]
     if not hist:
         return 0.0
     if any(z == 0 for z, _, _ in hist):
@@ -208,12 +216,7 @@ class PrivacyAccountant:
 
     def record(self, client: int, steps: Iterable[Step]) -> None:
         """Charge ``steps`` to ``client``: all of them checked first, so a bad one records nothing."""
-        steps = list(steps)
-        for s in steps:
-            if not isinstance(s, Step):
-                raise ValueError(f"not a Step: {s!r}")
-            check_step(s.noise_multiplier, s.sample_rate, s.count)
-        self.history[int(client)].extend(s for s in steps if s.count > 0)
+        self.history[int(client)].extend(s for s in _steps(steps) if s.count > 0)
 
     def epsilon(self, client: int) -> float:
         return epsilon_of(self.history[int(client)], self.delta, self.kind)

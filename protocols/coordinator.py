@@ -86,6 +86,12 @@ class Coordinator:
             return f"unknown identity client-{cid} (this run has clients 0..{max(self.clients)})"
         return None
 
+    def refuse(self, category: str, reason: str) -> None:
+        """A transport's own refusal (a second call in flight, a stalled stream, a reply an actor may
+        not give): counted under ``category`` and logged, as the mailbox's own refusals are."""
+        with self._cv:
+            self._reject(category, reason)
+
     def _reject(self, category: str, reason: str) -> tuple[bool, str]:
         self.rejected[category] += 1
         log.warning("refused message: %s", reason)

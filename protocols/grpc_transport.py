@@ -87,12 +87,10 @@ class _Servicer(pb_grpc.FederationServicer):
         key = (cid, rpc)
         with self._lock:
             busy = key in self._active
-            if busy:
-                self.coord.rejected["concurrent"] += 1
-            else:
+            if not busy:
                 self._active.add(key)
         if busy:
-            log.warning("refused a second %s of client %s in flight (%s)", rpc, cid, context.peer())
+            self.coord.refuse("concurrent", f"a second {rpc} of client {cid} in flight ({context.peer()})")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"client {cid}: another {rpc} of this client is "
                                                               "in flight")
         try:
@@ -107,8 +105,7 @@ class _Servicer(pb_grpc.FederationServicer):
         cid = peer_client_id(names)
         refused = self.coord.refuse_identity(cid, ",".join(names))
         if refused:
-            self.coord.rejected["identity"] += 1
-            log.warning("refused peer %s: %s", context.peer(), refused)
+            self.coord.refuse("identity", f"peer {context.peer()}: {refused}")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
         return cid
 
@@ -133,8 +130,7 @@ class _Servicer(pb_grpc.FederationServicer):
                 watchdog.stop()
 
     def _stalled(self, cid: int) -> pb.PushReply:
-        self.coord.rejected["stalled"] += 1
-        log.warning("cut a push of client %s: no chunk within %g s", cid, self.chunk_timeout_s)
+        self.coord.refuse("stalled", f"cut a push of client {cid}: no chunk within {self.chunk_timeout_s:g} s")
         return pb.PushReply(accepted=False, reason=f"no chunk within {self.chunk_timeout_s:g} s")
 
     def _push(self, cid: int, stream, watchdog: _Watchdog) -> pb.PushReply:
@@ -142,7 +138,7 @@ class _Servicer(pb_grpc.FederationServicer):
         if first is None:
             if watchdog.expired:  # a cut stream may read as ended
                 return self._stalled(cid)
-            self.coord.rejected["malformed"] += 1
+            self.coord.refuse("malformed", f"client {cid}: empty chunk stream")
             return pb.PushReply(accepted=False, reason="empty chunk stream")
         # admitted (expected now, within the open exchange's size, none other in flight) before
         # anything beyond the first chunk is read
@@ -155,8 +151,7 @@ class _Servicer(pb_grpc.FederationServicer):
         except WireError as exc:
             if watchdog.expired:
                 return self._stalled(cid)
-            self.coord.rejected["malformed"] += 1
-            log.warning("refused message from client %s: %s", cid, exc)
+            self.coord.refuse("malformed", f"client {cid}: {exc}")
             return pb.PushReply(accepted=False, reason=str(exc))
         finally:
             self.coord.received(cid)

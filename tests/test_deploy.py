@@ -406,3 +406,39 @@ def test_a_deviating_server_asking_for_a_sites_model_gets_a_refusal_and_no_bank(
     refused = [json.loads(line) for line in (tmp_path / "site" / "ledger" / "client-0.jsonl").read_text().splitlines()
                if '"refused"' in line]
     assert [r["task"] for r in refused] == ["model", "bank", "export"]
+
+
+def test_a_deviating_server_gets_refusals_from_a_private_site_and_no_count_or_charge(tmp_path, certs):
+    """A private site as deployed (``ClientSession``) against a server that deviates: its hello holds no
+    training count, a task asking for the plain protocol in a secagg run or for a round past the run's
+    is refused with a reason in its ledger, and nothing is charged to its budget for either."""
+    from fedsecmem.config import load_config
+    from fedsecmem.deployment.join import ClientSession
+    from fedsecmem.deployment.messages import encode_task
+    from fedsecmem.method.round import RoundTask
+    from fedsecmem.protocols.coordinator import ERROR_KIND, Coordinator
+    from fedsecmem.protocols.kmeans_party import Moments
+    from fedsecmem.protocols.network_sum import NetworkCollective
+    from fedsecmem.protocols.secure_sum import make_secure_sum
+    from fedsecmem.protocols.wire import BodyBuilder, Envelope, parse_envelope
+
+    cfg = load_config(_config(tmp_path, certs, privacy__dp=True, privacy__epsilon=8.0, privacy__min_survivors=2))
+    session = ClientSession(cfg, 0, tmp_path / "site")
+
+    def ask(rnd, step, kind, body):
+        return parse_envelope(session.answer(Envelope("r" * 16, 0, rnd, step, kind, body).to_bytes()))
+
+    hello = ask(0, 1, "hello", BodyBuilder().build())
+    assert hello.kind == "hello" and "n_train" not in hello.body.ints and "products" not in hello.body.texts
+    assert "n_test" in hello.body.ints  # the body is read where the counts would be
+    assert ask(1, 1, "round", encode_task(RoundTask(1, False, session.me.side.floor))).kind == "ready"
+    col = NetworkCollective(Coordinator("r" * 16, {0, 1, 2}), "patches", {0, 1, 2}, 8, 10, make_secure_sum("plain"), 1.0)
+    told_plain = ask(1, 2, "compute", col._task(Moments()))
+    past_the_run = ask(4, 1, "round", encode_task(RoundTask(4, True, session.me.side.floor)))
+    for reply, why in ((told_plain, b"protocol 'plain' asked"), (past_the_run, b"round 4 asked")):
+        assert reply.kind == ERROR_KIND and why in reply.body.SerializeToString()
+    session.close("failed: test")
+    ledger = [json.loads(line) for line in (tmp_path / "site" / "ledger" / "client-0.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in ledger if r["event"] == "refused"] == ["compute", "round"]
+    assert not [r for r in ledger if r["event"] == "dp"]  # no release was charged or signed
+    assert session.me.side.budget.accountant.history[0] == []  # round 1 trains nothing: nothing spent

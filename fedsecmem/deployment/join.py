@@ -22,8 +22,7 @@ from fedsecmem.detector.backbone import BackboneInfo, build_embedder, resolve_de
 from fedsecmem.config import RunConfig
 from fedsecmem.crypto.errors import OverflowRisk
 from fedsecmem.data.load import load_benchmark
-from fedsecmem.data.partition import calibration_split, partition
-from fedsecmem.run.leakage import hold_out
+from fedsecmem.run.runner import split_sites
 from fedsecmem.crypto.pki import ProvisioningError, client_name, signing_key, verify_key
 from fedsecmem.deployment.checks import check_deployable, client_tls, crash_if_asked, max_bytes
 from fedsecmem.deployment.messages import WITHHELD, decode_task, encode_ready, get_memory, put_json
@@ -59,18 +58,8 @@ class FedDyMemMember:
     def __init__(self, cfg: RunConfig, cid: int, progress=None, out: Path | None = None):
         self.cfg, self.cid, self.out = cfg, cid, out
         bench = load_benchmark(cfg.data, cfg.seed, patients=cfg.privacy.unit == "patient")
-        try:
-            mine = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)[cid]
-        except ValueError as exc:
-            raise UserError(f"clients.n: {exc}") from None
-        if cfg.audit.leakage:  # the same non-members withheld as in process: the same config trains on the same images
-            try:
-                (mine,), _ = hold_out([mine], cfg.audit.holdout_fraction, cfg.seed,
-                                      by_patient=cfg.privacy.unit == "patient")
-            except ValueError as exc:
-                raise UserError(f"audit.holdout_fraction: {exc}") from None
-        # its calibration normals (never in its bank) set its decision threshold, as in process
-        (mine,), calibration = calibration_split([mine], cfg.predict.calibration_fraction, cfg.seed)
+        clients, _, calibration = split_sites(cfg, bench)  # as in process: the same images, held-out, calibration
+        mine = clients[cid]
         self.data = mine
         self.product_names = bench.train.product_names
         embedder = build_embedder(cfg.backbone)

@@ -184,18 +184,15 @@ class RayTransport:
         must be one this actor holds and was asked now (as a gRPC reply comes from its certificate's
         client): a reply for another client is refused as an identity refusal, never taken."""
         if not isinstance(replies, dict):
-            self.coord.rejected["malformed"] += 1
-            log.warning("refused the reply of the actor of clients %s: not a reply per client", cids)
+            self.coord.refuse("malformed", f"the reply of the actor of clients {cids}: not a reply per client")
             return
         for c, reply in replies.items():
             if type(c) is not int or c not in cids:
-                self.coord.rejected["identity"] += 1
-                log.warning("refused a reply for client %r from the actor of clients %s: not a client it holds",
-                            str(c)[:40], cids)
+                self.coord.refuse("identity", f"a reply for client {str(c)[:40]!r} from the actor of clients "
+                                              f"{cids}: not a client it holds")
                 continue
             if c not in tasks or c not in done:
-                self.coord.rejected["unexpected"] += 1
-                log.warning("refused a reply for client %d: no task was sent to it now", c)
+                self.coord.refuse("unexpected", f"a reply for client {c}: no task was sent to it now")
                 continue
             if isinstance(reply, str):  # the client failed in its actor
                 log.warning("client %d dropped out: %s", c, reply[:300])
@@ -203,8 +200,7 @@ class RayTransport:
                 del done[c]
                 continue
             if not isinstance(reply, bytes):
-                self.coord.rejected["malformed"] += 1
-                log.warning("refused a reply for client %d: %s, not bytes", c, type(reply).__name__)
+                self.coord.refuse("malformed", f"a reply for client {c}: {type(reply).__name__}, not bytes")
                 continue
             ok, reason = self.coord.admit(c, len(reply))
             if ok:

@@ -25,7 +25,7 @@ __all__ = ["budget_status", "reset_budget"]
 RESET_STATUS = "budget reset"
 
 
-def _state(folder: Path, cid: int) -> tuple[Path, list[dict]]:
+def _state(folder: Path, cid: int) -> tuple[Path, list[tuple[dict, PrivacyAccountant]]]:
     path = Path(folder) / CLIENT_STATE_FILE.format(cid=cid)
     if not path.is_file():
         return path, []
@@ -39,8 +39,7 @@ def budget_status(cfg, cid: int, folder: Path) -> dict:
     """What client ``cid`` has spent in ``folder``: per run and all runs composed."""
     path, runs = _state(folder, cid)
     steps, per_run = [], []
-    for entry in runs:
-        acc = PrivacyAccountant.from_json(entry["accountant"])
+    for entry, acc in runs:
         steps += acc.history.get(cid, [])
         per_run.append({"run_id": entry.get("run_id"), "data_sha256": entry.get("data_sha256"),
                         "epsilon": acc.epsilon(cid)})
@@ -65,7 +64,7 @@ def reset_budget(cfg, cid: int, folder: Path, reason: str, operator: str) -> dic
     path.rename(kept)
     ledger = party_ledger(Path(folder), client_name(cid), Path(cfg.deploy.certs))
     try:
-        last_run = next((r for r in (ledger.last,) if r), {}).get("run_id")
+        last_run = (ledger.last or {}).get("run_id")
         fields = {"client": cid, "operator": operator.strip()[:200], "reason": reason.strip()[:900],
                   "epsilon_spent": status["epsilon"], "delta": status["delta"], "runs": len(status["runs"]),
                   "kept_file": kept.name, "kept_sha256": digest}

@@ -229,24 +229,18 @@ class ClientBudget:
                  run_id: str | None = None, lifetime: bool = False, data_sha256: str | None = None):
         pv = cfg.privacy
         self.cfg, self.cid, self.plan, self.run_id = cfg, cid, sgd_plan, run_id
-        self.lifetime, self.data_sha256 = lifetime, data_sha256
+        self.data_sha256 = data_sha256
         self.path = None if out is None else Path(out) / CLIENT_STATE_FILE.format(cid=cid)
         self.accountant = PrivacyAccountant([cid], pv.delta, pv.accountant)
         self.earlier: list[dict] = []  # the other runs' entries, kept as they are (lifetime)
+        self._earlier_steps: list[Step] = []  # and what they spent
         if self.path is not None and self.path.is_file():
-            runs = read_client_state(self.path, cid)
-            for entry in runs:
+            for entry, acc in read_client_state(self.path, cid):
                 if entry.get("run_id") == run_id:  # a restarted client of the same run keeps what it spent
-                    self.accountant = PrivacyAccountant.from_json(entry["accountant"])
+                    self.accountant = acc
                 elif lifetime:
                     self.earlier.append(entry)
-        self._earlier_steps = [s for e in self.earlier
-                               for s in PrivacyAccountant.from_json(e["accountant"]).history.get(cid, [])]
-
-    @property
-    def limit(self) -> float | None:
-        """The most this client spends (``epsilon_limit``)."""
-        return epsilon_limit(self.cfg)
+                    self._earlier_steps += acc.history.get(cid, [])
 
     def training(self, z: float) -> list[Step]:
         q, steps = self.plan
@@ -258,7 +252,7 @@ class ClientBudget:
     def refuse(self, steps: list[Step]) -> str | None:
         """Why this client will not spend ``steps`` (its own limit, over every run of its data when
         ``lifetime``), or None."""
-        limit = self.limit
+        limit = epsilon_limit(self.cfg)
         if limit is None:
             return None
         after = epsilon_of([*self._earlier_steps, *self.accountant.history[self.cid], *steps],
@@ -290,17 +284,16 @@ class ClientBudget:
                           self.accountant.kind)
 
 
-def read_client_state(path: Path, cid: int) -> list[dict]:
-    """The runs a client's state file holds (the one-run form of earlier versions read as one run);
-    a malformed file is a ``ValueError`` naming it (never read as "nothing spent")."""
+def read_client_state(path: Path, cid: int) -> list[tuple[dict, PrivacyAccountant]]:
+    """The runs a client's state file holds, each with its accountant (the one-run form of earlier
+    versions read as one run); a malformed file is a ``ValueError`` naming it (never read as
+    "nothing spent")."""
     try:
         state = read_json_strict(path)
         runs = state["runs"] if "runs" in state else [{"run_id": state["run_id"], "accountant": state["accountant"]}]
         if state.get("client", cid) != cid or not isinstance(runs, list):
             raise ValueError(f"not client {cid}'s state")
-        for entry in runs:
-            PrivacyAccountant.from_json(entry["accountant"])  # refuses what does not parse
-        return runs
+        return [(entry, PrivacyAccountant.from_json(entry["accountant"])) for entry in runs]  # refuses a bad one
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{Path(path).name} is unreadable or malformed ({exc}); it must not be read as "
                          "nothing spent: restore it, or reset the budget with `fedsecmem budget reset`") from None

@@ -55,6 +55,25 @@ def _client_products(client, names: list[str]) -> dict[str, int]:
     return {names[p]: int(n) for p, n in enumerate(counts) if n}
 
 
+def split_sites(cfg: RunConfig, bench) -> tuple[list, dict[int, np.ndarray] | None, dict[int, np.ndarray]]:
+    """Every site's data as every backend splits it (in process, ``join``, Ray): the configured
+    partition; with ``audit.leakage`` the withheld non-members (client -> indices; None without);
+    each site's calibration normals, never in its bank, that set its threshold (client -> indices)."""
+    try:
+        clients = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)
+    except ValueError as exc:
+        raise UserError(f"clients.n: {exc}") from None
+    held = None
+    if cfg.audit.leakage:  # non-members for the membership inference (every method: same training data)
+        try:
+            clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed,
+                                     by_patient=cfg.privacy.unit == "patient")
+        except ValueError as exc:
+            raise UserError(f"audit.holdout_fraction: {exc}") from None
+    clients, calibration = calibration_split(clients, cfg.predict.calibration_fraction, cfg.seed)
+    return clients, held, calibration
+
+
 def run(cfg: RunConfig, out: Path) -> dict:
     """Run ``cfg``, write outputs under ``out``, return the results dict."""
     out = Path(out)
@@ -69,19 +88,7 @@ def run(cfg: RunConfig, out: Path) -> dict:
 
     t = time.perf_counter()
     bench = load_benchmark(cfg.data, cfg.seed, patients=cfg.privacy.unit == "patient")
-    try:
-        clients = partition(bench, cfg.clients.n, cfg.clients.alpha, cfg.seed, cfg.clients.min_train)
-    except ValueError as exc:
-        raise UserError(f"clients.n: {exc}") from None
-    held = None
-    if cfg.audit.leakage:  # non-members for the membership inference (every method: same training data)
-        try:
-            clients, held = hold_out(clients, cfg.audit.holdout_fraction, cfg.seed,
-                                     by_patient=cfg.privacy.unit == "patient")
-        except ValueError as exc:
-            raise UserError(f"audit.holdout_fraction: {exc}") from None
-    # each site's calibration normals: never in its bank, they set its decision threshold (the model it keeps)
-    clients, calibration = calibration_split(clients, cfg.predict.calibration_fraction, cfg.seed)
+    clients, held, calibration = split_sites(cfg, bench)
     timings["data_s"] = time.perf_counter() - t
 
     device = resolve_device(cfg.backbone.device)
